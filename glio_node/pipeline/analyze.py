@@ -1,0 +1,285 @@
+"""Analyse one opened slide with a bundle's networks: the core that ``analyze`` and the worker share.
+
+Top to bottom:
+1. tissue mask on a low-resolution level;
+2. per network: the level to read (nearest its µm/px, or a finer one downsampled), its tile grid
+   on the analysis raster, and the grid cells that hold tissue;
+3. one frame plan over all networks' tiles, read frame-aligned in background threads;
+4. batches to each network's runner as tiles arrive; outputs stitched as they come back;
+5. label map masked to tissue; slide-level calls; area fractions.
+
+Nothing here holds the whole slide: the slide-sized arrays are the label map (1 byte per analysed
+pixel) and, band by band, the tissue mask at that resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from glio_node.errors import BadInput
+from glio_node.pipeline.frames import FramePlan, LevelGeometry, TileRequest, iter_tiles
+from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, region_fractions, slide_call
+from glio_node.pipeline.tiling import TileGrid, level_window
+from glio_node.pipeline.tissue import TISSUE_UM_PER_PX, TissueMask, detect_tissue, resample_mask
+from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, CodedClass, Heatmap, Raster
+from glio_node.runtime.slide_reader import DicomSlide, LevelInfo, choose_level
+
+# A classifier tile is analysed only when at least this fraction of it is tissue: a tile that is
+# mostly glass says little about the tumour's molecular state.
+CLASSIFIER_MIN_TISSUE = 0.5
+
+
+class Head(Protocol):
+    task: str
+    classes: tuple[CodedClass, ...]
+    indeterminate_below: float
+
+
+class Network(Protocol):
+    """What the pipeline needs of a network: its geometry, its heads and a predict function."""
+
+    name: str
+    tile_size: int
+    um_per_px: float
+    overlap: int
+    heads: tuple[Head, ...]
+
+    def predict(self, tiles: np.ndarray) -> Mapping[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    batch_size: int = 8  # tiles per model call
+    decode_threads: int = 2  # frame decoders running ahead of the model
+    lookahead: int = 48  # tile requests whose frames are decoded ahead
+
+
+@dataclass(frozen=True)
+class NetworkStats:
+    name: str
+    level: int
+    level_um_per_px: float
+    scale: float  # > 1: the level was read and downsampled by this factor
+    raster_um_per_px: float
+    tiles_total: int  # grid cells
+    tiles_with_tissue: int
+    tiles_inferred: int
+    model_seconds: float
+
+
+@dataclass(frozen=True)
+class AnalysisStats:
+    networks: tuple[NetworkStats, ...]
+    tissue_level: int
+    tissue_fraction: float  # of the slide's area
+    frames_decoded: int  # during inference
+    frames_needed: int  # distinct frames the inferred tiles overlap
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def decode_amplification(self) -> float:
+        return self.frames_decoded / self.frames_needed if self.frames_needed else 1.0
+
+
+@dataclass
+class _Use:
+    """A network as used on this slide (mutable while tiles are running)."""
+
+    network: Network
+    level: LevelInfo
+    scale: float
+    grid: TileGrid
+    cells: np.ndarray
+    seg: SegmentationStitcher | None = None
+    heat: dict[str, HeatmapStitcher] = field(default_factory=dict)
+    pending: list = field(default_factory=list)
+    inferred: int = 0
+    model_seconds: float = 0.0
+
+    @property
+    def raster_mm_per_px(self) -> float:
+        return self.level.mm_per_px * self.scale
+
+
+def _tissue_level(slide: DicomSlide) -> LevelInfo:
+    return min(slide.levels, key=lambda lvl: abs(math.log(lvl.um_per_px / TISSUE_UM_PER_PX)))
+
+
+def find_tissue(slide: DicomSlide) -> tuple[TissueMask, int]:
+    """Tissue mask from the level nearest 8 µm/px, each frame reduced by a power of two that
+    divides the frame size (so a single-level slide still gives a small image)."""
+    level = _tissue_level(slide)
+    k = 1
+    while (
+        level.um_per_px * k * 2 <= TISSUE_UM_PER_PX * 1.5
+        and level.frame_rows % (k * 2) == 0
+        and level.frame_cols % (k * 2) == 0
+    ):
+        k *= 2
+    fh, fw = level.frame_rows // k, level.frame_cols // k
+    n_fr, n_fc = math.ceil(level.rows / level.frame_rows), math.ceil(level.cols / level.frame_cols)
+    image = np.empty((n_fr * fh, n_fc * fw, 3), dtype=np.uint8)
+    for fr in range(n_fr):
+        for fc in range(n_fc):
+            frame = slide.read_frame(level.index, fr, fc)
+            if k > 1:
+                frame = np.asarray(Image.fromarray(frame).reduce(k))
+            image[fr * fh : (fr + 1) * fh, fc * fw : (fc + 1) * fw] = frame
+    image = image[: math.ceil(level.rows / k), : math.ceil(level.cols / k)]
+    return detect_tissue(image, level.mm_per_px * k), level.index
+
+
+def _plan_network(network: Network, slide: DicomSlide, tissue: TissueMask, index: int) -> tuple[_Use, list[TileRequest]]:
+    level, scale = choose_level(slide.levels, network.um_per_px)
+    grid = TileGrid(
+        raster_rows=math.ceil(level.rows / scale),
+        raster_cols=math.ceil(level.cols / scale),
+        tile_size=network.tile_size,
+        overlap=network.overlap,
+    )
+    is_seg = any(h.task == "segmentation" for h in network.heads)
+    use = _Use(network=network, level=level, scale=scale, grid=grid, cells=np.zeros(0))
+    use.cells = grid.cells_with_tissue(
+        tissue.mask, tissue.mm_per_px, use.raster_mm_per_px, 0.0 if is_seg else CLASSIFIER_MIN_TISSUE
+    )
+    for head in network.heads:
+        if head.task == "segmentation":
+            use.seg = SegmentationStitcher(grid)
+        else:
+            use.heat[head.task] = HeatmapStitcher(grid, len(head.classes))
+    requests = [
+        TileRequest(index, int(r), int(c), level.index, level_window(grid, int(r), int(c), scale), network.tile_size)
+        for r, c in zip(*np.nonzero(use.cells))
+    ]
+    return use, requests
+
+
+def _run_batch(use: _Use) -> None:
+    tiles = np.stack([t for _, t in use.pending])
+    t0 = time.perf_counter()
+    outputs = use.network.predict(tiles)
+    use.model_seconds += time.perf_counter() - t0
+    for i, (req, _) in enumerate(use.pending):
+        for task, value in outputs.items():
+            if task == "segmentation" and use.seg is not None:
+                use.seg.add(req.row, req.col, value[i])
+            elif task in use.heat:
+                use.heat[task].add(req.row, req.col, value[i])
+    use.inferred += len(use.pending)
+    use.pending.clear()
+
+
+def _mask_label_map(label_map: np.ndarray, tissue: TissueMask, mm_per_px: float, band: int = 512) -> None:
+    for r0 in range(0, label_map.shape[0], band):
+        rows = min(band, label_map.shape[0] - r0)
+        inside = resample_mask(tissue, rows, label_map.shape[1], mm_per_px, row0=r0)
+        label_map[r0 : r0 + rows][~inside] = NOT_TISSUE
+
+
+def analyze(
+    slide: DicomSlide,
+    networks: Sequence[Network],
+    algorithm: Algorithm,
+    options: AnalysisOptions = AnalysisOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[AnalysisResult, AnalysisStats, LevelInfo]:
+    """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to."""
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tissue, tissue_level = find_tissue(slide)
+    stages["tissue"] = time.perf_counter() - t0
+    slide.decodes.clear()
+
+    t0 = time.perf_counter()
+    uses: list[_Use] = []
+    requests: list[TileRequest] = []
+    for i, network in enumerate(networks):
+        use, reqs = _plan_network(network, slide, tissue, i)
+        uses.append(use)
+        requests.extend(reqs)
+    seg_uses = [u for u in uses if u.seg is not None]
+    if len(seg_uses) != 1:
+        raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it needs exactly one")
+    levels = {
+        u.level.index: LevelGeometry((u.level.rows, u.level.cols), (u.level.frame_rows, u.level.frame_cols))
+        for u in uses
+    }
+    plan = FramePlan(requests, levels)
+    stages["plan"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    total = len(plan.requests)
+    done = 0
+    batch = options.batch_size
+    for req, tile in iter_tiles(plan, slide.read_frame, options.decode_threads, options.lookahead):
+        use = uses[req.network]
+        use.pending.append((req, tile))
+        if len(use.pending) == batch:
+            _run_batch(use)
+            done += batch
+            if progress:
+                progress(done, total)
+    for use in uses:
+        if use.pending:
+            done += len(use.pending)
+            _run_batch(use)
+    if progress:
+        progress(done, total)
+    stages["inference"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    seg = seg_uses[0]
+    head_classes = {h.task: h for u in uses for h in u.network.heads}
+    label_map = seg.seg.label_map
+    _mask_label_map(label_map, tissue, seg.raster_mm_per_px)
+    region_classes = head_classes["segmentation"].classes
+    heatmaps, calls = [], []
+    for use in uses:
+        for task, stitcher in use.heat.items():
+            head = head_classes[task]
+            heatmaps.append(
+                Heatmap(task=task, classes=head.classes, probabilities=Raster(stitcher.probabilities, use.raster_mm_per_px * use.grid.tile_size))
+            )
+            calls.append(slide_call(task, head.classes, stitcher.slide_probabilities(), head.indeterminate_below))
+    notes = []
+    if not tissue.mask.any():
+        notes.append("No tissue was found on the slide; nothing was analysed.")
+    result = AnalysisResult(
+        algorithm=algorithm,
+        region_classes=region_classes,
+        label_map=Raster(label_map, seg.raster_mm_per_px),
+        tissue_area_mm2=tissue.area_mm2,
+        region_area_fraction=region_fractions(label_map, region_classes),
+        heatmaps=tuple(heatmaps),
+        calls=tuple(calls),
+        notes=tuple(notes),
+    )
+    stages["stitch"] = time.perf_counter() - t0
+    stats = AnalysisStats(
+        networks=tuple(
+            NetworkStats(
+                name=u.network.name,
+                level=u.level.index,
+                level_um_per_px=u.level.um_per_px,
+                scale=u.scale,
+                raster_um_per_px=u.raster_mm_per_px * 1000,
+                tiles_total=u.grid.rows * u.grid.cols,
+                tiles_with_tissue=int(u.cells.sum()),
+                tiles_inferred=u.inferred,
+                model_seconds=u.model_seconds,
+            )
+            for u in uses
+        ),
+        tissue_level=tissue_level,
+        tissue_fraction=tissue.fraction,
+        frames_decoded=sum(slide.decodes.values()),
+        frames_needed=plan.distinct_frames,
+        stage_seconds=stages,
+    )
+    return result, stats, seg.level

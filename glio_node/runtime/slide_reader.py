@@ -1,0 +1,277 @@
+"""Read a DICOM whole-slide image series: check it first, then hand out decoded frames.
+
+This is the only module that imports wsidicom.  It does two things:
+
+1. ``inspect_files`` reads every file's header with pydicom and refuses, with a one-line
+   ``BadInput``, what cannot be analysed: non-DICOM files, other IODs, several series, levels
+   without pixel spacing, TILED_FULL levels or concatenations with frames missing.  wsidicom
+   itself silently skips files it does not like; a hospital needs to be told instead.
+2. ``DicomSlide`` opens the checked files with wsidicom and decodes single frames by their
+   (row, column) on a level, exactly once per call, counting every decode.  The pipeline's frame
+   plan decides which frames to decode and when, so the count is the decode amplification the
+   benchmark reports.
+
+Frames are returned as RGB uint8 arrays of the full frame size (edge frames included), so a
+caller can paste them into a tile without special cases.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from glio_node.errors import BadInput
+
+VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+_CONTEXT_TYPES = {"LABEL", "OVERVIEW", "THUMBNAIL"}
+
+
+@dataclass(frozen=True)
+class SlideFile:
+    """One checked file of the series and its header (no pixel data)."""
+
+    path: Path
+    header: pydicom.Dataset
+
+    @property
+    def image_flavor(self) -> str:
+        """Third value of ImageType: VOLUME, LABEL, OVERVIEW or THUMBNAIL."""
+        image_type = list(self.header.get("ImageType", []))
+        return str(image_type[2]).upper() if len(image_type) > 2 else "VOLUME"
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """A pyramid level as the pipeline sees it (index 0 = finest)."""
+
+    index: int
+    rows: int  # TotalPixelMatrixRows
+    cols: int  # TotalPixelMatrixColumns
+    frame_rows: int
+    frame_cols: int
+    mm_per_px: float  # square pixels assumed; the larger of row/column spacing if they differ
+    headers: tuple[pydicom.Dataset, ...]  # the level's instance headers (several for a concatenation)
+
+    @property
+    def um_per_px(self) -> float:
+        return self.mm_per_px * 1000.0
+
+
+def _is_dicom(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def _expand(paths: Iterable[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise BadInput(f"{p}: no such file or folder; give the files or the folder of one slide")
+    if not files:
+        raise BadInput("no files found in " + ", ".join(str(p) for p in paths) + "; give the files of one slide")
+    return files
+
+
+def _pixel_spacing(header: pydicom.Dataset) -> tuple[float, float] | None:
+    try:
+        spacing = header.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        return float(spacing[0]), float(spacing[1])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        pass
+    try:  # some writers put it per frame only
+        spacing = header.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        return float(spacing[0]), float(spacing[1])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
+def inspect_files(paths: Iterable[Path]) -> list[SlideFile]:
+    """Check that ``paths`` (files or folders) hold exactly one VL WSI series; return its files.
+
+    Raises ``BadInput`` naming the first problem found and what to do about it.
+    """
+    files = _expand(paths)
+    checked: list[SlideFile] = []
+    for path in files:
+        try:
+            if not _is_dicom(path):
+                raise BadInput(f"{path}: not a DICOM file (no DICM preamble); give only the slide's DICOM files")
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, OSError, ValueError) as exc:
+            raise BadInput(f"{path}: cannot read the DICOM header ({exc}); the file is truncated or corrupt, re-send it") from exc
+        sop_class = str(header.get("SOPClassUID", ""))
+        if sop_class != VL_WSI_SOP_CLASS:
+            modality = header.get("Modality", "?")
+            raise BadInput(
+                f"{path}: not a VL Whole Slide Microscopy image (SOP class {sop_class or 'missing'}, "
+                f"modality {modality}); glio-node analyses only DICOM WSI (SM) series"
+            )
+        checked.append(SlideFile(path, header))
+    series = sorted({str(f.header.get("SeriesInstanceUID", "")) for f in checked})
+    if len(series) > 1:
+        raise BadInput(
+            f"the files belong to {len(series)} series ({', '.join(s[-12:] for s in series)}); "
+            "give the files of one slide series only"
+        )
+    volumes = [f for f in checked if f.image_flavor not in _CONTEXT_TYPES]
+    if not volumes:
+        raise BadInput("the series holds only label/overview/thumbnail images, no pyramid level to analyse")
+    for f in volumes:
+        if _pixel_spacing(f.header) is None:
+            raise BadInput(
+                f"{f.path}: no PixelSpacing in the Pixel Measures functional group; the scanner or "
+                "converter must record the pixel spacing (µm/px) for the slide to be analysed"
+            )
+    _check_frames_complete(volumes)
+    return checked
+
+
+def _check_frames_complete(volumes: list[SlideFile]) -> None:
+    """Every TILED_FULL level has all its frames; every concatenation has all its parts."""
+    groups: dict[str, list[SlideFile]] = defaultdict(list)
+    for f in volumes:
+        key = str(f.header.get("SOPInstanceUIDOfConcatenationSource", "") or f.header.SOPInstanceUID)
+        groups[key].append(f)
+    for parts in groups.values():
+        h = parts[0].header
+        total_parts = int(h.get("InConcatenationTotalNumber", 0) or 0)
+        if total_parts and len(parts) < total_parts:
+            raise BadInput(
+                f"{parts[0].path}: a concatenation of {total_parts} instances arrived with only "
+                f"{len(parts)}; the level is incomplete, re-send the whole series"
+            )
+        if str(h.get("DimensionOrganizationType", "")).upper() != "TILED_FULL":
+            continue  # TILED_SPARSE: absent frames are legitimately empty (PS3.3 C.8.12.4.1.6)
+        tiles = (
+            math.ceil(int(h.TotalPixelMatrixColumns) / int(h.Columns))
+            * math.ceil(int(h.TotalPixelMatrixRows) / int(h.Rows))
+            * int(h.get("TotalPixelMatrixFocalPlanes", 1) or 1)
+            * int(h.get("NumberOfOpticalPaths", 1) or 1)
+        )
+        frames = sum(int(p.header.get("NumberOfFrames", 1)) for p in parts)
+        if frames < tiles:
+            raise BadInput(
+                f"{parts[0].path}: level {h.TotalPixelMatrixColumns}x{h.TotalPixelMatrixRows} px is "
+                f"TILED_FULL with {frames} of its {tiles} frames; the level is incomplete, re-send the series"
+            )
+
+
+class DicomSlide:
+    """An opened, checked slide; decodes frames one at a time (thread-safe)."""
+
+    def __init__(self, files: list[SlideFile]):
+        from wsidicom import WsiDicom
+        from wsidicom.config import settings
+
+        # We decode each frame once ourselves; wsidicom's own caches would only hold copies.
+        settings.decoded_frame_cache_size = 0
+        settings.encoded_frame_cache_size = 1
+        self.files = files
+        self._lock = threading.Lock()
+        self.decodes: dict[int, int] = defaultdict(int)  # level index -> frames decoded
+        try:
+            self._wsi = WsiDicom.open([f.path for f in files])
+        except Exception as exc:  # wsidicom raises many types; all mean the same to the operator
+            raise BadInput(f"wsidicom cannot open the slide ({type(exc).__name__}: {exc}); check that the files are one complete WSI series") from exc
+        headers_by_uid = {str(f.header.SOPInstanceUID): f.header for f in files}
+        levels = []
+        for i, level in enumerate(self._wsi.levels):
+            spacing = level.pixel_spacing
+            instances = list(level.instances.values())
+            headers = tuple(
+                headers_by_uid[str(ds.SOPInstanceUID)]
+                for inst in instances
+                for ds in inst.datasets
+                if str(ds.SOPInstanceUID) in headers_by_uid
+            )
+            levels.append(
+                LevelInfo(
+                    index=i,
+                    rows=level.size.height,
+                    cols=level.size.width,
+                    frame_rows=level.tile_size.height,
+                    frame_cols=level.tile_size.width,
+                    mm_per_px=max(spacing.width, spacing.height),
+                    headers=headers,
+                )
+            )
+        self.levels: tuple[LevelInfo, ...] = tuple(levels)
+        self._image_data = [lvl.default_instance.image_data for lvl in self._wsi.levels]
+
+    @classmethod
+    def open(cls, paths: Iterable[Path]) -> "DicomSlide":
+        return cls(inspect_files(paths))
+
+    @property
+    def context_files(self) -> list[SlideFile]:
+        """LABEL / OVERVIEW / THUMBNAIL images: kept with the slide, never analysed."""
+        return [f for f in self.files if f.image_flavor in _CONTEXT_TYPES]
+
+    def read_frame(self, level: int, frame_row: int, frame_col: int) -> np.ndarray:
+        """Decode one frame (RGB uint8, frame_rows x frame_cols).  Absent sparse frames are glass."""
+        from wsidicom.geometry import Point
+
+        data = self._image_data[level]
+        info = self.levels[level]
+        point = Point(frame_col, frame_row)
+        try:
+            with self._lock:  # file reads share one handle per file
+                encoded = data.get_encoded_tile(point, data.default_z, data.default_path)
+            image = data.decoder.decode(encoded)
+        except Exception as exc:
+            raise BadInput(
+                f"frame (row {frame_row}, column {frame_col}) of level {level} "
+                f"({info.cols}x{info.rows} px) cannot be read or decoded ({type(exc).__name__}: {exc}); "
+                "the file is truncated or corrupt, re-send the series"
+            ) from exc
+        self.decodes[level] += 1
+        array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        if array.shape[:2] != (info.frame_rows, info.frame_cols):
+            full = np.full((info.frame_rows, info.frame_cols, 3), 255, dtype=np.uint8)
+            full[: array.shape[0], : array.shape[1]] = array[: info.frame_rows, : info.frame_cols]
+            array = full
+        return array
+
+    def close(self) -> None:
+        self._wsi.close()
+
+    def __enter__(self) -> "DicomSlide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def choose_level(levels: tuple[LevelInfo, ...], target_um_per_px: float, tolerance: float = 0.10) -> tuple[LevelInfo, float]:
+    """The level to read for a network that wants ``target_um_per_px``, and the downsampling scale.
+
+    The level nearest the target is used as it is when within ``tolerance`` (10 %); otherwise the
+    coarsest level that is still finer than the target is read and downsampled by
+    ``target / level spacing``.  Raises ``BadInput`` when every level is coarser than that.
+    """
+    nearest = min(levels, key=lambda lvl: abs(math.log(lvl.um_per_px / target_um_per_px)))
+    if abs(nearest.um_per_px - target_um_per_px) <= tolerance * target_um_per_px:
+        return nearest, 1.0
+    finer = [lvl for lvl in levels if lvl.um_per_px < target_um_per_px]
+    if not finer:
+        finest = min(lvl.um_per_px for lvl in levels)
+        raise BadInput(
+            f"the slide's finest level is {finest:.3g} µm/px but the model needs {target_um_per_px:.3g} µm/px; "
+            "scan or convert the slide at a higher resolution"
+        )
+    level = max(finer, key=lambda lvl: lvl.um_per_px)
+    return level, target_um_per_px / level.um_per_px
