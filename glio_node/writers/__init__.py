@@ -1,0 +1,48 @@
+"""Every DICOM object glio-node writes, built with highdicom: SEG pyramid, heatmaps, SR.
+
+``write_results(source, result, out_dir)`` is the one entry point; see ``common`` for series
+numbers, UIDs and the missing-attribute policy, and ``seg``, ``heatmap``, ``sr`` for each object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+
+from glio_node.results import AnalysisResult
+from glio_node.writers.common import WrittenObject, WrittenObjects, prepare_source
+from glio_node.writers.heatmap import write_heatmaps
+from glio_node.writers.seg import write_seg
+from glio_node.writers.sr import write_sr
+
+__all__ = ["WrittenObject", "WrittenObjects", "write_results"]
+
+
+def write_results(
+    source: Sequence[pydicom.Dataset], result: AnalysisResult, out_dir: Path
+) -> WrittenObjects:
+    """Write the SEG pyramid, one Parametric Map per heatmap class and the SR into ``out_dir``.
+
+    ``source``: the datasets (pixel data not needed) of the analysed pyramid level, one instance
+    or the parts of a concatenation. UIDs are derived from the source, the bundle and the kind of
+    object, so re-running a job rewrites identical UIDs (same file names).
+
+    Raises ``glio_node.errors.BadInput`` when the source cannot carry outputs (message names the
+    missing attribute and the fix) and ``ValueError`` when ``result`` does not fit the source
+    (a pipeline bug).
+    """
+    slide = prepare_source(source)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    segs = write_seg(slide, result, out_dir)
+    heatmaps = write_heatmaps(slide, result, out_dir)
+    keys = [(h.task, c.name) for h in result.heatmaps for c in h.classes]  # write_heatmaps' order
+    heatmap_by_class = {key: dataset for key, (_, dataset) in zip(keys, heatmaps, strict=True)}
+    sr = write_sr(slide, result, [ds for _, ds in segs], heatmap_by_class, out_dir)
+    return WrittenObjects(
+        objects=(*(w for w, _ in segs), *(w for w, _ in heatmaps), sr),
+        notes=slide.notes,
+    )
+

@@ -1,0 +1,196 @@
+"""DICOM SEG of the region classes: a multi-resolution pyramid, one instance per level, one series.
+
+Decisions:
+
+- **Segments: every region class of the model**, segment number = class index + 1, whether or
+  not the class occurs on this slide. Segment numbers then mean the same class on every slide
+  and in every level (dicom-microscopy-viewer refuses a SEG series whose instances differ in
+  their SegmentSequence), the SR can reference a segment for each class's area (0 % included),
+  and an absent class costs nothing: empty frames are omitted.
+- **BINARY, TILED_SPARSE, empty frames omitted.** TILED_FULL requires every frame of every
+  segment to be present (PS3.3 C.7.6.17.3; highdicom refuses TILED_FULL with
+  ``omit_empty_frames``), which for 10 mostly-absent classes multiplies the frames tenfold;
+  TILED_SPARSE with per-frame Plane Position (Slide) is what dicom-microscopy-viewer maps by
+  row/column position. Category: SCT 85756007 "Tissue" (CID 7150) for every class; the class's
+  own concept is the segmented property type.
+- **Pixel spacing**: level 0 is the label map at its own spacing (``label_map.mm_per_px``), which
+  may be coarser than the source level: highdicom is given ``pixel_measures`` and a single plane
+  position (the slide's origin at pixel 1\\1). Level k has spacing ``mm_per_px * 2**k`` and
+  ``ceil(rows / 2**k)`` rows (the raster convention of ``glio_node.results``). Levels go down
+  until a level fits in one tile.
+- **Downsampling** is a block majority vote computed exactly from level 0 (2x2 sums of per-class
+  counts, ties to "not tissue", then to the lower class index), not nearest-neighbour sampling:
+  sampling one pixel per block would shift content by up to half a block toward the top-left.
+- **Why not ``hd.seg.create_segmentation_pyramid``**: it requires level 0 to have exactly the
+  source's total pixel matrix size (so a coarser label map would first have to be upsampled to the
+  source level, gigabytes for a whole slide), and it sizes levels with ``int(n / f)`` and
+  stretches the spacing to ``n / int(n / f)`` times the source's. The loop below builds the same
+  thing level by level with ``hd.seg.Segmentation`` (one PyramidUID, one series, instance
+  number = level + 1), with exact spacings.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+
+from pydicom import Dataset
+
+from glio_node.results import NOT_TISSUE, AnalysisResult, Raster
+from glio_node.writers import common
+from glio_node.writers.common import SourceSlide, WrittenObject
+
+SEGMENT_CATEGORY = codes.SCT.Tissue  # (85756007, SCT, "Tissue"), CID 7150
+
+
+def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> list[tuple[WrittenObject, Dataset]]:
+    """Write the SEG pyramid of ``result.label_map`` into ``out_dir``; return one entry per level.
+
+    Raises ``ValueError`` when the label map does not fit the source geometry or holds values
+    other than class indices and ``NOT_TISSUE`` (a pipeline bug, not bad input).
+    """
+    algorithm = result.algorithm
+    check_raster_geometry(source, result.label_map, "label map")
+    n_classes = len(result.region_classes)
+    if not 0 < n_classes < NOT_TISSUE:
+        raise ValueError(f"{n_classes} region classes; a SEG carries 1..{NOT_TISSUE - 1}")
+    label_map = np.asarray(result.label_map.array)
+    values = np.unique(label_map)
+    bad = [int(v) for v in values if v != NOT_TISSUE and not 0 <= v < n_classes]
+    if bad:
+        raise ValueError(f"label map holds {bad}; allowed: 0..{n_classes - 1} and {NOT_TISSUE}")
+
+    algorithm_id = common.algorithm_identification_sequence(algorithm)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=index + 1,
+            segment_label=region.code_meaning[:64],
+            segmented_property_category=SEGMENT_CATEGORY,
+            segmented_property_type=common.coded(region),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm_id,
+            tracking_uid=common.derived_uid(source, algorithm, "seg", "segment", region.name),
+            tracking_id=f"{algorithm.name} region {region.name}"[:64],
+        )
+        for index, region in enumerate(result.region_classes)
+    ]
+    series_uid = common.derived_uid(source, algorithm, "seg", "series")
+    pyramid_uid = common.derived_uid(source, algorithm, "seg", "pyramid")
+    content_date, content_time = common.content_date_time()
+    levels = pyramid_levels(label_map, n_classes, max(source.tile_size))
+    written = []
+    for level, level_map in enumerate(levels):
+        spacing = result.label_map.mm_per_px * 2**level
+        segment_array = np.where(level_map == NOT_TISSUE, 0, level_map.astype(np.uint16) + 1)
+        sop_uid = common.derived_uid(source, algorithm, "seg", "instance", level)
+        seg = hd.seg.Segmentation(
+            source_images=[source.primary],
+            further_source_images=source.further or None,
+            pixel_array=segment_array.astype(np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=series_uid,
+            series_number=common.SEG_SERIES_NUMBER,
+            sop_instance_uid=sop_uid,
+            instance_number=level + 1,
+            manufacturer=common.MANUFACTURER,
+            manufacturer_model_name=algorithm.name,
+            software_versions=common.software_versions(algorithm),
+            device_serial_number=common.device_serial_number(algorithm),
+            content_description=common.content_description(algorithm),
+            content_creator_name=common.content_creator_name(algorithm),
+            content_label=common.content_label("GLIO_REGIONS"),
+            pixel_measures=hd.PixelMeasuresSequence(
+                pixel_spacing=(spacing, spacing),
+                slice_thickness=source.slice_thickness_mm,
+            ),
+            plane_orientation=source.plane_orientation(),
+            plane_positions=[source.plane_position()],
+            omit_empty_frames=True,
+            dimension_organization_type=hd.DimensionOrganizationTypeValues.TILED_SPARSE,
+            tile_pixel_array=True,
+            tile_size=source.tile_size,
+            pyramid_uid=pyramid_uid,
+            pyramid_label=f"{algorithm.name} regions"[:64],
+            series_description=common.series_description("region classes", "SEG", algorithm),
+            coding_schemes=common.coding_schemes(),
+            content_date=content_date,
+            content_time=content_time,
+            series_date=content_date,
+            series_time=content_time,
+        )
+        path = out_dir / f"seg-level{level}-{sop_uid}.dcm"
+        seg.save_as(path, enforce_file_format=True)
+        written.append((
+            WrittenObject(
+                path=path,
+                kind="seg",
+                sop_class_uid=str(seg.SOPClassUID),
+                sop_instance_uid=str(sop_uid),
+                series_instance_uid=str(series_uid),
+                series_number=common.SEG_SERIES_NUMBER,
+            ),
+            seg,
+        ))
+    return written
+
+
+def check_raster_geometry(source: SourceSlide, raster: Raster, what: str) -> None:
+    """Raise ``ValueError`` unless ``raster`` covers the source's total pixel matrix.
+
+    By the convention of ``glio_node.results`` a raster at ``mm_per_px`` has
+    ``ceil(extent_mm / mm_per_px)`` rows and columns (one more tolerated for rounding).
+    """
+    row_mm = source.total_pixel_matrix_rows * source.pixel_spacing_mm[0]
+    col_mm = source.total_pixel_matrix_columns * source.pixel_spacing_mm[1]
+    rows, cols = raster.array.shape[:2]
+    want = (row_mm / raster.mm_per_px, col_mm / raster.mm_per_px)
+    ok = all(math.floor(w - 1e-6) <= n <= math.ceil(w - 1e-6) + 1 for n, w in zip((rows, cols), want))
+    if not ok:
+        raise ValueError(
+            f"{what} of {rows}x{cols} px at {raster.mm_per_px} mm/px does not cover the source "
+            f"level of {source.total_pixel_matrix_rows}x{source.total_pixel_matrix_columns} px at "
+            f"{source.pixel_spacing_mm[0]} mm/px (expected about {want[0]:.1f}x{want[1]:.1f} px)"
+        )
+
+
+def pyramid_levels(label_map: np.ndarray, n_classes: int, tile: int) -> list[np.ndarray]:
+    """Level 0 and its 2x block-majority downsamples, until a level fits within ``tile`` px.
+
+    Each coarse pixel takes the label that covers most of its block of level-0 pixels (blocks
+    past the raster edge count only their real pixels); ties go to ``NOT_TISSUE``, then to the
+    lower class index.
+    """
+    n_levels = 1
+    rows, cols = label_map.shape
+    while max(math.ceil(rows / 2 ** (n_levels - 1)), math.ceil(cols / 2 ** (n_levels - 1))) > tile:
+        n_levels += 1
+    if n_levels == 1:
+        return [label_map]
+    best_label = [None] * n_levels
+    best_count = [None] * n_levels
+    for label in (NOT_TISSUE, *range(n_classes)):
+        counts = (label_map == label).astype(np.uint32)
+        if label != NOT_TISSUE and not counts.any():
+            continue
+        for level in range(1, n_levels):
+            counts = _sum2x2(counts)
+            if best_count[level] is None:
+                best_count[level] = counts.copy()
+                best_label[level] = np.full(counts.shape, label, dtype=np.uint8)
+            else:
+                better = counts > best_count[level]
+                best_count[level][better] = counts[better]
+                best_label[level][better] = label
+    return [label_map, *best_label[1:]]
+
+
+def _sum2x2(a: np.ndarray) -> np.ndarray:
+    rows, cols = a.shape
+    padded = np.zeros((rows + rows % 2, cols + cols % 2), dtype=a.dtype)
+    padded[:rows, :cols] = a
+    return padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).sum(axis=(1, 3))
