@@ -77,6 +77,22 @@ ALLOW_LIST: tuple[Allowed, ...] = (
         ),
         applies=lambda ds: "BodyPartExamined" not in ds and "SpecimenDescriptionSequence" not in ds,
     ),
+    Allowed(
+        pattern=(
+            r"Warning - Missing attribute or value that would be needed to build DICOMDIR - "
+            r"(Patient ID|Study Date|Study Time|Study ID)"
+        ),
+        section="PS3.5 7.4 (Type 2 attributes may be zero length); PS3.3 F.5 applies to media only",
+        reason=(
+            "Patient ID, Study Date, Study Time and Study ID are Type 2: present but empty when "
+            "the slide had no value (wsidicomizer leaves them empty). The outputs copy the "
+            "slide's patient and study modules and never invent identifiers; the warning is "
+            "about building a DICOMDIR for media, which glio-node does not write"
+        ),
+        applies=lambda ds: any(
+            not str(ds.get(k, "")) for k in ("PatientID", "StudyDate", "StudyTime", "StudyID")
+        ),
+    ),
 )
 
 

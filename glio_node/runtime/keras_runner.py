@@ -3,23 +3,42 @@
 The only module besides ``bundle``/``networks`` that imports Keras.  Networks are plain Keras 3
 models (backend-agnostic); device choice is backend-specific and lives here:
 ``auto`` uses a GPU when the backend sees one, ``cpu`` hides GPUs, ``gpu`` refuses to start
-without one.  Batches are padded to a fixed size so the compiled graph is traced once.
+without one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from glio_node.bundle import LoadedBundle, LoadedNetwork, normalize
 from glio_node.errors import BadInput
 
 Device = Literal["auto", "cpu", "gpu"]
 
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """TensorFlow's C++ runtime prints start-up chatter (oneDNN, CUDA probing) straight to file
+    descriptor 2, before and despite TF_CPP_MIN_LOG_LEVEL.  Operators read that as errors, so it
+    is hidden while the backend starts, unless GLIO_DEBUG is set."""
+    if os.environ.get("GLIO_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def select_device(device: Device) -> str:
@@ -31,6 +50,12 @@ def select_device(device: Device) -> str:
         raise BadInput(f"device {device!r} is not one of auto, cpu, gpu")
     if device == "cpu":
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _native_stderr_silenced():
+        return _select_device(device)
+
+
+def _select_device(device: Device) -> str:
     import keras
 
     backend = keras.backend.backend()
@@ -58,46 +83,40 @@ def select_device(device: Device) -> str:
 
 
 @dataclass
-class KerasRunner:
-    """Predict with one network: uint8 RGB tiles in, a dict of head outputs out.
+class KerasNetwork:
+    """One bundle network as the pipeline uses it: geometry, heads, and ``predict``.
 
-    Segmentation heads return class indices per pixel (uint8, argmax of the softmax), so the
-    full probability volume never leaves this function; classifier heads return probabilities.
+    Segmentation heads return class indices per pixel (uint8, argmax of the softmax), so the full
+    probability volume never leaves this class; classifier heads return probabilities.  Batches
+    are padded to ``batch_size`` so the backend traces one input shape only.
     """
 
-    model: object  # keras.Model
-    normalization: str
+    loaded: LoadedNetwork
     batch_size: int
-    segmentation_tasks: frozenset[str]
 
     def __post_init__(self) -> None:
-        if self.normalization not in ("scale_0_1", "imagenet"):
-            raise BadInput(f"normalization {self.normalization!r} is not one of scale_0_1, imagenet")
         if self.batch_size < 1:
             raise BadInput(f"batch size {self.batch_size} must be at least 1")
-
-    def _normalise(self, tiles: np.ndarray) -> np.ndarray:
-        x = tiles.astype(np.float32) / 255.0
-        if self.normalization == "imagenet":
-            x = (x - _IMAGENET_MEAN) / _IMAGENET_STD
-        return x
+        spec = self.loaded.spec
+        self.name, self.tile_size, self.um_per_px = spec.name, spec.tile_size, spec.um_per_px
+        self.overlap, self.heads = spec.overlap, spec.heads
 
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         """``tiles``: (n, T, T, 3) uint8 with n <= batch_size."""
         n = tiles.shape[0]
         if n > self.batch_size:
             raise ValueError(f"{n} tiles exceed the batch size {self.batch_size}")
-        x = self._normalise(tiles)
+        x = normalize(tiles, self.loaded.spec.normalization)
         if n < self.batch_size:
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), np.float32)])
-        outputs = self.model.predict_on_batch(x)
-        if not isinstance(outputs, dict):
-            raise BadInput("the bundle's network must output a dict keyed by task; re-export the bundle")
+        outputs = self.loaded.model.predict_on_batch(x)
         result: dict[str, np.ndarray] = {}
         for task, value in outputs.items():
             value = np.asarray(value)[:n]
-            if task in self.segmentation_tasks:
-                result[task] = value.argmax(axis=-1).astype(np.uint8)
-            else:
-                result[task] = value.astype(np.float32)
+            result[task] = value.argmax(axis=-1).astype(np.uint8) if task == "segmentation" else value.astype(np.float32)
         return result
+
+
+def bundle_networks(bundle: LoadedBundle, batch_size: int) -> list[KerasNetwork]:
+    """The bundle's networks, ready for ``pipeline.analyze``."""
+    return [KerasNetwork(n, batch_size) for n in bundle.networks]

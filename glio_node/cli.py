@@ -1,0 +1,185 @@
+"""``glio-node`` command line: analyze, demo, models verify.
+
+Exit codes: 0 done, 2 bad input (one line on stderr saying what is wrong and what to do),
+1 internal error (a traceback: that is our bug, please report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from glio_node import __version__
+from glio_node.errors import BadInput, BundleError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+DEMO_BUNDLE = "glio-demo"
+
+
+def default_models_dir() -> Path:
+    """``$GLIO_MODELS_DIR``, else ./models, else the checkout's models/ next to the package."""
+    env = os.environ.get("GLIO_MODELS_DIR")
+    if env:
+        return Path(env)
+    here = Path("models")
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def resolve_bundle(models: Path) -> Path:
+    """A bundle folder (holding manifest.toml), or a folder holding exactly one, or glio-demo."""
+    if (models / "manifest.toml").is_file():
+        return models
+    if not models.is_dir():
+        raise BundleError(f"model folder {models} does not exist; pass --models DIR with a bundle folder")
+    bundles = sorted(p for p in models.iterdir() if (p / "manifest.toml").is_file())
+    if len(bundles) == 1:
+        return bundles[0]
+    if (models / DEMO_BUNDLE / "manifest.toml").is_file():
+        return models / DEMO_BUNDLE
+    if not bundles:
+        raise BundleError(f"no model bundle (a folder with manifest.toml) in {models}; pass --models DIR")
+    names = ", ".join(p.name for p in bundles)
+    raise BundleError(f"{models} holds several bundles ({names}); pass --models {models}/NAME")
+
+
+class _Progress:
+    """A one-line progress bar on a terminal (tiles done / total, ETA); silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total == 0:
+            return
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / done * (total - done) if done else 0.0
+        width = 30
+        filled = int(width * done / total)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tiles  ETA {eta:5.0f} s ")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _print_summary(summary) -> None:
+    s = summary.stats
+    print(f"bundle      {summary.bundle} (sha256 {summary.bundle_sha256[:12]}…) on {summary.device}")
+    for n in s.networks:
+        how = "as is" if n.scale == 1 else f"downsampled x{n.scale:.2f}"
+        print(
+            f"network     {n.name}: level {n.level} at {n.level_um_per_px:.3f} µm/px ({how}), "
+            f"{n.tiles_inferred} tiles run, {n.tiles_total - n.tiles_inferred} skipped (no tissue), "
+            f"model {n.model_seconds:.1f} s"
+        )
+    print(f"tissue      {100 * s.tissue_fraction:.1f} % of the slide, {summary.tissue_area_mm2:.2f} mm²")
+    print(f"frames      {s.frames_decoded} decoded for {s.frames_needed} needed (amplification {s.decode_amplification:.2f})")
+    for task, call in summary.calls.items():
+        probs = ", ".join(f"{k} {v:.2f}" for k, v in summary.probabilities[task].items())
+        print(f"call        {task}: {call}  ({probs})")
+    print("stages      " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items()))
+    for note in summary.notes:
+        print(f"note        {note}")
+    for f in summary.files:
+        print(f"wrote       {f}")
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from glio_node.job import run_job
+    from glio_node.pipeline.analyze import AnalysisOptions
+
+    options = AnalysisOptions(batch_size=args.batch_size, decode_threads=args.threads)
+    summary = run_job(
+        [Path(p) for p in args.paths],
+        Path(args.out),
+        resolve_bundle(Path(args.models)),
+        device=args.device,
+        options=options,
+        progress=_Progress(enabled=not args.json and sys.stderr.isatty()),
+    )
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        _print_summary(summary)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Generate a synthetic slide (our own writer) and analyse it with the demo bundle."""
+    from glio_node.synthetic.slide import SlideSpec, write_synthetic_slide
+    from glio_node.synthetic.textures import Signature
+
+    out = Path(args.out)
+    slide_dir = out / "slide"
+    spec = SlideSpec(width_px=args.size, height_px=args.size * 3 // 4, um_per_px=0.25, levels=6,
+                     signature=Signature(subtype=1, mgmt_methylated=True, egfr_amplified=False))
+    slide = write_synthetic_slide(spec, slide_dir)
+    print(f"generated   synthetic slide {spec.width_px}x{spec.height_px} px at {spec.um_per_px} µm/px in {slide_dir} "
+          f"(truth: subtype mesenchymal, MGMT methylated, EGFR not amplified)")
+    args.paths = [str(p) for p in slide.files]
+    args.out = str(out / "results")
+    return _analyze(args)
+
+
+def _models_verify(args: argparse.Namespace) -> int:
+    from glio_node.bundle import load_bundle, verify_bundle
+
+    path = resolve_bundle(Path(args.dir))
+    manifest = verify_bundle(path)
+    bundle = load_bundle(path)
+    print(f"ok          {manifest.name} {manifest.version} in {path}")
+    print(f"fingerprint {bundle.algorithm.sha256}")
+    print(f"use         {manifest.intended_use}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glio-node", description="AI worker for glioblastoma whole-slide images (research use only).")
+    parser.add_argument("--version", action="version", version=f"glio-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def analysis_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--models", default=str(default_models_dir()), help="bundle folder, or a folder of bundles (default: %(default)s)")
+        p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the networks run (default: auto)")
+        p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default: 8)")
+        p.add_argument("--threads", type=int, default=2, help="frame decoding threads (default: 2)")
+        p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    a = sub.add_parser("analyze", help="analyse one DICOM WSI series and write SEG, SR and heatmaps")
+    a.add_argument("paths", nargs="+", help="the slide's DICOM files, or a folder holding them")
+    a.add_argument("--out", required=True, help="folder for the DICOM results")
+    analysis_args(a)
+    a.set_defaults(func=_analyze)
+
+    d = sub.add_parser("demo", help="generate a synthetic slide and analyse it with the demo bundle")
+    d.add_argument("--out", default="out/demo", help="folder for the slide and results (default: %(default)s)")
+    d.add_argument("--size", type=int, default=4096, help="slide width in px at 0.25 µm/px (default: %(default)s)")
+    analysis_args(d)
+    d.set_defaults(func=_demo)
+
+    m = sub.add_parser("models", help="model bundles")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    v = msub.add_parser("verify", help="check a bundle's SHA-256 and load it")
+    v.add_argument("dir", nargs="?", default=str(default_models_dir()))
+    v.set_defaults(func=_models_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (BadInput, BundleError) as exc:
+        print(f"glio-node: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""One analysis job, top to bottom: slide in, DICOM results out.
+
+``glio-node analyze`` calls this for the files on its command line; the worker service calls it
+for each series the PACS sent.  Every stage is timed; the summary carries no patient data (only
+UIDs, which the audit trail needs anyway).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from glio_node.pipeline.analyze import AnalysisOptions, AnalysisStats, analyze
+from glio_node.results import AnalysisResult
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What a job did, for the terminal, ``--json`` and the audit trail."""
+
+    series_instance_uid: str
+    bundle: str  # "name version"
+    bundle_sha256: str
+    device: str
+    stats: AnalysisStats
+    calls: dict[str, str]  # task -> call code meaning or "indeterminate"
+    probabilities: dict[str, dict[str, float]]
+    tissue_area_mm2: float
+    region_area_fraction: dict[str, float]
+    files: tuple[str, ...]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stats"]["decode_amplification"] = self.stats.decode_amplification
+        return d
+
+
+def _calls(result: AnalysisResult) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    calls = {c.task: (c.call.code_meaning if c.call else "indeterminate") for c in result.calls}
+    probs = {c.task: {k.name: p for k, p in zip(c.classes, c.probabilities)} for c in result.calls}
+    return calls, probs
+
+
+def run_job(
+    paths: Sequence[Path],
+    out_dir: Path,
+    bundle_dir: Path,
+    device: str = "auto",
+    options: AnalysisOptions = AnalysisOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> JobSummary:
+    """Analyse the slide in ``paths`` with the bundle in ``bundle_dir``; write results to ``out_dir``.
+
+    Raises ``BadInput`` for slides that cannot be analysed, ``BundleError`` for a bundle that
+    does not verify; both carry a one-line message for the operator.
+    """
+    from glio_node.bundle import load_bundle
+    from glio_node.runtime.keras_runner import bundle_networks, select_device
+    from glio_node.runtime.slide_reader import DicomSlide
+    from glio_node.writers import write_results
+
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    slide = DicomSlide.open(paths)
+    stages["open"] = time.perf_counter() - t0
+    with slide:
+        t0 = time.perf_counter()
+        used_device = select_device(device)  # type: ignore[arg-type]
+        bundle = load_bundle(bundle_dir)
+        networks = bundle_networks(bundle, options.batch_size)
+        stages["load_models"] = time.perf_counter() - t0
+
+        result, stats, seg_level = analyze(slide, networks, bundle.algorithm, options, progress)
+        stages.update(stats.stage_seconds)
+
+        t0 = time.perf_counter()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = write_results(list(seg_level.headers), result, out_dir)
+        stages["write"] = time.perf_counter() - t0
+
+    calls, probs = _calls(result)
+    return JobSummary(
+        series_instance_uid=str(seg_level.headers[0].SeriesInstanceUID),
+        bundle=f"{bundle.algorithm.name} {bundle.algorithm.version}",
+        bundle_sha256=bundle.algorithm.sha256,
+        device=used_device,
+        stats=stats,
+        calls=calls,
+        probabilities=probs,
+        tissue_area_mm2=result.tissue_area_mm2,
+        region_area_fraction=result.region_area_fraction,
+        files=tuple(str(p) for p in written.paths),
+        stage_seconds=stages,
+        notes=result.notes,
+    )
