@@ -1,4 +1,4 @@
-"""``glio-node`` command line: analyze, demo, models verify.
+"""``glio-node`` command line: analyze, demo, models verify, db upgrade, audit export.
 
 Exit codes: 0 done, 2 bad input (one line on stderr saying what is wrong and what to do),
 1 internal error (a traceback: that is our bug, please report it).
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from glio_node import __version__
-from glio_node.errors import BadInput, BundleError
+from glio_node.errors import BadInput, BundleError, ConfigError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 DEMO_BUNDLE = "glio-demo"
@@ -139,6 +139,42 @@ def _models_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from glio_node.config import load_settings
+    from glio_node.store.db import head_revision, upgrade
+
+    url = load_settings(args.config).storage.database_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+    print(f"database at schema revision {head_revision()}")
+    return EXIT_OK
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from glio_node.config import load_settings
+    from glio_node.store.audit import export
+    from glio_node.store.db import make_engine, make_sessions
+
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise BadInput(f"--since {args.since!r} is not an ISO 8601 time; give e.g. 2026-11-23T00:00:00Z") from exc
+        if since.tzinfo is None:
+            raise BadInput(f"--since {args.since!r} has no time zone; end it with Z for UTC")
+    engine = make_engine(load_settings(args.config).storage.database_url)
+    try:
+        with make_sessions(engine)() as session:
+            sys.stdout.writelines(export(session, since=since, format=args.format))
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glio-node", description="AI worker for glioblastoma whole-slide images (research use only).")
     parser.add_argument("--version", action="version", version=f"glio-node {__version__}")
@@ -168,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     v = msub.add_parser("verify", help="check a bundle's SHA-256 and load it")
     v.add_argument("dir", nargs="?", default=str(default_models_dir()))
     v.set_defaults(func=_models_verify)
+
+    db = sub.add_parser("db", help="the SQL store")
+    dbsub = db.add_subparsers(dest="db_command", required=True)
+    up = dbsub.add_parser("upgrade", help="apply the schema migrations (a deploy step before serve)")
+    up.add_argument("--config", help="TOML settings file (default: embedded defaults + GLIO_* variables)")
+    up.set_defaults(func=_db_upgrade)
+
+    au = sub.add_parser("audit", help="the audit trail")
+    ausub = au.add_subparsers(dest="audit_command", required=True)
+    ex = ausub.add_parser("export", help="write audit events to stdout")
+    ex.add_argument("--since", help="ISO 8601 UTC time, e.g. 2026-11-23T00:00:00Z (default: everything)")
+    ex.add_argument("--format", choices=("csv", "json"), default="csv")
+    ex.add_argument("--config", help="TOML settings file")
+    ex.set_defaults(func=_audit_export)
     return parser
 
 
@@ -176,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BadInput, BundleError) as exc:
+    except (BadInput, BundleError, ConfigError) as exc:
         print(f"glio-node: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -3,6 +3,7 @@
 - ``BadInput``: the data handed to us is wrong (not a WSI, missing spacing, truncated file).
   The CLI exits with code 2 and prints the message; the worker fails the job permanently.
 - ``BundleError``: a model bundle is missing, malformed or does not verify.  Permanent.
+- ``ConfigError``: the configuration file or an environment override is wrong.  Fatal at start.
 - ``TransientError``: worth retrying with backoff (a peer down, disk briefly full).
 - ``PermanentError``: a job that will fail again however often it is retried.
 
@@ -20,6 +21,10 @@ class BadInput(GlioError):
 
 class BundleError(GlioError):
     """A model bundle is missing, malformed or fails its SHA-256 check."""
+
+
+class ConfigError(GlioError):
+    """The configuration cannot be used; the message names the key, the value and the fix."""
 
 
 class TransientError(GlioError):

@@ -1,0 +1,420 @@
+"""Typed settings for the worker service: one TOML file, every key overridable from the environment.
+
+``load_settings(path, environ)`` reads the file (or nothing: the embedded single-node defaults,
+SQLite and local folders), applies ``GLIO_<SECTION>_<KEY>`` environment variables on top, and
+returns a frozen :class:`Settings`.  Every value is checked once, here; a bad value raises
+:class:`ConfigError` with the key, the value and what is allowed, e.g.
+``[node] port = 70000 (from GLIO_NODE_PORT): must be between 1 and 65535``.
+
+Environment values are strings coerced to the key's type: integers may use ``_`` separators,
+booleans are ``true/false/yes/no/1/0``, lists are comma-separated (``ORTHANC,DCM4CHEE``) or a
+TOML array (``["ORTHANC", "DCM4CHEE"]``); an empty string is the empty list.
+``[[destinations]]`` entries are addressed by their 0-based position:
+``GLIO_DESTINATIONS_0_HOST=pacs.example.org``; the next free position adds a destination.
+
+Relative paths (spool, models, a SQLite database) are relative to the service's working
+directory.  Nothing is read at import time (style item 9): the entry point calls
+``load_settings`` and passes the result down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from glio_node.errors import ConfigError
+
+ENV_PREFIX = "GLIO_"
+
+
+# ------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The DICOM node (C-STORE / C-ECHO SCP) the PACS sends slides to."""
+
+    ae_title: str = "GLIONODE"  # our AE title: the PACS's "called AE"
+    host: str = "0.0.0.0"  # address to listen on
+    port: int = 11112  # TCP port to listen on
+    allowed_calling_ae_titles: tuple[str, ...] = ()  # empty: accept any calling AE
+
+    def __post_init__(self) -> None:
+        _check_ae_title("node", "ae_title", self.ae_title)
+        _check_host("node", "host", self.host)
+        _check_port("node", "port", self.port)
+        for title in self.allowed_calling_ae_titles:
+            _check_ae_title("node", "allowed_calling_ae_titles", title)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where received instances, results and the job queue live."""
+
+    spool_dir: Path = Path("var/spool")  # received instances and results; one filesystem
+    database_url: str = "sqlite:///var/glio-node.db"  # or postgresql+psycopg://user@host/db
+    min_free_bytes: int = 5_000_000_000  # refuse instances (0xA700) below this much free disk
+
+    def __post_init__(self) -> None:
+        if not str(self.spool_dir).strip():
+            raise ConfigError("[storage] spool_dir is empty: give a folder for received slides")
+        _check_database_url(self.database_url)
+        if self.min_free_bytes < 0:
+            raise ConfigError(
+                f"[storage] min_free_bytes = {self.min_free_bytes}: must be 0 or more bytes"
+            )
+
+
+@dataclass(frozen=True)
+class SeriesSettings:
+    """When a received series becomes a job."""
+
+    quiet_seconds: float = 30.0  # no new instance for this long: the series is considered sent
+    incomplete_wait_seconds: float = 600.0  # quiet but incomplete: wait this long, then run anyway
+
+    def __post_init__(self) -> None:
+        _check_positive("series", "quiet_seconds", self.quiet_seconds)
+        if self.incomplete_wait_seconds < 0:
+            raise ConfigError(
+                f"[series] incomplete_wait_seconds = {self.incomplete_wait_seconds}: "
+                "must be 0 or more seconds"
+            )
+
+
+@dataclass(frozen=True)
+class ModelsSettings:
+    """The model bundles."""
+
+    dir: Path = Path("models")  # folder holding one sub-folder per bundle
+
+    def __post_init__(self) -> None:
+        if not str(self.dir).strip():
+            raise ConfigError("[models] dir is empty: give the folder that holds the model bundles")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One place results are sent to by C-STORE."""
+
+    name: str  # short unique name, used in delivery records and the audit trail
+    ae_title: str  # the destination's AE title (our "called AE")
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        where = f"[[destinations]] {self.name!r}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
+            raise ConfigError(
+                f"{where} name = {self.name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit"
+            )
+        _check_ae_title(where, "ae_title", self.ae_title)
+        _check_host(where, "host", self.host)
+        _check_port(where, "port", self.port)
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    """The status page, JSON API and /metrics."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    def __post_init__(self) -> None:
+        _check_host("status", "host", self.host)
+        _check_port("status", "port", self.port)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Job execution: how many at once, leases, retries."""
+
+    concurrency: int = 1  # jobs run at once on this node (one per GPU)
+    max_attempts: int = 3  # a job is tried at most this often, then fails permanently
+    lease_seconds: float = 300.0  # a running job's lease; renewed while working
+    backoff_base_seconds: float = 30.0  # first retry delay after a transient error; doubles
+    backoff_max_seconds: float = 3600.0  # cap on the retry delay
+
+    def __post_init__(self) -> None:
+        for key in ("concurrency", "max_attempts"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"[worker] {key} = {value}: must be at least 1")
+        for key in ("lease_seconds", "backoff_base_seconds", "backoff_max_seconds"):
+            _check_positive("worker", key, getattr(self, key))
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ConfigError(
+                f"[worker] backoff_max_seconds = {self.backoff_max_seconds} is smaller than "
+                f"backoff_base_seconds = {self.backoff_base_seconds}: the cap must be at least "
+                "the first delay"
+            )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker service is configured with; valid once built."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    series: SeriesSettings = field(default_factory=SeriesSettings)
+    models: ModelsSettings = field(default_factory=ModelsSettings)
+    destinations: tuple[Destination, ...] = ()
+    status: StatusSettings = field(default_factory=StatusSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    source: Path | None = None  # the TOML file these came from; None: defaults and environment
+
+    def __post_init__(self) -> None:
+        names: set[str] = set()
+        for dest in self.destinations:
+            if dest.name in names:
+                raise ConfigError(
+                    f"[[destinations]] name {dest.name!r} appears twice: names must be unique"
+                )
+            names.add(dest.name)
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "storage": StorageSettings,
+    "series": SeriesSettings,
+    "models": ModelsSettings,
+    "status": StatusSettings,
+    "worker": WorkerSettings,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_settings(
+    path: Path | str | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from the TOML file at ``path`` (None: defaults only) and ``GLIO_*`` variables.
+
+    ``environ`` defaults to ``os.environ``; tests pass their own mapping.  Raises
+    :class:`ConfigError` for a missing or unparsable file, an unknown section or key, a value of
+    the wrong type, or a value outside what is allowed.
+    """
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = Path(path)
+        try:
+            with source.open("rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} does not exist: check --config") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {source} cannot be read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"destinations"})
+    if unknown:
+        raise ConfigError(
+            f"unknown section [{unknown[0]}] in {source}: allowed sections are "
+            + ", ".join(f"[{s}]" for s in (*_SECTIONS, "[destinations]"))
+        )
+
+    # Merge: file values as "typed" values, environment values as strings (coerced below).
+    sections: dict[str, dict[str, tuple[Any, str]]] = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] in {source} must be a table, not {type(table).__name__}")
+        sections[name] = {k: (v, "file") for k, v in table.items()}
+    dests_raw = raw.get("destinations", [])
+    if not isinstance(dests_raw, list) or not all(isinstance(d, dict) for d in dests_raw):
+        raise ConfigError(f"destinations in {source} must be written as [[destinations]] tables")
+    destinations: list[dict[str, tuple[Any, str]]] = [
+        {k: (v, "file") for k, v in d.items()} for d in dests_raw
+    ]
+
+    destination_vars: list[tuple[int, str, str]] = []
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].partition("_")
+        section = section.lower()
+        if section == "destinations":
+            index_text, _, dkey = key.partition("_")
+            if not index_text.isdigit() or not dkey:
+                raise ConfigError(
+                    f"{var}: destination variables are GLIO_DESTINATIONS_<index>_<KEY>, "
+                    "e.g. GLIO_DESTINATIONS_0_HOST"
+                )
+            destination_vars.append((int(index_text), dkey.lower(), var))
+        elif section in _SECTIONS:
+            sections[section][key.lower()] = (environ[var], var)
+        # Other GLIO_* variables (e.g. GLIO_CONFIG) are not settings.
+    for index, dkey, var in sorted(destination_vars):
+        if index > len(destinations):
+            raise ConfigError(
+                f"{var}: destination #{index} does not exist and is not the next one "
+                f"(#{len(destinations)}); number destinations without gaps"
+            )
+        if index == len(destinations):
+            destinations.append({})
+        destinations[index][dkey] = (environ[var], var)
+
+    built = {name: _build(cls, f"[{name}]", sections[name]) for name, cls in _SECTIONS.items()}
+    dests = tuple(
+        _build(Destination, f"[[destinations]] #{i}", d) for i, d in enumerate(destinations)
+    )
+    return Settings(**built, destinations=dests, source=source)
+
+
+def _build(cls: type, where: str, values: dict[str, tuple[Any, str]]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, (value, origin) in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {where} {key} ({_origin(origin)}): allowed keys are "
+                + ", ".join(sorted(known))
+            )
+        kwargs[key] = _coerce(hints[key], value, f"{where} {key}", origin)
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where} is missing {', '.join(missing)}: every destination needs them")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        # A check names "<key> = <value>"; say so when that value came from the environment.
+        env = [o for k, (_, o) in values.items() if o != "file" and f" {k} =" in str(exc)]
+        if env:
+            raise ConfigError(f"{exc} (from {env[0]})") from None
+        raise
+
+
+def _origin(origin: str) -> str:
+    return "in the config file" if origin == "file" else f"from {origin}"
+
+
+def _coerce(hint: Any, value: Any, key: str, origin: str) -> Any:
+    """``value`` (TOML-typed from the file, a string from the environment) as type ``hint``."""
+    from_env = origin != "file"
+    where = f"{key} = {value!r} ({_origin(origin)})"
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: must be true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env:
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: must be a whole number")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env:
+            try:
+                return float(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: must be a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value.strip() if from_env else value
+        raise ConfigError(f"{where}: must be a string")
+    if hint is Path:
+        if isinstance(value, str):
+            return Path(value.strip() if from_env else value)
+        raise ConfigError(f"{where}: must be a path (a string)")
+    if typing.get_origin(hint) is tuple:
+        items: Any = value
+        if from_env:
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    items = tomllib.loads(f"v = {text}")["v"]
+                except tomllib.TOMLDecodeError:
+                    raise ConfigError(f"{where}: not a valid TOML array") from None
+            else:
+                items = [s.strip() for s in text.split(",") if s.strip()]
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ConfigError(f"{where}: must be a list of strings")
+        return tuple(items)
+    raise TypeError(f"no coercion for {hint!r} ({key})")  # a bug in this module, not in a config
+
+
+# ------------------------------------------------------------------------------------------
+# Checks shared by sections
+
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII without backslash
+
+
+def _check_ae_title(section: str, key: str, value: str) -> None:
+    where = section if section.startswith("[") else f"[{section}]"
+    if not _AE_TITLE.fullmatch(value) or not value.strip():
+        raise ConfigError(
+            f"{where} {key} = {value!r}: an AE title is 1-16 printable ASCII characters, "
+            "no backslash, not only spaces"
+        )
+
+
+def _check_host(section: str, key: str, value: str) -> None:
+    where = section if section.startswith("[") else f"[{section}]"
+    if not value or any(c.isspace() for c in value):
+        raise ConfigError(f"{where} {key} = {value!r}: give a host name or IP address")
+
+
+def _check_port(section: str, key: str, value: int) -> None:
+    where = section if section.startswith("[") else f"[{section}]"
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{where} {key} = {value}: must be between 1 and 65535")
+
+
+def _check_positive(section: str, key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"[{section}] {key} = {value}: must be more than 0")
+
+
+def _check_database_url(url: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"[storage] database_url = {url!r}: not a database URL; use "
+            "sqlite:///path/to/glio-node.db or postgresql+psycopg://user@host/dbname"
+        ) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"[storage] database_url uses {parsed.get_backend_name()!r}: only sqlite and "
+            "postgresql (postgresql+psycopg://...) are supported"
+        )
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername not in (
+        "postgresql",
+        "postgresql+psycopg",
+    ):
+        raise ConfigError(
+            f"[storage] database_url driver {parsed.drivername!r}: use postgresql+psycopg://"
+        )
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(
+            "[storage] database_url is an in-memory SQLite database: the queue and audit trail "
+            "would vanish at exit; give a file, e.g. sqlite:///var/glio-node.db"
+        )

@@ -1,0 +1,1 @@
+"""The node's SQL store: tables, sessions, migrations, the job queue and the audit trail."""

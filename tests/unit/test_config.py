@@ -1,0 +1,163 @@
+"""Settings: TOML file, GLIO_* environment overrides, validation messages an operator can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from glio_node.config import ConfigError, Destination, Settings, load_settings
+
+EXAMPLE = Path(__file__).parents[2] / "deploy" / "glio-node.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "glio-node.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_an_embedded_single_node():
+    s = load_settings(None, {})
+    assert s == Settings()
+    assert s.storage.database_url.startswith("sqlite:///")
+    assert s.node.allowed_calling_ae_titles == ()
+    assert s.destinations == ()
+    assert s.source is None
+
+
+def test_example_config_loads_with_every_section():
+    s = load_settings(EXAMPLE, {})
+    assert s.node.ae_title == "GLIONODE"
+    assert s.node.allowed_calling_ae_titles == ("ORTHANC",)
+    assert s.storage.min_free_bytes == 5_000_000_000
+    assert s.destinations == (Destination("pacs", "ORTHANC", "127.0.0.1", 4242),)
+    assert s.worker.max_attempts == 3
+    assert s.source == EXAMPLE
+
+
+def test_example_config_sets_every_key():
+    """The deploy example documents every key: none of them is left to its default."""
+    import tomllib
+    from dataclasses import fields
+
+    raw = tomllib.loads(EXAMPLE.read_text())
+    s = Settings()
+    for section in ("node", "storage", "series", "models", "status", "worker"):
+        names = {f.name for f in fields(getattr(s, section))}
+        assert set(raw[section]) == names, section
+    assert set(raw["destinations"][0]) == {f.name for f in fields(Destination)}
+
+
+def test_docs_name_every_key_and_variable():
+    from dataclasses import fields
+
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    s = Settings()
+    for section in ("node", "storage", "series", "models", "status", "worker"):
+        for f in fields(getattr(s, section)):
+            assert f"GLIO_{section.upper()}_{f.name.upper()}" in doc
+    assert "GLIO_DESTINATIONS_0_HOST" in doc
+
+
+def test_environment_overrides_file_with_coercion(tmp_path):
+    p = write(tmp_path, '[node]\nport = 11112\n[worker]\nlease_seconds = 60\n')
+    s = load_settings(
+        p,
+        {
+            "GLIO_NODE_PORT": "104",
+            "GLIO_NODE_ALLOWED_CALLING_AE_TITLES": "ORTHANC, DCM4CHEE",
+            "GLIO_STORAGE_MIN_FREE_BYTES": "1_000_000",
+            "GLIO_STORAGE_SPOOL_DIR": "/srv/spool",
+            "GLIO_WORKER_LEASE_SECONDS": "90.5",
+            "GLIO_CONFIG": "ignored: not a setting",
+            "PATH": "/usr/bin",
+        },
+    )
+    assert s.node.port == 104
+    assert s.node.allowed_calling_ae_titles == ("ORTHANC", "DCM4CHEE")
+    assert s.storage.min_free_bytes == 1_000_000
+    assert s.storage.spool_dir == Path("/srv/spool")
+    assert s.worker.lease_seconds == 90.5
+
+
+def test_environment_lists_as_toml_array_or_empty():
+    s = load_settings(None, {"GLIO_NODE_ALLOWED_CALLING_AE_TITLES": '["A", "B C"]'})
+    assert s.node.allowed_calling_ae_titles == ("A", "B C")
+    s = load_settings(EXAMPLE, {"GLIO_NODE_ALLOWED_CALLING_AE_TITLES": ""})
+    assert s.node.allowed_calling_ae_titles == ()
+
+
+def test_destinations_from_environment():
+    s = load_settings(EXAMPLE, {"GLIO_DESTINATIONS_0_HOST": "pacs.example.org"})
+    assert s.destinations[0].host == "pacs.example.org"
+    s = load_settings(
+        None,
+        {
+            "GLIO_DESTINATIONS_0_NAME": "archive",
+            "GLIO_DESTINATIONS_0_AE_TITLE": "ARCH",
+            "GLIO_DESTINATIONS_0_HOST": "10.0.0.5",
+            "GLIO_DESTINATIONS_0_PORT": "104",
+        },
+    )
+    assert s.destinations == (Destination("archive", "ARCH", "10.0.0.5", 104),)
+
+
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"GLIO_NODE_PORT": "70000"}, r"\[node\] port = 70000: must be between 1 and 65535 \(from GLIO_NODE_PORT\)"),
+        ({"GLIO_NODE_PORT": "eleven"}, r"\[node\] port = 'eleven' \(from GLIO_NODE_PORT\): must be a whole number"),
+        ({"GLIO_NODE_PROT": "1"}, r"unknown key \[node\] prot \(from GLIO_NODE_PROT\): allowed keys are"),
+        ({"GLIO_NODE_AE_TITLE": "A" * 17}, r"\[node\] ae_title = 'A{17}': an AE title is 1-16"),
+        ({"GLIO_STORAGE_DATABASE_URL": "mysql://h/db"}, r"uses 'mysql': only sqlite and postgresql"),
+        ({"GLIO_STORAGE_DATABASE_URL": "sqlite://"}, r"in-memory SQLite database"),
+        ({"GLIO_STORAGE_DATABASE_URL": "not a url"}, r"not a database URL"),
+        ({"GLIO_STORAGE_MIN_FREE_BYTES": "-1"}, r"min_free_bytes = -1: must be 0 or more"),
+        ({"GLIO_WORKER_CONCURRENCY": "0"}, r"\[worker\] concurrency = 0: must be at least 1"),
+        (
+            {"GLIO_WORKER_BACKOFF_MAX_SECONDS": "5"},
+            r"backoff_max_seconds = 5.0 is smaller than backoff_base_seconds = 30.0",
+        ),
+        ({"GLIO_SERIES_QUIET_SECONDS": "0"}, r"\[series\] quiet_seconds = 0.0: must be more than 0"),
+        ({"GLIO_DESTINATIONS_2_HOST": "x"}, r"destination #2 does not exist and is not the next one \(#1\)"),
+        ({"GLIO_DESTINATIONS_1_HOST": "x"}, r"\[\[destinations\]\] #1 is missing name, ae_title, port"),
+        ({"GLIO_DESTINATIONS_X_HOST": "x"}, r"GLIO_DESTINATIONS_<index>_<KEY>"),
+    ],
+)
+def test_bad_values_name_the_key_value_and_fix(env, match):
+    with pytest.raises(ConfigError, match=match):
+        load_settings(EXAMPLE, env)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[node]\nport = '11112'\n", r"\[node\] port = '11112' \(in the config file\): must be a whole number"),
+        ("[node]\nport = true\n", r"must be a whole number"),
+        ("[node]\nallowed_calling_ae_titles = 'ORTHANC'\n", r"must be a list of strings"),
+        ("[nodes]\nport = 1\n", r"unknown section \[nodes\]"),
+        ("[node]\nport = \n", r"is not valid TOML"),
+        ("[storage]\nspool = 'x'\n", r"unknown key \[storage\] spool \(in the config file\)"),
+        (
+            "[[destinations]]\nname='a'\nae_title='A'\nhost='h'\nport=1\n"
+            "[[destinations]]\nname='a'\nae_title='B'\nhost='h'\nport=2\n",
+            r"name 'a' appears twice",
+        ),
+        ("[[destinations]]\nname='a b'\nae_title='A'\nhost='h'\nport=1\n", r"name = 'a b': use 1-64"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_settings(write(tmp_path, text), {})
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not exist: check --config"):
+        load_settings(tmp_path / "nope.toml", {})
+
+
+def test_settings_are_frozen():
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.node.port = 1  # type: ignore[misc]
