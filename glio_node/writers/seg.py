@@ -85,12 +85,12 @@ def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> lis
     written = []
     for level, level_map in enumerate(levels):
         spacing = result.label_map.mm_per_px * 2**level
-        segment_array = np.where(level_map == NOT_TISSUE, 0, level_map.astype(np.uint16) + 1)
+        segment_array = level_map + np.uint8(1)  # class i -> segment i + 1; NOT_TISSUE (255) wraps to 0
         sop_uid = common.derived_uid(source, algorithm, "seg", "instance", level)
         seg = hd.seg.Segmentation(
             source_images=[source.primary],
             further_source_images=source.further or None,
-            pixel_array=segment_array.astype(np.uint8),
+            pixel_array=segment_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=series_uid,
@@ -174,11 +174,12 @@ def pyramid_levels(label_map: np.ndarray, n_classes: int, tile: int) -> list[np.
     best_label = [None] * n_levels
     best_count = [None] * n_levels
     for label in (NOT_TISSUE, *range(n_classes)):
-        counts = (label_map == label).astype(np.uint32)
+        counts = _sum2x2_phases(label_map, label)  # quarter-size, never a full-size temporary
         if label != NOT_TISSUE and not counts.any():
             continue
         for level in range(1, n_levels):
-            counts = _sum2x2(counts)
+            if level > 1:
+                counts = _sum2x2(counts, np.uint16 if level <= 7 else np.uint32)
             if best_count[level] is None:
                 best_count[level] = counts.copy()
                 best_label[level] = np.full(counts.shape, label, dtype=np.uint8)
@@ -189,8 +190,23 @@ def pyramid_levels(label_map: np.ndarray, n_classes: int, tile: int) -> list[np.
     return [label_map, *best_label[1:]]
 
 
-def _sum2x2(a: np.ndarray) -> np.ndarray:
+def _sum2x2_phases(label_map: np.ndarray, label: int) -> np.ndarray:
+    """Pixels equal to ``label`` in each 2x2 block (uint8, 0..4), from the four block phases."""
+    rows, cols = label_map.shape
+    out = np.zeros(((rows + 1) // 2, (cols + 1) // 2), np.uint8)
+    out += label_map[0::2, 0::2] == label
+    out[: rows // 2] += label_map[1::2, 0::2] == label
+    out[:, : cols // 2] += label_map[0::2, 1::2] == label
+    out[: rows // 2, : cols // 2] += label_map[1::2, 1::2] == label
+    return out
+
+
+def _sum2x2(a: np.ndarray, dtype: type) -> np.ndarray:
+    """2x2 block sums in ``dtype`` (wide enough for 4x the largest value); edge blocks sum
+    only their real pixels."""
     rows, cols = a.shape
-    padded = np.zeros((rows + rows % 2, cols + cols % 2), dtype=a.dtype)
-    padded[:rows, :cols] = a
-    return padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).sum(axis=(1, 3))
+    out = a[0::2, 0::2].astype(dtype)
+    out[: rows // 2] += a[1::2, 0::2]
+    out[:, : cols // 2] += a[0::2, 1::2]
+    out[: rows // 2, : cols // 2] += a[1::2, 1::2]
+    return out
