@@ -1,4 +1,4 @@
-"""``glio-node`` command line: analyze, demo, models verify, db upgrade, audit export.
+"""``glio-node`` command line: analyze, demo, serve, models verify, db upgrade, audit export.
 
 Exit codes: 0 done, 2 bad input (one line on stderr saying what is wrong and what to do),
 1 internal error (a traceback: that is our bug, please report it).
@@ -175,6 +175,73 @@ def _audit_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Run the node: receiver, scheduler and workers, until SIGTERM or SIGINT."""
+    import logging
+    import signal
+    import threading
+
+    from glio_node.bundle import verify_bundle
+    from glio_node.config import load_settings
+    from glio_node.receive import Spool, start_receiver
+    from glio_node.scheduler import NodeScheduler
+    from glio_node.store.db import current_revision, head_revision, make_engine, make_sessions
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    for noisy in ("pynetdicom", "apscheduler", "alembic", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log = logging.getLogger("glio_node.serve")
+
+    settings = load_settings(args.config)
+    url = settings.storage.database_url
+    have, want = current_revision(url), head_revision()
+    if have != want:
+        raise ConfigError(
+            f"the database is at schema revision {have or 'none (empty)'}, this glio-node needs "
+            f"{want}: run `glio-node db upgrade{' --config ' + args.config if args.config else ''}` first"
+        )
+    bundle_dir = resolve_bundle(Path(settings.models.dir))
+    manifest = verify_bundle(bundle_dir)
+    engine = make_engine(url)
+    sessions = make_sessions(engine)
+    spool = Spool(settings.storage.spool_dir, settings.storage.min_free_bytes)
+    scheduler = NodeScheduler(settings, sessions, spool, bundle_dir)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    server = start_receiver(settings, spool, sessions)
+    scheduler.start()
+    log.info(
+        "glio-node %s serving as %s on %s:%d, bundle %s %s, %d destination(s), owner %s",
+        __version__, settings.node.ae_title, settings.node.host, server.server_address[1],
+        manifest.name, manifest.version, len(settings.destinations), scheduler.owner,
+    )
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()  # no new associations
+    log.info("receiver stopped; waiting up to %.0f s for running jobs", settings.worker.shutdown_grace_seconds)
+    finished = scheduler.stop(settings.worker.shutdown_grace_seconds)
+    engine.dispose()
+    log.info("stopped%s", "" if finished else " (unfinished jobs were given back to the queue)")
+    logging.shutdown()
+    if not finished:
+        # A job thread is still inside the model; its lease is released, so leave at once
+        # rather than wait for it at interpreter exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glio-node", description="AI worker for glioblastoma whole-slide images (research use only).")
     parser.add_argument("--version", action="version", version=f"glio-node {__version__}")
@@ -198,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=4096, help="slide width in px at 0.25 µm/px (default: %(default)s)")
     analysis_args(d)
     d.set_defaults(func=_demo)
+
+    sv = sub.add_parser("serve", help="run the node: receive slides, analyse them, send results back")
+    sv.add_argument("--config", help="TOML settings file (default: embedded defaults + GLIO_* variables)")
+    sv.set_defaults(func=_serve)
 
     m = sub.add_parser("models", help="model bundles")
     msub = m.add_subparsers(dest="models_command", required=True)

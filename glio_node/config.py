@@ -61,6 +61,7 @@ class StorageSettings:
     spool_dir: Path = Path("var/spool")  # received instances and results; one filesystem
     database_url: str = "sqlite:///var/glio-node.db"  # or postgresql+psycopg://user@host/db
     min_free_bytes: int = 5_000_000_000  # refuse instances (0xA700) below this much free disk
+    retention_seconds: float = 86400.0  # keep a slide and its results this long after delivery
 
     def __post_init__(self) -> None:
         if not str(self.spool_dir).strip():
@@ -69,6 +70,10 @@ class StorageSettings:
         if self.min_free_bytes < 0:
             raise ConfigError(
                 f"[storage] min_free_bytes = {self.min_free_bytes}: must be 0 or more bytes"
+            )
+        if self.retention_seconds < 0:
+            raise ConfigError(
+                f"[storage] retention_seconds = {self.retention_seconds}: must be 0 or more seconds"
             )
 
 
@@ -99,14 +104,29 @@ class ModelsSettings:
             raise ConfigError("[models] dir is empty: give the folder that holds the model bundles")
 
 
+DESTINATION_TYPES = ("dimse", "dicomweb")
+
+
 @dataclass(frozen=True)
 class Destination:
-    """One place results are sent to by C-STORE."""
+    """One place results are sent to: C-STORE (``type = "dimse"``) or STOW-RS (``"dicomweb"``)."""
 
     name: str  # short unique name, used in delivery records and the audit trail
-    ae_title: str  # the destination's AE title (our "called AE")
-    host: str
-    port: int
+    ae_title: str = ""  # dimse: the destination's AE title (our "called AE")
+    host: str = ""  # dimse
+    port: int = 0  # dimse
+    type: str = "dimse"  # "dimse" (C-STORE SCU) or "dicomweb" (STOW-RS)
+    url: str = ""  # dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web
+    username: str = ""  # dicomweb: HTTP basic auth user (with password)
+    password: str = ""  # dicomweb: HTTP basic auth password
+    bearer_token: str = ""  # dicomweb: "Authorization: Bearer <token>" (instead of basic auth)
+
+    @staticmethod
+    def _required_keys(values: Mapping[str, Any]) -> tuple[str, ...]:
+        """The keys a destination must set, which depend on its type."""
+        if str(values.get("type", "dimse")).strip() == "dicomweb":
+            return ("name", "url")
+        return ("name", "ae_title", "host", "port")
 
     def __post_init__(self) -> None:
         where = f"[[destinations]] {self.name!r}"
@@ -115,9 +135,21 @@ class Destination:
                 f"{where} name = {self.name!r}: use 1-64 letters, digits, '_', '.' or '-', "
                 "starting with a letter or digit"
             )
-        _check_ae_title(where, "ae_title", self.ae_title)
-        _check_host(where, "host", self.host)
-        _check_port(where, "port", self.port)
+        if self.type not in DESTINATION_TYPES:
+            raise ConfigError(f"{where} type = {self.type!r}: use \"dimse\" or \"dicomweb\"")
+        if self.type == "dimse":
+            _check_ae_title(where, "ae_title", self.ae_title)
+            _check_host(where, "host", self.host)
+            _check_port(where, "port", self.port)
+            return
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.url):
+            raise ConfigError(
+                f"{where} url = {self.url!r}: give the DICOMweb root as http(s)://host[:port]/path"
+            )
+        if self.bearer_token and (self.username or self.password):
+            raise ConfigError(f"{where}: set bearer_token or username/password, not both")
+        if bool(self.username) != bool(self.password):
+            raise ConfigError(f"{where}: basic auth needs both username and password")
 
 
 @dataclass(frozen=True)
@@ -141,9 +173,19 @@ class WorkerSettings:
     lease_seconds: float = 300.0  # a running job's lease; renewed while working
     backoff_base_seconds: float = 30.0  # first retry delay after a transient error; doubles
     backoff_max_seconds: float = 3600.0  # cap on the retry delay
+    delivery_max_attempts: int = 100  # sends of one result to one destination, then failed
+    device: str = "auto"  # where the networks run: auto, cpu or gpu
+    shutdown_grace_seconds: float = 60.0  # on SIGTERM, wait this long for running jobs
 
     def __post_init__(self) -> None:
-        for key in ("concurrency", "max_attempts"):
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"[worker] device = {self.device!r}: use auto, cpu or gpu")
+        if self.shutdown_grace_seconds < 0:
+            raise ConfigError(
+                f"[worker] shutdown_grace_seconds = {self.shutdown_grace_seconds}: "
+                "must be 0 or more seconds"
+            )
+        for key in ("concurrency", "max_attempts", "delivery_max_attempts"):
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"[worker] {key} = {value}: must be at least 1")
@@ -284,11 +326,16 @@ def _build(cls: type, where: str, values: dict[str, tuple[Any, str]]) -> Any:
                 + ", ".join(sorted(known))
             )
         kwargs[key] = _coerce(hints[key], value, f"{where} {key}", origin)
-    missing = [
-        f.name
-        for f in fields(cls)
-        if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING
-    ]
+    required = getattr(cls, "_required_keys", None)
+    missing = (
+        [k for k in required(kwargs) if k not in kwargs]
+        if required is not None
+        else [
+            f.name
+            for f in fields(cls)
+            if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING
+        ]
+    )
     if missing:
         raise ConfigError(f"{where} is missing {', '.join(missing)}: every destination needs them")
     try:

@@ -4,6 +4,7 @@ Layout under the spool root (one filesystem, so that a rename is atomic)::
 
     incoming/                              temporary files being received or copied
     instances/<study uid>/<series uid>/<sop instance uid>.dcm
+    results/<study uid>/<series uid>/      SEG, SR and heatmaps written by the job of the series
 
 Paths are built from UIDs that passed :func:`checked_uid` (digits and dots, at most 64
 characters), never from raw header values.  :meth:`Spool.store` makes a file durable: the data
@@ -62,7 +63,8 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.incoming_dir = self.root / "incoming"
         self.instances_dir = self.root / "instances"
-        for d in (self.root, self.incoming_dir, self.instances_dir):
+        self.results_root = self.root / "results"
+        for d in (self.root, self.incoming_dir, self.instances_dir, self.results_root):
             _make_dirs(d)
 
     def __repr__(self) -> str:
@@ -82,6 +84,32 @@ class Spool:
         """Where an instance is stored (UIDs are checked; ``BadInput`` if not UIDs)."""
         sop = checked_uid("SOPInstanceUID", sop_instance_uid)
         return self.series_dir(study_instance_uid, series_instance_uid) / f"{sop}.dcm"
+
+    def results_dir(self, study_instance_uid: str, series_instance_uid: str) -> Path:
+        """The folder the job of a series writes its results to (not created here)."""
+        study = checked_uid("StudyInstanceUID", study_instance_uid)
+        series = checked_uid("SeriesInstanceUID", series_instance_uid)
+        return self.results_root / study / series
+
+    def purge_series(self, study_instance_uid: str, series_instance_uid: str) -> int:
+        """Delete a series' instances and results (and their study folders once empty).
+
+        Returns the number of files deleted; a folder already gone is not an error.
+        """
+        removed = 0
+        for folder in (
+            self.series_dir(study_instance_uid, series_instance_uid),
+            self.results_dir(study_instance_uid, series_instance_uid),
+        ):
+            if not folder.is_dir():
+                continue
+            removed += sum(1 for p in folder.rglob("*") if p.is_file())
+            shutil.rmtree(folder)
+            try:
+                folder.parent.rmdir()  # the study folder, when this was its last series
+            except OSError:
+                pass
+        return removed
 
     # -- space -----------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from glio_node.errors import BadInput
+from glio_node.pipeline.series import series_gaps
 
 VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 _CONTEXT_TYPES = {"LABEL", "OVERVIEW", "THUMBNAIL"}
@@ -141,33 +142,11 @@ def inspect_files(paths: Iterable[Path]) -> list[SlideFile]:
 
 
 def _check_frames_complete(volumes: list[SlideFile]) -> None:
-    """Every TILED_FULL level has all its frames; every concatenation has all its parts."""
-    groups: dict[str, list[SlideFile]] = defaultdict(list)
-    for f in volumes:
-        key = str(f.header.get("SOPInstanceUIDOfConcatenationSource", "") or f.header.SOPInstanceUID)
-        groups[key].append(f)
-    for parts in groups.values():
-        h = parts[0].header
-        total_parts = int(h.get("InConcatenationTotalNumber", 0) or 0)
-        if total_parts and len(parts) < total_parts:
-            raise BadInput(
-                f"{parts[0].path}: a concatenation of {total_parts} instances arrived with only "
-                f"{len(parts)}; the level is incomplete, re-send the whole series"
-            )
-        if str(h.get("DimensionOrganizationType", "")).upper() != "TILED_FULL":
-            continue  # TILED_SPARSE: absent frames are legitimately empty (PS3.3 C.8.12.4.1.6)
-        tiles = (
-            math.ceil(int(h.TotalPixelMatrixColumns) / int(h.Columns))
-            * math.ceil(int(h.TotalPixelMatrixRows) / int(h.Rows))
-            * int(h.get("TotalPixelMatrixFocalPlanes", 1) or 1)
-            * int(h.get("NumberOfOpticalPaths", 1) or 1)
-        )
-        frames = sum(int(p.header.get("NumberOfFrames", 1)) for p in parts)
-        if frames < tiles:
-            raise BadInput(
-                f"{parts[0].path}: level {h.TotalPixelMatrixColumns}x{h.TotalPixelMatrixRows} px is "
-                f"TILED_FULL with {frames} of its {tiles} frames; the level is incomplete, re-send the series"
-            )
+    """Every TILED_FULL level has all its frames; every concatenation has all its parts
+    (the rule of :func:`glio_node.pipeline.series.series_gaps`, shared with the scheduler)."""
+    gaps = series_gaps([f.header for f in volumes])
+    if gaps:
+        raise BadInput(f"{volumes[gaps[0].index].path}: {gaps[0].message}")
 
 
 class DicomSlide:

@@ -33,12 +33,14 @@ class Event(enum.StrEnum):
     INSTANCE_DUPLICATE = "instance_duplicate"  # re-sent SOP instance, not stored again
     INSTANCE_REFUSED = "instance_refused"  # a failure status was returned; details say which
     SERIES_COMPLETE = "series_complete"
+    SERIES_INCOMPLETE = "series_incomplete"  # quiet but frames missing; details say what, and whether it runs anyway
     JOB_QUEUED = "job_queued"
     JOB_STARTED = "job_started"
     JOB_RETRY = "job_retry"  # transient failure, waiting for its backoff
     JOB_FINISHED = "job_finished"
     JOB_FAILED = "job_failed"  # permanent, or attempts exhausted
     LEASE_EXPIRED = "lease_expired"
+    JOB_RELEASED = "job_released"  # its node stopped before the job finished; waiting again
     OBJECTS_CREATED = "objects_created"
     DELIVERY_ATTEMPT = "delivery_attempt"
     PURGE = "purge"

@@ -164,6 +164,7 @@ class Job(Base):
     started_at: Mapped[datetime | None]  # last claim
     finished_at: Mapped[datetime | None]
     stage_seconds: Mapped[dict[str, Any] | None]
+    purged_at: Mapped[datetime | None]  # slide and results removed from the spool (delivered)
 
     series: Mapped[Series] = relationship(back_populates="job")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job")

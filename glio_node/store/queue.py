@@ -314,6 +314,40 @@ def fail_job(
     return job.state
 
 
+def release_job(session: Session, job_id: int, owner: str, now: datetime, reason: str) -> bool:
+    """Give ``owner``'s running job back to the queue unfinished (the node is shutting down).
+
+    The job is ``waiting`` again and claimable at once; the interrupted attempt is not counted.
+    Audit ``job_released``.  False when ``owner`` no longer holds the lease.
+    """
+    _aware(now)
+    row = _transition(
+        session,
+        job_id,
+        owner,
+        {
+            "state": JobState.WAITING,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "not_before": None,
+            "attempts": Job.attempts - 1,
+        },
+    )
+    if row is None:
+        return False
+    job = _record(session, row)
+    audit.record(
+        session,
+        Event.JOB_RELEASED,
+        at=now,
+        job_id=job.id,
+        study_instance_uid=job.study_instance_uid,
+        series_instance_uid=job.series_instance_uid,
+        details={"owner": owner, "reason": reason},
+    )
+    return True
+
+
 def requeue_expired(session: Session, now: datetime) -> list[JobRecord]:
     """Take back running jobs whose lease expired before ``now`` (their worker died or hung).
 

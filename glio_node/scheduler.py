@@ -1,0 +1,450 @@
+"""The node's background work, run by APScheduler in-process (``glio-node serve``).
+
+Periodic jobs, each a method of :class:`NodeScheduler` that tests may also call directly:
+
+- ``sweep_series``: a series quiet for ``[series] quiet_seconds`` whose headers say it is whole
+  (:mod:`glio_node.pipeline.series`) becomes a job; a quiet but incomplete one waits
+  ``incomplete_wait_seconds`` more, then becomes a job with a warning in the audit trail;
+- ``dispatch``: claim up to ``[worker] concurrency`` jobs and run each in a worker thread;
+- ``renew_leases``: keep the leases of this node's running jobs (every third of a lease);
+- ``requeue_expired``: take back jobs whose node died (lease passed);
+- ``deliver``: send pending result objects, one association / request per destination;
+- ``purge``: remove a slide and its results from the spool once every destination has them and
+  ``[storage] retention_seconds`` have passed.
+
+One job, top to bottom (:meth:`NodeScheduler.run_claimed`): the series' spooled files ->
+``run_job`` -> ``finish_job`` with the bundle and stage times, ``objects_created`` and one
+delivery per destination and object, in one transaction.  ``BadInput``, ``BundleError`` and
+``PermanentError`` fail the job with their message; any other error is transient and retried
+with capped backoff until ``max_attempts``.
+
+Log lines name jobs by id and series by a short hash of the UID, never patient data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from glio_node.config import Destination, Settings
+from glio_node.errors import BadInput, BundleError, PermanentError, TransientError
+from glio_node.pipeline.series import series_gaps
+from glio_node.receive.spool import Spool
+from glio_node.send import ResultSender, SendResult, make_sender
+from glio_node.store import audit, deliveries, queue
+from glio_node.store.audit import Event
+from glio_node.store.models import Instance, Series, SeriesState
+
+log = logging.getLogger(__name__)
+
+Sessions = sessionmaker[Session]
+RunJob = Callable[..., Any]  # glio_node.job.run_job's signature
+
+DELIVERY_LEASE_SECONDS = 300.0  # a claimed delivery is not sent by another node for this long
+DELIVERY_BATCH = 64  # objects per association / STOW-RS request
+
+
+def series_tag(series_instance_uid: str) -> str:
+    """A short, stable, non-identifying name for a series in log lines."""
+    return "s-" + hashlib.sha256(series_instance_uid.encode()).hexdigest()[:10]
+
+
+def default_owner() -> str:
+    """This process's name on the queue: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class NodeScheduler:
+    """Sweeps series into jobs, runs jobs, delivers and purges; see the module docstring.
+
+    ``bundle_dir``: the model bundle every job runs with.  ``run_job`` and ``sender_factory``
+    default to the real pipeline and senders; tests may pass their own.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: Sessions,
+        spool: Spool,
+        bundle_dir: Path,
+        *,
+        owner: str | None = None,
+        run_job: RunJob | None = None,
+        sender_factory: Callable[[Destination, str], ResultSender] = make_sender,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ):
+        self.settings = settings
+        self.sessions = sessions
+        self.spool = spool
+        self.bundle_dir = Path(bundle_dir)
+        self.owner = owner or default_owner()
+        self._run_job = run_job
+        self._sender_factory = sender_factory
+        self.now = clock
+        w = settings.worker
+        self.policy = queue.RetryPolicy(w.backoff_base_seconds, w.backoff_max_seconds)
+        self.destinations = {d.name: d for d in settings.destinations}
+        self._running: dict[int, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._scheduler: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the periodic jobs in background threads."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        s = self.settings
+        poll = min(max(s.series.quiet_seconds / 2, 0.5), 10.0)
+        scheduler = BackgroundScheduler(
+            timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1}
+        )
+        every = [
+            (self.sweep_series, poll),
+            (self.dispatch, 1.0),
+            (self.renew_leases, max(s.worker.lease_seconds / 3, 0.5)),
+            (self.requeue_expired, min(max(s.worker.lease_seconds / 3, 1.0), 60.0)),
+            (self.deliver, 1.0),
+            (self.purge, 60.0 if s.storage.retention_seconds >= 60 else 5.0),
+        ]
+        for func, seconds in every:
+            scheduler.add_job(
+                func, "interval", seconds=seconds, id=func.__name__, next_run_time=self.now()
+            )
+        scheduler.start()
+        self._scheduler = scheduler
+
+    def stop(self, grace_seconds: float) -> bool:
+        """Stop taking work; wait up to ``grace_seconds`` for running jobs (renewing their
+        leases), then give the unfinished ones back to the queue.  True when none was left."""
+        self._stopping.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        deadline = time.monotonic() + grace_seconds
+        renew_every = max(self.settings.worker.lease_seconds / 3, 0.5)
+        next_renew = time.monotonic() + renew_every
+        while self.running_jobs() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if time.monotonic() >= next_renew:
+                self.renew_leases()
+                next_renew = time.monotonic() + renew_every
+        left = self.running_jobs()
+        for job_id in left:
+            with self.sessions.begin() as session:
+                queue.release_job(
+                    session, job_id, self.owner, self.now(), "node stopped before the job finished"
+                )
+            log.warning("job %d released: the node stopped before it finished", job_id)
+        return not left
+
+    def running_jobs(self) -> list[int]:
+        with self._lock:
+            return [job_id for job_id, t in self._running.items() if t.is_alive()]
+
+    # -- series ----------------------------------------------------------------------------
+
+    def sweep_series(self) -> None:
+        """Turn quiet series into jobs (module docstring)."""
+        now = self.now()
+        quiet = timedelta(seconds=self.settings.series.quiet_seconds)
+        wait = timedelta(seconds=self.settings.series.incomplete_wait_seconds)
+        with self.sessions.begin() as session:
+            candidates = session.execute(
+                select(Series.id, Series.series_instance_uid, Series.last_received_at, Series.state)
+                .where(Series.state.in_([SeriesState.RECEIVING, SeriesState.INCOMPLETE]))
+                .where(Series.last_received_at <= now - quiet)
+                .order_by(Series.id)
+            ).all()
+        for series_id, uid, last_received_at, state in candidates:
+            if self._stopping.is_set():
+                return
+            gaps = self._gaps(uid)
+            overdue = last_received_at <= now - quiet - wait
+            with self.sessions.begin() as session:
+                if not gaps or overdue:
+                    # One statement decides which node queues it (several may sweep at once).
+                    taken = session.execute(
+                        update(Series)
+                        .where(
+                            Series.id == series_id,
+                            Series.state.in_([SeriesState.RECEIVING, SeriesState.INCOMPLETE]),
+                            Series.last_received_at == last_received_at,
+                        )
+                        .values(state=SeriesState.QUEUED)
+                        .execution_options(synchronize_session=False)
+                    ).rowcount
+                    if not taken:
+                        continue
+                    event = Event.SERIES_COMPLETE if not gaps else Event.SERIES_INCOMPLETE
+                    details: dict[str, Any] = {"quiet_seconds": self.settings.series.quiet_seconds}
+                    if gaps:
+                        details.update(
+                            gaps=gaps[:10],
+                            warning="quiet and still incomplete after incomplete_wait_seconds; "
+                            "analysed as it is",
+                        )
+                    audit.record(session, event, at=now, series_instance_uid=uid, details=details)
+                    queued = queue.enqueue_series(
+                        session, uid, max_attempts=self.settings.worker.max_attempts, now=now
+                    )
+                    if gaps:
+                        log.warning(
+                            "series %s queued incomplete as job %d: %s",
+                            series_tag(uid), queued.job_id, gaps[0],
+                        )
+                    else:
+                        log.info("series %s complete: job %d queued", series_tag(uid), queued.job_id)
+                elif state == SeriesState.RECEIVING:
+                    session.execute(
+                        update(Series)
+                        .where(Series.id == series_id, Series.state == SeriesState.RECEIVING)
+                        .values(state=SeriesState.INCOMPLETE)
+                        .execution_options(synchronize_session=False)
+                    )
+                    audit.record(
+                        session,
+                        Event.SERIES_INCOMPLETE,
+                        at=now,
+                        series_instance_uid=uid,
+                        details={
+                            "gaps": gaps[:10],
+                            "waiting_until": (last_received_at + quiet + wait).isoformat(),
+                        },
+                    )
+                    log.info(
+                        "series %s quiet but incomplete, waiting: %s", series_tag(uid), gaps[0]
+                    )
+
+    def _gaps(self, series_instance_uid: str) -> list[str]:
+        with self.sessions.begin() as session:
+            paths = session.scalars(
+                select(Instance.path)
+                .where(Instance.series_instance_uid == series_instance_uid)
+                .order_by(Instance.id)
+            ).all()
+        headers = []
+        for p in paths:
+            try:
+                headers.append(pydicom.dcmread(p, stop_before_pixels=True))
+            except (OSError, ValueError, EOFError, pydicom.errors.InvalidDicomError) as exc:
+                return [f"instance file unreadable: {type(exc).__name__}"]
+        return [g.message for g in series_gaps(headers)]
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Claim jobs while this node has free worker slots; run each in a thread."""
+        while not self._stopping.is_set():
+            with self._lock:
+                self._running = {k: t for k, t in self._running.items() if t.is_alive()}
+                if len(self._running) >= self.settings.worker.concurrency:
+                    return
+                with self.sessions.begin() as session:
+                    job = queue.claim_job(
+                        session, self.owner, self.settings.worker.lease_seconds, self.now()
+                    )
+                if job is None:
+                    return
+                thread = threading.Thread(
+                    target=self.run_claimed, args=(job,), name=f"glio-job-{job.id}", daemon=True
+                )
+                self._running[job.id] = thread
+            thread.start()
+
+    def renew_leases(self) -> None:
+        for job_id in self.running_jobs():
+            with self.sessions.begin() as session:
+                kept = queue.renew_lease(
+                    session, job_id, self.owner, self.settings.worker.lease_seconds, self.now()
+                )
+            if not kept:
+                log.warning("job %d: lease lost (another node may run it); its result is dropped", job_id)
+
+    def requeue_expired(self) -> None:
+        with self.sessions.begin() as session:
+            records = queue.requeue_expired(session, self.now())
+        for job in records:
+            log.warning(
+                "job %d series %s: lease of a stopped node expired, %s",
+                job.id, series_tag(job.series_instance_uid),
+                "queued again" if job.state.value == "waiting" else "failed (attempts used up)",
+            )
+
+    def run_claimed(self, job: queue.JobRecord) -> None:
+        """Run one claimed job to its end state (module docstring)."""
+        started = time.monotonic()
+        tag = series_tag(job.series_instance_uid)
+        attempt = f"attempt {job.attempts}/{job.max_attempts}"
+        log.info("job %d series %s started (%s)", job.id, tag, attempt)
+        try:
+            with self.sessions.begin() as session:
+                paths = [
+                    Path(p)
+                    for p in session.scalars(
+                        select(Instance.path)
+                        .where(Instance.series_instance_uid == job.series_instance_uid)
+                        .order_by(Instance.id)
+                    )
+                ]
+            out_dir = self.spool.results_dir(job.study_instance_uid, job.series_instance_uid)
+            if out_dir.exists():  # left by an attempt that died; the rerun writes the same UIDs
+                shutil.rmtree(out_dir)
+            run = self._run_job
+            if run is None:
+                from glio_node.job import run_job as run
+            summary = run(paths, out_dir, self.bundle_dir, device=self.settings.worker.device)
+            objects = [_result_object(Path(f)) for f in summary.files]
+        except (BadInput, BundleError, PermanentError) as exc:
+            self._fail(job, str(exc), transient=False, started=started)
+            return
+        except Exception as exc:  # noqa: BLE001 - any other failure of one job is retried, not fatal to the node
+            log.exception("job %d series %s: unexpected error", job.id, tag)
+            self._fail(job, f"{type(exc).__name__}: {exc}", transient=True, started=started)
+            return
+        name, _, version = summary.bundle.rpartition(" ")
+        bundle = queue.BundleInfo(name or summary.bundle, version, summary.bundle_sha256)
+        now = self.now()
+        with self.sessions.begin() as session:
+            done = queue.finish_job(
+                session,
+                job.id,
+                self.owner,
+                now,
+                bundle=bundle,
+                stage_seconds={k: round(v, 3) for k, v in summary.stage_seconds.items()},
+                details={"objects": len(objects), "device": summary.device},
+            )
+            if done:
+                audit.record(
+                    session,
+                    Event.OBJECTS_CREATED,
+                    at=now,
+                    job_id=job.id,
+                    study_instance_uid=job.study_instance_uid,
+                    series_instance_uid=job.series_instance_uid,
+                    details={
+                        "objects": [
+                            {"sop_instance_uid": o.sop_instance_uid, "sop_class_uid": o.sop_class_uid}
+                            for o in objects
+                        ],
+                        "bundle": bundle.name,
+                        "bundle_version": bundle.version,
+                    },
+                )
+                deliveries.add_deliveries(session, job.id, list(self.destinations), objects, now)
+        if not done:
+            log.warning("job %d series %s finished after its lease was lost; result dropped", job.id, tag)
+            return
+        log.info(
+            "job %d series %s done in %.1f s (%s): %d objects, bundle %s %s on %s, "
+            "%d destination(s) to deliver",
+            job.id, tag, time.monotonic() - started, attempt, len(objects),
+            bundle.name, bundle.version, summary.device, len(self.destinations),
+        )
+
+    def _fail(self, job: queue.JobRecord, error: str, *, transient: bool, started: float) -> None:
+        with self.sessions.begin() as session:
+            state = queue.fail_job(
+                session, job.id, self.owner, error,
+                transient=transient, now=self.now(), policy=self.policy,
+            )
+        how = {"waiting": "will be retried", "failed": "failed"}.get(
+            state.value if state else "", "lease lost"
+        )
+        log.error(
+            "job %d series %s %s after %.1f s (attempt %d/%d): %s",
+            job.id, series_tag(job.series_instance_uid), how,
+            time.monotonic() - started, job.attempts, job.max_attempts, error,
+        )
+
+    # -- delivery --------------------------------------------------------------------------
+
+    def deliver(self) -> None:
+        """Send due result objects: one batch per destination."""
+        if self._stopping.is_set():
+            return
+        with self.sessions.begin() as session:
+            claimed = deliveries.claim_deliveries(
+                session, self.now(), DELIVERY_LEASE_SECONDS, DELIVERY_BATCH
+            )
+        by_destination: dict[str, list[deliveries.DeliveryRecord]] = defaultdict(list)
+        for item in claimed:
+            by_destination[item.destination].append(item)
+        for name, items in by_destination.items():
+            self._deliver_batch(name, items)
+
+    def _deliver_batch(self, name: str, items: list[deliveries.DeliveryRecord]) -> None:
+        destination = self.destinations.get(name)
+        paths = [Path(i.path) for i in items]
+        results: list[SendResult]
+        if destination is None:
+            results = [SendResult(p, False, "destination not configured") for p in paths]
+        elif missing := [p for p in paths if not p.is_file()]:
+            results = [
+                SendResult(p, False, "result file missing") if p in missing
+                else SendResult(p, False, "batch not sent", transient=True)
+                for p in paths
+            ]
+        else:
+            try:
+                sender = self._sender_factory(destination, self.settings.node.ae_title)
+                results = sender.send(paths)
+            except TransientError as exc:
+                results = [SendResult(p, False, "unreachable", transient=True) for p in paths]
+                log.warning("destination %s: %s; %d object(s) will be retried", name, exc, len(paths))
+        now = self.now()
+        max_attempts = self.settings.worker.delivery_max_attempts
+        states: dict[str, int] = defaultdict(int)
+        with self.sessions.begin() as session:
+            for item, result in zip(items, results, strict=True):
+                state = deliveries.record_attempt(
+                    session, item, ok=result.ok, status=result.status,
+                    transient=result.transient, now=now, policy=self.policy,
+                    max_attempts=max_attempts,
+                )
+                states[state.value] += 1
+        jobs = sorted({i.job_id for i in items})
+        log.info(
+            "delivery to %s for job(s) %s: %s",
+            name, ", ".join(map(str, jobs)), ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
+        )
+
+    # -- purge -----------------------------------------------------------------------------
+
+    def purge(self) -> None:
+        """Remove delivered slides and results older than the retention period."""
+        now = self.now()
+        before = now - timedelta(seconds=self.settings.storage.retention_seconds)
+        with self.sessions.begin() as session:
+            jobs = deliveries.purgeable_jobs(session, before)
+        for job in jobs:
+            removed = self.spool.purge_series(job.study_instance_uid, job.series_instance_uid)
+            with self.sessions.begin() as session:
+                deliveries.mark_purged(session, job, removed, self.now())
+            log.info("job %d series %s purged from the spool: %d files", job.job_id,
+                     series_tag(job.series_instance_uid), removed)
+
+
+def _result_object(path: Path) -> deliveries.ResultObject:
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    return deliveries.ResultObject(
+        sop_instance_uid=str(header.SOPInstanceUID),
+        sop_class_uid=str(header.SOPClassUID),
+        path=str(path.absolute()),
+    )
