@@ -292,13 +292,32 @@ WSIDICOMIZER_SPEC = SMALL
 
 
 def convert_with_wsidicomizer(tiff: Path, spec: SlideSpec, out_dir: Path) -> ConvertedSlide:
-    """Convert ``tiff`` (rendered from ``spec``) with wsidicomizer's Python API into ``out_dir``."""
-    from wsidicomizer import WsiDicomizer
+    """Convert ``tiff`` (rendered from ``spec``) with wsidicomizer's Python API into ``out_dir``.
 
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    created = WsiDicomizer.convert(tiff, output_path=out_dir, workers=1)
+    wsidicomizer sets ``pydicom.config.enforce_valid_values = True`` when imported, for the
+    whole process: every later pydicom read in the test session would then raise on values
+    that glio-node must handle (and report) itself. The setting is restored after converting.
+    """
+    import pydicom.config
+
+    saved = (
+        pydicom.config.enforce_valid_values,
+        pydicom.config.settings._reading_validation_mode,
+        pydicom.config.settings._writing_validation_mode,
+    )
+    try:
+        from wsidicomizer import WsiDicomizer
+
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        created = WsiDicomizer.convert(tiff, output_path=out_dir, workers=1)
+    finally:
+        (
+            pydicom.config.enforce_valid_values,
+            pydicom.config.settings._reading_validation_mode,
+            pydicom.config.settings._writing_validation_mode,
+        ) = saved
     files = tuple(sorted(Path(p) for p in created))
     if not files:
         raise RuntimeError(f"wsidicomizer wrote no files for {tiff}")
