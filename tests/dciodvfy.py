@@ -32,19 +32,6 @@ class Allowed:
 ALLOW_LIST: tuple[Allowed, ...] = (
     Allowed(
         pattern=(
-            r"Error - Missing attribute Type 2C Conditional Element=<PatientOrientation> "
-            r"Module=<GeneralImage>"
-        ),
-        section="PS3.3 C.7.6.1 (General Image Module, Patient Orientation (0020,0020) condition)",
-        reason=(
-            "Patient Orientation is not required of an image that requires Image Orientation "
-            "(Slide); a tiled SEG of a slide does (Microscope Slide Layer Tile Organization, "
-            "PS3.3 A.51-1). dicom3tools (2022) applies that clause to VL WSI but not to SEG."
-        ),
-        applies=lambda ds: "ImageOrientationSlide" in ds,
-    ),
-    Allowed(
-        pattern=(
             r"Warning - Unrecognized defined term <99[A-Z0-9_]+> for value 1 of attribute "
             r"<Coding Scheme Designator>"
         ),

@@ -123,6 +123,11 @@ def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> lis
             series_date=content_date,
             series_time=content_time,
         )
+        # Patient Orientation (Type 2C, PS3.3 C.7.6.1) is not required of an image oriented on a
+        # slide, but "may be present otherwise"; dicom3tools (2022) applies that exception to
+        # VL WSI only and reports its absence from a slide SEG as an error.  highdicom has no
+        # parameter for it, so it is added here, empty (unknown), to keep dciodvfy at zero errors.
+        seg.PatientOrientation = ""
         path = out_dir / f"seg-level{level}-{sop_uid}.dcm"
         seg.save_as(path, enforce_file_format=True)
         written.append((
