@@ -7,6 +7,8 @@ UIDs, which the audit trail needs anyway).
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +47,32 @@ def _calls(result: AnalysisResult) -> tuple[dict[str, str], dict[str, dict[str, 
     return calls, probs
 
 
+class BundleCache:
+    """Bundles kept loaded between a worker's jobs.
+
+    Loading the Keras models costs seconds per job; verifying the SHA-256 of a bundle of a few
+    MB costs milliseconds.  So every job still verifies the bundle on disk, and the models are
+    reloaded only when the manifest (which holds the weights' hashes) has changed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: dict[Path, tuple[str, object]] = {}
+
+    def get(self, bundle_dir: Path):
+        from glio_node.bundle import load_bundle, verify_bundle
+
+        path = Path(bundle_dir).resolve()
+        with self._lock:
+            verify_bundle(path)
+            fingerprint = hashlib.sha256((path / "manifest.toml").read_bytes()).hexdigest()
+            cached = self._loaded.get(path)
+            if cached is None or cached[0] != fingerprint:
+                cached = (fingerprint, load_bundle(path))
+                self._loaded[path] = cached
+            return cached[1]
+
+
 def run_job(
     paths: Sequence[Path],
     out_dir: Path,
@@ -52,11 +80,13 @@ def run_job(
     device: str = "auto",
     options: AnalysisOptions = AnalysisOptions(),
     progress: Callable[[int, int], None] | None = None,
+    bundles: BundleCache | None = None,
 ) -> JobSummary:
     """Analyse the slide in ``paths`` with the bundle in ``bundle_dir``; write results to ``out_dir``.
 
     Raises ``BadInput`` for slides that cannot be analysed, ``BundleError`` for a bundle that
-    does not verify; both carry a one-line message for the operator.
+    does not verify; both carry a one-line message for the operator.  A worker passes its
+    ``bundles`` cache so the models load once, not per job.
     """
     from glio_node.bundle import load_bundle
     from glio_node.runtime.keras_runner import bundle_networks, select_device
@@ -70,7 +100,7 @@ def run_job(
     with slide:
         t0 = time.perf_counter()
         used_device = select_device(device)  # type: ignore[arg-type]
-        bundle = load_bundle(bundle_dir)
+        bundle = bundles.get(bundle_dir) if bundles is not None else load_bundle(bundle_dir)
         networks = bundle_networks(bundle, options.batch_size)
         stages["load_models"] = time.perf_counter() - t0
 

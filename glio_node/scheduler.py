@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from glio_node.config import Destination, Settings
 from glio_node.errors import BadInput, BundleError, PermanentError, TransientError
+from glio_node.job import BundleCache
 from glio_node.pipeline.series import series_gaps
 from glio_node.receive.spool import Spool
 from glio_node.send import ResultSender, SendResult, make_sender
@@ -94,6 +95,7 @@ class NodeScheduler:
         self.bundle_dir = Path(bundle_dir)
         self.owner = owner or default_owner()
         self._run_job = run_job
+        self._bundles = BundleCache()
         self._sender_factory = sender_factory
         self.now = clock
         w = settings.worker
@@ -308,7 +310,7 @@ class NodeScheduler:
             run = self._run_job
             if run is None:
                 from glio_node.job import run_job as run
-            summary = run(paths, out_dir, self.bundle_dir, device=self.settings.worker.device)
+            summary = run(paths, out_dir, self.bundle_dir, device=self.settings.worker.device, bundles=self._bundles)
             objects = [_result_object(Path(f)) for f in summary.files]
         except (BadInput, BundleError, PermanentError) as exc:
             self._fail(job, str(exc), transient=False, started=started)
