@@ -208,6 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
     sessions = make_sessions(engine)
     spool = Spool(settings.storage.spool_dir, settings.storage.min_free_bytes)
     scheduler = NodeScheduler(settings, sessions, spool, bundle_dir)
+    scheduler.preload()
 
     stop = threading.Event()
 

@@ -108,6 +108,14 @@ class NodeScheduler:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def preload(self) -> None:
+        """Choose the device and load the bundle's models now, so the first slide does not wait
+        seconds for them and a bundle Keras cannot load stops the node at start."""
+        from glio_node.runtime.keras_runner import select_device
+
+        select_device(self.settings.worker.device)
+        self._bundles.get(self.bundle_dir)
+
     def start(self) -> None:
         """Start the periodic jobs in background threads."""
         from apscheduler.schedulers.background import BackgroundScheduler
