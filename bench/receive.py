@@ -62,6 +62,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make glio_node importable without install
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.machine import describe  # noqa: E402
+
 logger = logging.getLogger("bench.receive")
 
 SLIDE_UM_PER_PX = 0.25
@@ -409,44 +411,9 @@ def tool_version(cmd: list[str]) -> str:
 
 
 def hardware() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpu": platform.processor() or "unknown"}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info["logical_cpus"] = os.cpu_count()
-    info["usable_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    info["ram_bytes"] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    os_name = platform.platform()
-    try:
-        with open("/etc/os-release", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("PRETTY_NAME="):
-                    os_name = f"{line.split('=', 1)[1].strip().strip(chr(34))} (kernel {platform.release()})"
-    except OSError:
-        pass
-    info["os"] = os_name
-    info["python"] = platform.python_version()
-    versions = {}
-    for mod in ("pynetdicom", "pydicom", "sqlalchemy"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
-            versions[mod] = "absent"
-    versions["dcmtk"] = tool_version(["storescp", "--version"]).removeprefix("dcmtk:").strip()
-    info["versions"] = versions
+    info = describe(("pynetdicom", "pydicom", "sqlalchemy"))
+    info["versions"]["dcmtk"] = tool_version(["storescp", "--version"]).removeprefix("dcmtk:").strip()
     info["filesystem"] = tool_version(["sh", "-c", f"df -T {tempfile.gettempdir()} | tail -1 | awk '{{print $1\" \"$2}}'"])
-    info["loadavg_start"] = os.getloadavg()
     return info
 
 
