@@ -132,7 +132,7 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
     def make(destination_port: int, *, lease_seconds: float = 30, database_url: str | None = None,
-             folder: Path | None = None, spool: Path | None = None) -> Node:
+             folder: Path | None = None, spool: Path | None = None, grace_seconds: float = 30) -> Node:
         folder = folder or tmp_path / f"node{len(nodes)}"
         folder.mkdir(parents=True, exist_ok=True)
         port = free_port()
@@ -158,7 +158,7 @@ lease_seconds = {lease_seconds}
 backoff_base_seconds = 1
 backoff_max_seconds = 2
 device = "cpu"
-shutdown_grace_seconds = 30
+shutdown_grace_seconds = {grace_seconds}
 [[destinations]]
 name = "pacs"
 ae_title = "ORTHANC"
@@ -250,8 +250,7 @@ def test_a_node_killed_mid_job_runs_it_again_after_restart_and_delivers_once(
     node = make_node(orthanc.dicom_port, lease_seconds=3).start()
     node.send(slide)
     wait_for(lambda: node.events("job_started"), 30, "the job to start", node)
-    time.sleep(0.5)
-    node.stop(signal.SIGKILL)
+    node.stop(signal.SIGKILL)  # at once: with the models preloaded the job lasts only a second or two
     [job] = node.jobs()
     assert job.state == JobState.RUNNING and not node.deliveries()
 
@@ -260,6 +259,25 @@ def test_a_node_killed_mid_job_runs_it_again_after_restart_and_delivers_once(
     [job] = node.jobs()
     assert job.state == JobState.DONE and job.attempts == 2
     assert len(node.events("lease_expired")) == 1
+    assert set(successful_sends(node).values()) == {1}
+    assert_results_in_orthanc(orthanc, node, slide)
+    assert node.stop() == 0
+
+
+def test_sigterm_mid_job_gives_the_job_back_and_a_restart_delivers_once(orthanc, make_node, slide):
+    """Grace period 0: SIGTERM does not wait for the running job; it is released, not lost."""
+    node = make_node(orthanc.dicom_port, grace_seconds=0).start()
+    node.send(slide)
+    wait_for(lambda: node.events("job_started"), 30, "the job to start", node)
+    assert node.stop(signal.SIGTERM) == 0
+    assert len(node.events("job_released")) == 1
+    [job] = node.jobs()
+    assert job.state == JobState.WAITING and not node.deliveries()
+
+    node.start()
+    wait_for(node.all_delivered, 60, "the results after the restart", node)
+    [job] = node.jobs()
+    assert job.state == JobState.DONE
     assert set(successful_sends(node).values()) == {1}
     assert_results_in_orthanc(orthanc, node, slide)
     assert node.stop() == 0
