@@ -23,7 +23,8 @@ class JobSummary:
     """What a job did, for the terminal, ``--json`` and the audit trail."""
 
     series_instance_uid: str
-    bundle: str  # "name version"
+    bundle_name: str
+    bundle_version: str
     bundle_sha256: str
     device: str
     stats: AnalysisStats
@@ -35,9 +36,14 @@ class JobSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
+    @property
+    def bundle(self) -> str:
+        return f"{self.bundle_name} {self.bundle_version}"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stats"]["decode_amplification"] = self.stats.decode_amplification
+        d["bundle"] = self.bundle
         return d
 
 
@@ -115,7 +121,8 @@ def run_job(
     calls, probs = _calls(result)
     return JobSummary(
         series_instance_uid=str(seg_level.headers[0].SeriesInstanceUID),
-        bundle=f"{bundle.algorithm.name} {bundle.algorithm.version}",
+        bundle_name=bundle.algorithm.name,
+        bundle_version=bundle.algorithm.version,
         bundle_sha256=bundle.algorithm.sha256,
         device=used_device,
         stats=stats,

@@ -327,8 +327,7 @@ class NodeScheduler:
             log.exception("job %d series %s: unexpected error", job.id, tag)
             self._fail(job, f"{type(exc).__name__}: {exc}", transient=True, started=started)
             return
-        name, _, version = summary.bundle.rpartition(" ")
-        bundle = queue.BundleInfo(name or summary.bundle, version, summary.bundle_sha256)
+        bundle = queue.BundleInfo(summary.bundle_name, summary.bundle_version, summary.bundle_sha256)
         now = self.now()
         with self.sessions.begin() as session:
             done = queue.finish_job(
