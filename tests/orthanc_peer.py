@@ -36,6 +36,9 @@ class Orthanc:
     dicom_port: int
     http_port: int
     ae_title: str = "ORTHANC"
+    #: Further Orthanc configuration merged over the defaults below (Lua scripts, modalities,
+    #: ServeFolders, ...). "Plugins" lists are added to the DICOMweb plugin, not replacing it.
+    extra: dict[str, Any] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -64,6 +67,11 @@ class Orthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.is_file() else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
+        for key, value in self.extra.items():
+            if key == "Plugins":
+                config["Plugins"] = [*config["Plugins"], *value]
+            else:
+                config[key] = value
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         log = (self.folder / "orthanc.log").open("ab")
