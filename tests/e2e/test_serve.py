@@ -10,20 +10,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
+from node_process import assert_results_in_orthanc, successful_sends, wait_for
 from orthanc_peer import Orthanc, free_port, have_orthanc
-from sqlalchemy import select
 
-from glio_node.store.db import make_engine, make_sessions, upgrade
-from glio_node.store.models import AuditEvent, Delivery, DeliveryState, Job, JobState
+from glio_node.store.db import upgrade
+from glio_node.store.models import JobState
 from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
 
 pytestmark = [
@@ -32,174 +28,12 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-BUNDLE = REPO / "models" / "glio-demo"
 SPEC = SlideSpec(width_px=1024, height_px=768, tile_size=256, levels=3, context_images=False)
-PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 
 
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlide:
     return write_synthetic_slide(SPEC, tmp_path_factory.mktemp("serve-slide"))
-
-
-@dataclass
-class Node:
-    """A ``glio-node serve`` subprocess and a window onto its database."""
-
-    folder: Path
-    port: int
-    config: Path
-    url: str
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.engine = make_engine(self.url)
-        self.sessions = make_sessions(self.engine)
-
-    def start(self) -> "Node":
-        log = (self.folder / "node.log").open("ab")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "glio_node.cli", "serve", "--config", str(self.config)],
-            cwd=REPO, stdout=log, stderr=log, env=env,
-        )
-        self.procs.append(proc)
-        wait_for(lambda: "serving as" in self.log(), 60, "the node to start", self)
-        return self
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        return self.procs[-1]
-
-    def log(self) -> str:
-        path = self.folder / "node.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=90)
-
-    def send(self, slide: SyntheticSlide) -> None:
-        done = subprocess.run(
-            ["storescu", "-aec", "GLIONODE", "-xy", "-R", "127.0.0.1", str(self.port),
-             *map(str, slide.files)],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-
-    def jobs(self) -> list[Job]:
-        with self.sessions.begin() as s:
-            return list(s.scalars(select(Job).order_by(Job.id)))
-
-    def deliveries(self) -> list[Delivery]:
-        with self.sessions.begin() as s:
-            return list(s.scalars(select(Delivery).order_by(Delivery.id)))
-
-    def events(self, name: str) -> list[AuditEvent]:
-        with self.sessions.begin() as s:
-            return list(
-                s.scalars(select(AuditEvent).where(AuditEvent.event == name).order_by(AuditEvent.id))
-            )
-
-    def all_delivered(self) -> bool:
-        rows = self.deliveries()
-        return bool(rows) and all(d.state == DeliveryState.SENT for d in rows)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        self.engine.dispose()
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str, node: Node | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if node is not None and node.procs and node.proc.poll() is not None:
-            pytest.fail(f"the node exited ({node.proc.returncode}) waiting for {what}:\n{node.log()[-4000:]}")
-        time.sleep(0.25)
-    tail = node.log()[-4000:] if node else ""
-    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tail}")
-
-
-@pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    nodes: list[Node] = []
-
-    def make(destination_port: int, *, lease_seconds: float = 30, database_url: str | None = None,
-             folder: Path | None = None, spool: Path | None = None, grace_seconds: float = 30) -> Node:
-        folder = folder or tmp_path / f"node{len(nodes)}"
-        folder.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        url = database_url or f"sqlite:///{folder / 'glio.db'}"
-        config = folder / "glio-node.toml"
-        config.write_text(f"""
-[node]
-ae_title = "GLIONODE"
-host = "127.0.0.1"
-port = {port}
-[storage]
-spool_dir = "{spool or folder / 'spool'}"
-database_url = "{url}"
-min_free_bytes = 0
-retention_seconds = 3600
-[series]
-quiet_seconds = 1
-incomplete_wait_seconds = 30
-[models]
-dir = "{BUNDLE}"
-[worker]
-lease_seconds = {lease_seconds}
-backoff_base_seconds = 1
-backoff_max_seconds = 2
-device = "cpu"
-shutdown_grace_seconds = {grace_seconds}
-[[destinations]]
-name = "pacs"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {destination_port}
-""")
-        if database_url is None:
-            upgrade(url)
-        node = Node(folder, port, config, url)
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.close()
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    peer = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
-    yield peer
-    peer.stop()
-
-
-def assert_results_in_orthanc(orthanc: Orthanc, node: Node, slide: SyntheticSlide) -> None:
-    """Every delivered object is in Orthanc, in the slide's study: SEG, SR and heatmaps."""
-    delivered = {d.sop_instance_uid: d.sop_class_uid for d in node.deliveries()}
-    in_orthanc = {
-        i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.instances_of_study(slide.study_instance_uid)
-    }
-    assert set(delivered) == in_orthanc
-    assert orthanc.instance_count() == len(delivered)  # nothing outside the slide's study
-    modalities = Counter(s["MainDicomTags"].get("Modality") for s in orthanc.series_of_study(slide.study_instance_uid))
-    assert modalities["SEG"] >= 1 and modalities["SR"] == 1, modalities
-    assert PARAMETRIC_MAP in delivered.values()  # the heatmaps
-
-
-def successful_sends(node: Node) -> Counter[str]:
-    return Counter(
-        e.sop_instance_uid for e in node.events("delivery_attempt") if e.details["state"] == "sent"
-    )
 
 
 def test_a_slide_sent_by_storescu_comes_back_to_orthanc_and_a_resend_makes_no_second_job(
