@@ -1,7 +1,8 @@
 """The pathologist's view for tests: our one-page dicom-microscopy-viewer build (viewer/).
 
 ``viewer_dist()`` builds ``viewer/dist/`` from the committed package-lock.json when it is missing
-or older than the lock file (``npm ci && npm run build``; the npm registry is needed only then)
+or older than the lock file, build.mjs or src/ (``npm ci && npm run build``, as ``./run test``
+does; the npm registry, or npm's cache, is needed only then)
 and returns it. Without npm the viewer tests are skipped, except under ``CI``, where a missing
 viewer is a failure. ``served_by(dist)`` is the Orthanc configuration that serves the page from
 Orthanc's own origin (no CORS); ``ViewerPage`` opens it and reads what the viewer reported.
@@ -28,11 +29,11 @@ BACKGROUND = (255, 0, 255)
 
 
 def viewer_dist() -> Path:
-    """``viewer/dist``, built first when it is missing or older than ``package-lock.json``."""
+    """``viewer/dist``, built first when it is missing or older than what it is built from."""
     dist = VIEWER / "dist"
-    lock = VIEWER / "package-lock.json"
     index = dist / "index.html"
-    if index.is_file() and index.stat().st_mtime >= lock.stat().st_mtime:
+    sources = [VIEWER / "package-lock.json", VIEWER / "build.mjs", *(VIEWER / "src").iterdir()]
+    if index.is_file() and all(index.stat().st_mtime >= s.stat().st_mtime for s in sources):
         return dist
     npm = shutil.which("npm")
     if npm is None:
