@@ -88,6 +88,18 @@ function countFrames(container) {
   })
 }
 
+// VolumeImageViewer.render() attaches its map to the page only after an asynchronous step (it
+// fetches the slide's ICC profiles first); a segment or mapping shown before that gets no tile
+// loader and its tiles fail with "sourceLoader is not a function". The slide's first loaded
+// frame proves the map is attached.
+function firstFrame(container, seconds) {
+  return new Promise((resolve, reject) => {
+    const { EVENTS } = DMV.events
+    const timer = setTimeout(() => reject(new Error(`the slide showed no frame within ${seconds} s`)), seconds * 1000)
+    container.addEventListener(EVENTS.FRAME_LOADING_ENDED, () => { clearTimeout(timer); resolve() }, { once: true })
+  })
+}
+
 function legend(element) {
   const lines = []
   for (const s of state.segments) {
@@ -117,6 +129,7 @@ async function main() {
 
   const container = document.getElementById('viewport')
   countFrames(container)
+  const attached = firstFrame(container, 60)
   const viewer = new DMV.viewer.VolumeImageViewer({
     client,
     metadata: images,
@@ -125,6 +138,7 @@ async function main() {
   })
   viewer.render({ container })
   state.viewer = viewer
+  await attached
 
   if (segSeries) {
     const segs = (await series(segSeries)).map((metadata) => new DMV.metadata.Segmentation({ metadata }))
