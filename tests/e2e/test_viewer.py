@@ -39,7 +39,7 @@ from glio_node.results import NOT_TISSUE
 from glio_node.synthetic.slide import SyntheticSlide
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS_SCREENSHOT = REPO / "docs" / "img" / "viewer.png"  # refreshed when GLIO_UPDATE_SCREENSHOTS=1
+DOCS_IMAGES = REPO / "docs" / "img"  # viewer*.png there are refreshed when GLIO_UPDATE_SCREENSHOTS=1
 
 pytestmark = [
     pytest.mark.slow,
@@ -161,6 +161,14 @@ def _open(browser, study: Study, **options: object) -> ViewerPage:
     return view
 
 
+def _keep_for_docs(screenshot: Path) -> None:
+    """Copy a screenshot into docs/img/ when GLIO_UPDATE_SCREENSHOTS=1 (a test run does not
+    write into the checkout otherwise)."""
+    if os.environ.get("GLIO_UPDATE_SCREENSHOTS") == "1":
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, DOCS_IMAGES / screenshot.name)
+
+
 def _resample(rgb: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
     """The on-screen slide (``box`` of ``rgb``) sampled at the centres of a ``shape`` raster."""
     top, left, bottom, right = box
@@ -193,14 +201,15 @@ def _classify(rgb: np.ndarray, segments: list[dict]) -> np.ndarray:
     return np.where(distance.min(axis=-1) < 30, classes, NOT_TISSUE).astype(np.uint8)
 
 
-def test_the_viewer_draws_each_region_where_the_slide_was_painted(browser, study, display):
+def test_the_viewer_draws_each_region_where_the_slide_was_painted(browser, study, display, tmp_path):
     view = _open(browser, study, seg=study.seg_series, seg_opacity=1)
     try:
         assert sorted(s["number"] for s in view.state["segments"]) == list(range(1, 11))
         assert len({tuple(s["colour"]) for s in view.state["segments"]}) == 10
-        rgb = view.viewport_rgb()
+        rgb = view.viewport_rgb(path=tmp_path / "viewer-regions.png")
     finally:
         view.close()
+    _keep_for_docs(tmp_path / "viewer-regions.png")
     assert slide_box(rgb) == display.box
 
     # µm/px: coarser than the screen, finer than the regions; turned as the slide is shown
@@ -219,14 +228,15 @@ def test_the_viewer_draws_each_region_where_the_slide_was_painted(browser, study
         assert float((shown[inside] == wrong[inside]).mean()) < agreement - 0.2
 
 
-def test_the_heatmap_is_bright_over_the_tiles_with_high_probability(browser, study, display):
+def test_the_heatmap_is_bright_over_the_tiles_with_high_probability(browser, study, display, tmp_path):
     view = _open(browser, study, heatmap=study.heatmap_series, heatmap_opacity=1)
     try:
         assert len(view.state["mappings"]) == 1
         assert "probability" in view.state["mappings"][0]["description"].lower()
-        rgb = view.viewport_rgb()
+        rgb = view.viewport_rgb(path=tmp_path / "viewer-heatmap.png")
     finally:
         view.close()
+    _keep_for_docs(tmp_path / "viewer-heatmap.png")
     ds = pydicom.dcmread(study.heatmap_file)
     grid = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)[0][: ds.TotalPixelMatrixRows, : ds.TotalPixelMatrixColumns]
     probability = grid / 65535.0
@@ -247,8 +257,7 @@ def test_the_heatmap_is_bright_over_the_tiles_with_high_probability(browser, stu
 
 
 def test_the_pathologist_sees_regions_and_heatmap_together(browser, study, tmp_path):
-    """The view of docs/viewer.md. The screenshot goes to tmp; with GLIO_UPDATE_SCREENSHOTS=1 it
-    also replaces docs/img/viewer.png (a test run does not write into the checkout otherwise)."""
+    """The page as a pathologist opens it (docs/img/viewer.png): regions and heatmap together."""
     view = _open(browser, study, seg=study.seg_series, heatmap=study.heatmap_series)
     try:
         assert len(view.state["segments"]) == 10 and len(view.state["mappings"]) == 1
@@ -256,9 +265,7 @@ def test_the_pathologist_sees_regions_and_heatmap_together(browser, study, tmp_p
         with_overlays = view.viewport_rgb()
     finally:
         view.close()
-    if os.environ.get("GLIO_UPDATE_SCREENSHOTS") == "1":
-        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tmp_path / "viewer.png", DOCS_SCREENSHOT)
+    _keep_for_docs(tmp_path / "viewer.png")
     slide_only = _open(browser, study)
     try:
         plain = slide_only.viewport_rgb()
