@@ -125,10 +125,13 @@ def _write_one(
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
+            # One window, given as one-item lists: highdicom 0.28 stores a plain-string
+            # explanation as list(str), one character per value ("p\\r\\o\\b..."), which
+            # viewers then show as the window's name.
             hd.VOILUTTransformation(
-                window_center=STORED_MAX / 2,
-                window_width=STORED_MAX + 1,
-                window_explanation="probability 0..1",
+                window_center=[STORED_MAX / 2],
+                window_width=[STORED_MAX + 1],
+                window_explanation=["probability 0..1"],
             )
         ],
         content_description=common.content_description(algorithm),

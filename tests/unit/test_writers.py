@@ -291,6 +291,9 @@ def test_heatmaps_one_series_per_class_map_back_to_probabilities(written):
             assert pm.FrameOfReferenceUID == source.FrameOfReferenceUID
             mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
             assert mapping.LUTLabel == cls.name[:16]
+            window = pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+            assert (float(window.WindowCenter), float(window.WindowWidth)) == (32767.5, 65536.0)
+            assert window.WindowCenterWidthExplanation == "probability 0..1"  # one value, not 16 letters
             probabilities = pm.get_total_pixel_matrix()  # real-world values
             expected = np.nan_to_num(heatmap.probabilities.array[:, :, index], nan=0.0)
             assert probabilities.shape == expected.shape
