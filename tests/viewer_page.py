@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 VIEWER = REPO / "viewer"
 SERVE_FOLDERS_PLUGIN = Path("/usr/share/orthanc/plugins/libServeFolders.so")
 #: The page's background outside the slide (viewer/src/index.html).
-BACKGROUND = (255, 0, 255)
+BACKGROUND = (32, 32, 48)
 
 
 def viewer_dist() -> Path:

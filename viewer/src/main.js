@@ -140,6 +140,16 @@ async function main() {
   state.viewer = viewer
   await attached
 
+  // The heatmap first: layers draw in the order they are added, the regions on top.
+  if (heatmapSeries) {
+    const maps = (await series(heatmapSeries)).map((metadata) => new DMV.metadata.ParametricMap({ metadata }))
+    viewer.addParameterMappings(maps)
+    for (const mapping of viewer.getAllParameterMappings()) {
+      viewer.showParameterMapping(mapping.uid)
+      viewer.setParameterMappingStyle(mapping.uid, { opacity: heatmapOpacity })
+      state.mappings.push({ uid: mapping.uid, label: mapping.label, description: mapping.description })
+    }
+  }
   if (segSeries) {
     const segs = (await series(segSeries)).map((metadata) => new DMV.metadata.Segmentation({ metadata }))
     viewer.addSegments(segs)
@@ -148,15 +158,6 @@ async function main() {
       viewer.setSegmentStyle(segment.uid, { opacity: segOpacity, paletteColorLookupTable: binaryPalette(colour) })
       viewer.showSegment(segment.uid)
       state.segments.push({ uid: segment.uid, number: Number(segment.number), label: segment.label, colour })
-    }
-  }
-  if (heatmapSeries) {
-    const maps = (await series(heatmapSeries)).map((metadata) => new DMV.metadata.ParametricMap({ metadata }))
-    viewer.addParameterMappings(maps)
-    for (const mapping of viewer.getAllParameterMappings()) {
-      viewer.showParameterMapping(mapping.uid)
-      viewer.setParameterMappingStyle(mapping.uid, { opacity: heatmapOpacity })
-      state.mappings.push({ uid: mapping.uid, label: mapping.label, description: mapping.description })
     }
   }
   legend(document.getElementById('legend'))
