@@ -26,7 +26,8 @@ import pydicom
 import pytest
 from browser import chromium, have_chromium
 from orthanc_peer import Orthanc, free_port, have_orthanc
-from slides import SMALL
+from pydicom.pixels import pixel_array
+from slides import ConvertedSlide
 from viewer_page import (
     SERVE_FOLDERS_PLUGIN,
     ViewerPage,
@@ -36,7 +37,7 @@ from viewer_page import (
 )
 
 from glio_node.results import NOT_TISSUE
-from glio_node.synthetic.slide import SyntheticSlide
+from glio_node.synthetic.slide import SlideSpec, SyntheticSlide
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS_IMAGES = REPO / "docs" / "img"  # viewer*.png there are refreshed when GLIO_UPDATE_SCREENSHOTS=1
@@ -53,14 +54,17 @@ pytestmark = [
 class Study:
     """A slide and glio-node's results, stored in a running Orthanc."""
 
+    name: str  # which slide: "ours" (glio_node.synthetic) or "wsidicomizer"
     orthanc: Orthanc
-    slide: SyntheticSlide
+    slide: SyntheticSlide | ConvertedSlide  # files, spec and the painted truth
+    study_instance_uid: str
+    series_instance_uid: str  # the slide's
     seg_series: str
     heatmap_series: str  # the Parametric Map of the called subtype
     heatmap_file: Path
 
     def query(self, **options: object) -> dict[str, object]:
-        return {"study": self.slide.study_instance_uid, "slide": self.slide.series_instance_uid, **options}
+        return {"study": self.study_instance_uid, "slide": self.series_instance_uid, **options}
 
 
 def _store(orthanc: Orthanc, path: Path) -> None:
@@ -70,10 +74,13 @@ def _store(orthanc: Orthanc, path: Path) -> None:
         assert json.loads(response.read())["Status"] in ("Success", "AlreadyStored")
 
 
-@pytest.fixture(scope="module")
-def study(small_slide, tmp_path_factory) -> Iterator[Study]:
+@pytest.fixture(scope="module", params=["ours", "wsidicomizer"])
+def study(request, tmp_path_factory) -> Iterator[Study]:
+    """Slides that carry the FrameOfReferenceUID overlays must share: our writer's, and the same
+    painting converted by wsidicomizer (OrthancWSIDicomizer writes none; see docs/viewer.md)."""
     dist = viewer_dist()
-    slide = small_slide  # our writer's slide: it has the FrameOfReferenceUID overlays must share
+    slide = request.getfixturevalue({"ours": "small_slide", "wsidicomizer": "wsidicomizer_slide"}[request.param])
+    head = pydicom.dcmread(slide.files[0], stop_before_pixels=True)
     out = tmp_path_factory.mktemp("viewer-results")
     done = subprocess.run(
         [sys.executable, "-m", "glio_node.cli", "analyze", str(slide.files[0].parent), "--out", str(out),
@@ -89,8 +96,11 @@ def study(small_slide, tmp_path_factory) -> Iterator[Study]:
         heads = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
         [seg_series] = {ds.SeriesInstanceUID for ds in heads.values() if ds.Modality == "SEG"}
         subtype_maps = [f for f in files if f.name.startswith("heatmap-subtype-")]
-        called = max(subtype_maps, key=lambda f: float(pydicom.dcmread(f).pixel_array.mean()))
-        yield Study(orthanc, slide, seg_series, heads[called].SeriesInstanceUID, called)
+        # pixel_array(path), not Dataset.pixel_array: that fails once wsidicomizer is imported
+        # (it turns on pydicom's future API for the whole session)
+        called = max(subtype_maps, key=lambda f: float(pixel_array(f).mean()))
+        yield Study(request.param, orthanc, slide, head.StudyInstanceUID, head.SeriesInstanceUID, seg_series,
+                    heads[called].SeriesInstanceUID, called)
     finally:
         orthanc.stop()
 
@@ -107,7 +117,7 @@ class Display:
 
     box: tuple[int, int, int, int]  # (top, left, bottom, right) of the slide in the viewport
     turn: str  # a DISPLAY_TURNS key
-    rgb: np.ndarray
+    spec: SlideSpec  # the slide's size and spacing
 
     def raster(self, array: np.ndarray) -> np.ndarray:
         """A raster of the slide (row 0 = top of the total pixel matrix) as the viewer shows it."""
@@ -115,12 +125,12 @@ class Display:
 
     @property
     def px_per_um(self) -> float:
-        return (self.box[3] - self.box[1]) / (SMALL.width_px * SMALL.um_per_px)
+        return (self.box[3] - self.box[1]) / (self.spec.width_px * self.spec.um_per_px)
 
     def on_screen(self, y_um: float, x_um: float) -> tuple[float, float] | None:
         """Screen (y, x) of a point given in µm from the total pixel matrix's top-left corner;
         None when it is off the slide."""
-        height, width = SMALL.height_px * SMALL.um_per_px, SMALL.width_px * SMALL.um_per_px
+        height, width = self.spec.height_px * self.spec.um_per_px, self.spec.width_px * self.spec.um_per_px
         if not (0 <= y_um < height and 0 <= x_um < width):
             return None
         if self.turn in ("turned 180°", "flipped top-bottom"):
@@ -144,13 +154,14 @@ def display(browser, study) -> Display:
     finally:
         view.close()
     box = slide_box(rgb)
-    assert (box[3] - box[1]) / (box[2] - box[0]) == pytest.approx(SMALL.width_px / SMALL.height_px, rel=0.03)
+    spec = study.slide.spec
+    assert (box[3] - box[1]) / (box[2] - box[0]) == pytest.approx(spec.width_px / spec.height_px, rel=0.03)
     truth = study.slide.truth_tissue(4.0)
     shown = _tissue_on_screen(_resample(rgb, box, truth.shape))
     overlap = {name: float((turn(truth) & shown).sum() / (turn(truth) | shown).sum()) for name, turn in DISPLAY_TURNS.items()}
     best = max(overlap, key=overlap.get)
     assert overlap[best] > 0.8, f"the slide's tissue on screen matches no turn of the painted truth: {overlap}"
-    return Display(box, best, rgb)
+    return Display(box, best, spec)
 
 
 def _open(browser, study: Study, **options: object) -> ViewerPage:
@@ -209,7 +220,8 @@ def test_the_viewer_draws_each_region_where_the_slide_was_painted(browser, study
         rgb = view.viewport_rgb(path=tmp_path / "viewer-regions.png")
     finally:
         view.close()
-    _keep_for_docs(tmp_path / "viewer-regions.png")
+    if study.name == "ours":
+        _keep_for_docs(tmp_path / "viewer-regions.png")
     assert slide_box(rgb) == display.box
 
     # µm/px: coarser than the screen, finer than the regions; turned as the slide is shown
@@ -236,9 +248,10 @@ def test_the_heatmap_is_bright_over_the_tiles_with_high_probability(browser, stu
         rgb = view.viewport_rgb(path=tmp_path / "viewer-heatmap.png")
     finally:
         view.close()
-    _keep_for_docs(tmp_path / "viewer-heatmap.png")
+    if study.name == "ours":
+        _keep_for_docs(tmp_path / "viewer-heatmap.png")
     ds = pydicom.dcmread(study.heatmap_file)
-    grid = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)[0][: ds.TotalPixelMatrixRows, : ds.TotalPixelMatrixColumns]
+    grid = pixel_array(study.heatmap_file).reshape(-1, ds.Rows, ds.Columns)[0][: ds.TotalPixelMatrixRows, : ds.TotalPixelMatrixColumns]
     probability = grid / 65535.0
     cell_um = float(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]) * 1000
     luminance = rgb.astype(float).mean(axis=-1)
@@ -265,7 +278,8 @@ def test_the_pathologist_sees_regions_and_heatmap_together(browser, study, tmp_p
         with_overlays = view.viewport_rgb()
     finally:
         view.close()
-    _keep_for_docs(tmp_path / "viewer.png")
+    if study.name == "ours":
+        _keep_for_docs(tmp_path / "viewer.png")
     slide_only = _open(browser, study)
     try:
         plain = slide_only.viewport_rgb()
