@@ -74,6 +74,17 @@ def _store(orthanc: Orthanc, path: Path) -> None:
         assert json.loads(response.read())["Status"] in ("Success", "AlreadyStored")
 
 
+def _analyse(slide_folder: Path, out: Path) -> list[Path]:
+    """``glio-node analyze`` with the demo bundle: the files it wrote."""
+    done = subprocess.run(
+        [sys.executable, "-m", "glio_node.cli", "analyze", str(slide_folder), "--out", str(out),
+         "--models", str(REPO / "models" / "glio-demo"), "--device", "cpu", "--json"],
+        check=False, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return [Path(f) for f in json.loads(done.stdout)["files"]]
+
+
 @pytest.fixture(scope="module", params=["ours", "wsidicomizer"])
 def study(request, tmp_path_factory) -> Iterator[Study]:
     """Slides that carry the FrameOfReferenceUID overlays must share: our writer's, and the same
@@ -81,14 +92,7 @@ def study(request, tmp_path_factory) -> Iterator[Study]:
     dist = viewer_dist()
     slide = request.getfixturevalue({"ours": "small_slide", "wsidicomizer": "wsidicomizer_slide"}[request.param])
     head = pydicom.dcmread(slide.files[0], stop_before_pixels=True)
-    out = tmp_path_factory.mktemp("viewer-results")
-    done = subprocess.run(
-        [sys.executable, "-m", "glio_node.cli", "analyze", str(slide.files[0].parent), "--out", str(out),
-         "--models", str(REPO / "models" / "glio-demo"), "--device", "cpu", "--json"],
-        check=False, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    files = [Path(f) for f in json.loads(done.stdout)["files"]]
+    files = _analyse(slide.files[0].parent, tmp_path_factory.mktemp("viewer-results"))
     orthanc = Orthanc(tmp_path_factory.mktemp("viewer-orthanc"), free_port(), free_port(), extra=served_by(dist)).start()
     try:
         for path in [*slide.files, *files]:
@@ -290,3 +294,29 @@ def test_the_pathologist_sees_regions_and_heatmap_together(browser, study, tmp_p
     top, left, bottom, right = box
     changed = np.abs(with_overlays.astype(int) - plain.astype(int)).sum(axis=-1) > 30
     assert changed[top:bottom, left:right].mean() > 0.5, "the overlays change little of the slide"
+
+
+def test_on_an_orthanc_dicomizer_slide_the_viewer_refuses_the_overlays_and_says_why(
+    browser, orthanc_slide, tmp_path
+):
+    """OrthancWSIDicomizer writes no FrameOfReferenceUID; our outputs then carry a derived one
+    (README), and the viewer, which overlays only within one frame of reference, refuses them
+    with its own message. The slide itself still shows. This pins the documented behaviour: if
+    it changes, docs/viewer.md and the README must change with it."""
+    files = _analyse(orthanc_slide.folder, tmp_path / "results")
+    head = pydicom.dcmread(orthanc_slide.files[0], stop_before_pixels=True)
+    assert "FrameOfReferenceUID" not in head
+    [seg] = {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files if f.name.startswith("seg")}
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port(), extra=served_by(viewer_dist())).start()
+    try:
+        for path in [*orthanc_slide.files, *files]:
+            _store(orthanc, path)
+        view = ViewerPage.open(browser, orthanc.url, study=head.StudyInstanceUID, slide=head.SeriesInstanceUID, seg=seg)
+        view.close()
+    finally:
+        orthanc.stop()
+    assert view.state["errors"] == [
+        "Segmentation instances must have the same Frame of Reference UID as the corresponding source images."
+    ]
+    assert view.state["segments"] == [] and view.page_errors == []
+    assert view.state["framesLoaded"] > 0 and view.state["frameErrors"] == 0

@@ -42,6 +42,8 @@ window.glioViewer = state
 
 function report(error) {
   const message = error && error.message ? error.message : String(error)
+  // The viewer passes a refusal to errorInterceptor and then throws it: keep it once.
+  if (state.errors.includes(message)) return error
   state.errors.push(message)
   console.error('glio viewer:', message)
   return error
