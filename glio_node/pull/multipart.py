@@ -42,13 +42,17 @@ def boundary_of(content_type: str) -> str:
 
 
 def split_parts(
-    stream: Readable, boundary: str, open_part: Callable[[dict[str, str]], BinaryIO]
+    stream: Readable,
+    boundary: str,
+    open_part: Callable[[dict[str, str]], BinaryIO],
+    *,
+    chunk_size: int = CHUNK,
 ) -> int:
     """Write every part of the body read from ``stream`` to a file from ``open_part``.
 
     ``open_part(headers)`` gets the part's headers (lower-case names) and returns a writable
     binary file; it is closed by the caller's context, not here: the reader only writes.
-    Returns the number of parts.  Raises :class:`MultipartError` when no delimiter is found,
+    ``chunk_size``: bytes per read.  Returns the number of parts.  Raises :class:`MultipartError` when no delimiter is found,
     a header section is malformed, or the body ends before the closing delimiter (truncated);
     the parts written until then are complete up to the last byte received.
     """
@@ -61,7 +65,7 @@ def split_parts(
         nonlocal buffer, eof
         if eof:
             return False
-        chunk = stream.read(CHUNK)
+        chunk = stream.read(chunk_size)
         if not chunk:
             eof = True
             return False
