@@ -19,18 +19,19 @@ import logging
 import threading
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, free_port, have_orthanc
 from sqlalchemy import func, select
 
-from glio_node.config import Source
+from glio_node.config import Destination, Source
 from glio_node.pull.dicomweb import WADO_ACCEPT, DicomwebSource, SourceRefused
 from glio_node.pull.multipart import MultipartError, boundary_of, split_parts
 from glio_node.pull.poller import SourcePoller
 from glio_node.receive.spool import Spool
+from glio_node.send.dicomweb import StowSender
 from glio_node.store.db import make_engine, make_sessions, upgrade
 from glio_node.store.models import (
     AuditEvent,
@@ -242,6 +243,15 @@ class FakeDicomweb:
             def log_message(self, *args) -> None:
                 pass
 
+            def do_POST(self) -> None:  # STOW-RS: take the body, answer "all stored"
+                fake.authorizations.append(self.headers.get("Authorization", ""))
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
             def do_GET(self) -> None:
                 fake.authorizations.append(self.headers.get("Authorization", ""))
                 if fake.status != 200:
@@ -345,3 +355,22 @@ def test_refusals_name_the_source_and_what_to_check(fake):
     fake.status = 404
     with pytest.raises(SourceRefused, match=r"HTTP 404: check that url is the DICOMweb root"):
         DicomwebSource(source(fake.url)).search_series()
+
+
+# ------------------------------------------------------------------------------------------
+# STOW-RS results go out with the same Authorization header
+
+
+@needs_orthanc
+def test_stow_rs_results_reach_a_protected_orthanc_with_basic_auth(orthanc, tmp_path):
+    other = write_synthetic_slide(replace(SPEC, seed=11), tmp_path)
+    good = Destination("stow", type="dicomweb", url=orthanc.dicomweb_url, username=USER, password=PASSWORD)
+    assert all(r.ok for r in StowSender(good).send(list(other.files)))
+    bad = replace(good, password="nope")
+    assert {r.status for r in StowSender(bad).send(list(other.files))} == {"HTTP 401"}
+
+
+def test_stow_rs_sends_the_bearer_token(fake, slide):
+    dest = Destination("stow", type="dicomweb", url=fake.url, bearer_token="tok-9")
+    assert all(r.ok for r in StowSender(dest).send(list(slide.files)))
+    assert fake.authorizations == ["Bearer tok-9"]
