@@ -204,8 +204,9 @@ def _found_series(item: Any) -> FoundSeries | None:
         return None
 
     def first(tag: str) -> Any:
-        value = (item.get(tag) or {}).get("Value") or [None]
-        return value[0]
+        element = item.get(tag)
+        value = element.get("Value") if isinstance(element, dict) else None
+        return value[0] if isinstance(value, list) and value else None
 
     study, series = first(STUDY_INSTANCE_UID), first(SERIES_INSTANCE_UID)
     if not isinstance(study, str) or not isinstance(series, str):

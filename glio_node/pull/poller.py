@@ -41,6 +41,7 @@ from glio_node.pull.dicomweb import (
     DicomwebSource,
     FoundSeries,
     SourceUnreachable,
+    Stopped,
     server_of,
 )
 from glio_node.receive.spool import Spool, checked_uid
@@ -102,6 +103,9 @@ class SourcePoller:
                 break
             try:
                 self._take(item)
+            except Stopped:
+                log.info("source %s: retrieval abandoned, the node is stopping", self.source.name)
+                return taken
             except GlioError as exc:
                 self._failed(self.now(), str(exc))
                 break
