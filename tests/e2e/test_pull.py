@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from node_process import Node, assert_results_in_orthanc, successful_sends, wait_for
-from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, have_orthanc
+from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, free_port, have_orthanc
 from sqlalchemy import select
 
 from glio_node.store.models import JobState, PullSource
@@ -98,3 +98,33 @@ def test_a_slide_put_into_a_dicomweb_pacs_is_pulled_analysed_and_its_results_sto
     assert set(successful_sends(node).values()) == {1}
     assert node.stop() == 0
     assert node.log().count("retrieved") == 1
+
+
+def test_a_wrong_password_is_reported_once_and_the_node_keeps_running(tmp_path, make_node, monkeypatch):
+    protected = Orthanc(
+        tmp_path / "protected", free_port(), free_port(),
+        extra={"AuthenticationEnabled": True, "RegisteredUsers": {"glio": "secret"}},
+    ).start()
+    try:
+        node = make_node(None, extra_toml=f"""
+[[sources]]
+name = "orthanc-web"
+url = "{protected.dicomweb_url}"
+auth = "basic"
+username = "glio"
+poll_seconds = 1
+""")
+        # The password comes from the environment, as adapters/dicomweb/README.md advises.
+        monkeypatch.setenv("GLIO_SOURCES_0_PASSWORD", "not-the-secret")
+        node.start()
+        started = datetime.now(UTC)
+        wait_for(lambda: last_poll(node) > started + timedelta(seconds=2), 30, "several polls", node)
+        [failed] = node.events("poll_failed")
+        assert "HTTP 401" in failed.details["error"]
+        assert node.proc.poll() is None  # still serving
+        log = node.log()
+        assert log.count("HTTP 401: the server refused our credentials") == 1
+        assert "not-the-secret" not in log
+        assert node.stop() == 0
+    finally:
+        protected.stop()
