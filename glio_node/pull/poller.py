@@ -91,26 +91,31 @@ class SourcePoller:
             return 0
         to_take = self._note(found, now)
         taken = 0
+        failed = False
         for item in to_take:
             if self.stopping.is_set():
-                break
+                return taken
             if not self.spool.has_room():
                 self._failed(
                     now,
-                    f"source {self.source.name}: spool has {self.spool.free_bytes()} bytes free, "
-                    f"under [storage] min_free_bytes; retrieval waits for space",
+                    f"source {self.source.name}: the spool has less free space than [storage] "
+                    "min_free_bytes; retrieval waits until there is room",
                 )
-                break
+                return taken
             try:
                 self._take(item)
             except Stopped:
                 log.info("source %s: retrieval abandoned, the node is stopping", self.source.name)
                 return taken
-            except GlioError as exc:
+            except SourceUnreachable as exc:  # the server: the other series would fail too
                 self._failed(self.now(), str(exc))
-                break
+                return taken
+            except (GlioError, OSError) as exc:  # this series (refused, or our disk): the next one
+                self._failed(self.now(), _message(self.source.name, exc))
+                failed = True
+                continue
             taken += 1
-        else:
+        if not failed:
             self._succeeded()
         return taken
 
@@ -362,3 +367,9 @@ class SourcePoller:
             address=self.address,
             **uids,
         )
+
+
+def _message(source_name: str, exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return f"source {source_name}: writing a retrieved series to the spool failed: {exc.strerror or exc}"
+    return str(exc)

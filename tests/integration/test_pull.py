@@ -374,3 +374,17 @@ def test_stow_rs_sends_the_bearer_token(fake, slide):
     dest = Destination("stow", type="dicomweb", url=fake.url, bearer_token="tok-9")
     assert all(r.ok for r in StowSender(dest).send(list(slide.files)))
     assert fake.authorizations == ["Bearer tok-9"]
+
+
+def test_a_series_still_growing_waits_and_a_taken_series_is_never_taken_again(fake, slide, sessions, tmp_path):
+    poller = SourcePoller(source(fake.url), sessions, Spool(tmp_path / "spool"))
+    fake.files = list(slide.files[:1])  # the scanner's upload has begun
+    assert poller.poll() == 0
+    fake.files = list(slide.files)  # more arrived since: not stable yet
+    assert poller.poll() == 0
+    assert count(sessions, Instance) == 0
+    assert poller.poll() == 1  # unchanged for one poll: taken whole
+    assert count(sessions, Instance) == len(slide.files)
+    fake.files = [*slide.files, slide.files[0]]  # the series "grows" after it was taken
+    assert poller.poll() == 0 and poller.poll() == 0
+    assert len(events(sessions, "series_retrieved")) == 1
