@@ -388,3 +388,12 @@ def test_a_series_still_growing_waits_and_a_taken_series_is_never_taken_again(fa
     fake.files = [*slide.files, slide.files[0]]  # the series "grows" after it was taken
     assert poller.poll() == 0 and poller.poll() == 0
     assert len(events(sessions, "series_retrieved")) == 1
+
+
+def test_a_server_that_is_not_there_is_tried_again_at_each_poll_and_reported_once(sessions, tmp_path):
+    poller = SourcePoller(source(f"http://127.0.0.1:{free_port()}/dicom-web"), sessions, Spool(tmp_path / "s"))
+    assert [poller.poll() for _ in range(3)] == [0, 0, 0]
+    [failed] = events(sessions, "poll_failed")
+    assert "QIDO-RS search failed" in failed.details["error"]
+    assert "trying again at the next poll" in failed.details["error"]
+    assert pull_state(sessions, "pacs-web").last_success_at is None  # first poll still to come
