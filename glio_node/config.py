@@ -11,6 +11,8 @@ booleans are ``true/false/yes/no/1/0``, lists are comma-separated (``ORTHANC,DCM
 TOML array (``["ORTHANC", "DCM4CHEE"]``); an empty string is the empty list.
 ``[[destinations]]`` entries are addressed by their 0-based position:
 ``GLIO_DESTINATIONS_0_HOST=pacs.example.org``; the next free position adds a destination.
+``[[sources]]`` (DICOMweb servers the node polls) work the same way: ``GLIO_SOURCES_0_PASSWORD``
+keeps a secret out of the file.
 
 Relative paths (spool, models, a SQLite database) are relative to the service's working
 directory.  Nothing is read at import time (style item 9): the entry point calls
@@ -152,6 +154,84 @@ class Destination:
             raise ConfigError(f"{where}: basic auth needs both username and password")
 
 
+SOURCE_TYPES = ("dicomweb",)
+SOURCE_AUTH = ("none", "basic", "bearer")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A DICOMweb server the node polls for new series (QIDO-RS) and retrieves them from (WADO-RS).
+
+    For sites that cannot send by C-STORE.  What was already taken is kept in the store
+    (``pull_series``), so a restart fetches nothing twice.  ``password`` and ``token`` are kept
+    out of ``repr`` and every log line; set them from the environment
+    (``GLIO_SOURCES_<n>_PASSWORD``, ``GLIO_SOURCES_<n>_TOKEN``) to keep them out of the file.
+    """
+
+    name: str  # short unique name (1-16 chars): the "calling AE" of pulled instances in the audit trail
+    url: str = ""  # the DICOMweb root, e.g. https://pacs.example.org/dicom-web
+    type: str = "dicomweb"  # the only kind of source so far
+    auth: str = "none"  # none, basic (username + password) or bearer (token)
+    username: str = ""  # basic auth
+    password: str = field(default="", repr=False)  # basic auth
+    token: str = field(default="", repr=False)  # bearer: "Authorization: Bearer <token>"
+    poll_seconds: float = 60.0  # how often to ask for new series
+    modality: str = "SM"  # QIDO-RS Modality= of the series to take
+    first_poll_lookback_days: int = -1  # first poll: take only series with StudyDate this recent (-1: all)
+    timeout_seconds: float = 120.0  # one HTTP request (a WADO-RS response is streamed, per read)
+
+    @staticmethod
+    def _required_keys(values: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("name", "url")
+
+    def __post_init__(self) -> None:
+        where = f"[[sources]] {self.name!r}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}", self.name):
+            raise ConfigError(
+                f"{where} name = {self.name!r}: use 1-16 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit"
+            )
+        if self.type not in SOURCE_TYPES:
+            raise ConfigError(f"{where} type = {self.type!r}: use \"dicomweb\"")
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.url):
+            raise ConfigError(
+                f"{where} url = {self.url!r}: give the DICOMweb root as http(s)://host[:port]/path"
+            )
+        if self.auth not in SOURCE_AUTH:
+            raise ConfigError(f"{where} auth = {self.auth!r}: use none, basic or bearer")
+        if self.auth == "basic" and not (self.username and self.password):
+            raise ConfigError(
+                f"{where} auth = \"basic\" needs username and password "
+                "(the password may come from GLIO_SOURCES_<n>_PASSWORD)"
+            )
+        if self.auth == "bearer" and not self.token:
+            raise ConfigError(
+                f"{where} auth = \"bearer\" needs token (or GLIO_SOURCES_<n>_TOKEN)"
+            )
+        unused = [
+            k for k, allowed in (("username", "basic"), ("password", "basic"), ("token", "bearer"))
+            if getattr(self, k) and self.auth != allowed
+        ]
+        if unused:
+            raise ConfigError(
+                f"{where} sets {', '.join(unused)} but auth = {self.auth!r}: "
+                f"set auth = \"{'bearer' if unused == ['token'] else 'basic'}\" or remove them"
+            )
+        if self.poll_seconds < 1:
+            raise ConfigError(f"{where} poll_seconds = {self.poll_seconds}: must be at least 1 second")
+        if not self.timeout_seconds > 0:
+            raise ConfigError(f"{where} timeout_seconds = {self.timeout_seconds}: must be more than 0")
+        if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", self.modality):
+            raise ConfigError(
+                f"{where} modality = {self.modality!r}: a DICOM modality code, e.g. \"SM\""
+            )
+        if self.first_poll_lookback_days < -1:
+            raise ConfigError(
+                f"{where} first_poll_lookback_days = {self.first_poll_lookback_days}: "
+                "use -1 (take every series found) or 0 or more days"
+            )
+
+
 @dataclass(frozen=True)
 class StatusSettings:
     """The status page, JSON API and /metrics."""
@@ -208,6 +288,7 @@ class Settings:
     series: SeriesSettings = field(default_factory=SeriesSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
     destinations: tuple[Destination, ...] = ()
+    sources: tuple[Source, ...] = ()  # DICOMweb servers polled for new series (pull mode)
     status: StatusSettings = field(default_factory=StatusSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     source: Path | None = None  # the TOML file these came from; None: defaults and environment
@@ -220,6 +301,13 @@ class Settings:
                     f"[[destinations]] name {dest.name!r} appears twice: names must be unique"
                 )
             names.add(dest.name)
+        source_names: set[str] = set()
+        for src in self.sources:
+            if src.name in source_names:
+                raise ConfigError(
+                    f"[[sources]] name {src.name!r} appears twice: names must be unique"
+                )
+            source_names.add(src.name)
 
 
 _SECTIONS: dict[str, type] = {
@@ -260,11 +348,11 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
 
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"destinations"})
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"destinations", "sources"})
     if unknown:
         raise ConfigError(
             f"unknown section [{unknown[0]}] in {source}: allowed sections are "
-            + ", ".join(f"[{s}]" for s in (*_SECTIONS, "[destinations]"))
+            + ", ".join(f"[{s}]" for s in (*_SECTIONS, "[destinations]", "[sources]"))
         )
 
     # Merge: file values as "typed" values, environment values as strings (coerced below).
@@ -281,6 +369,14 @@ def load_settings(
         {k: (v, "file") for k, v in d.items()} for d in dests_raw
     ]
 
+    sources_raw = raw.get("sources", [])
+    if not isinstance(sources_raw, list) or not all(isinstance(d, dict) for d in sources_raw):
+        raise ConfigError(f"sources in {source} must be written as [[sources]] tables")
+    pull_sources: list[dict[str, tuple[Any, str]]] = [
+        {k: (v, "file") for k, v in d.items()} for d in sources_raw
+    ]
+    source_vars: list[tuple[int, str, str]] = []
+
     destination_vars: list[tuple[int, str, str]] = []
     for var in sorted(environ):
         if not var.startswith(ENV_PREFIX):
@@ -295,6 +391,14 @@ def load_settings(
                     "e.g. GLIO_DESTINATIONS_0_HOST"
                 )
             destination_vars.append((int(index_text), dkey.lower(), var))
+        elif section == "sources":
+            index_text, _, skey = key.partition("_")
+            if not index_text.isdigit() or not skey:
+                raise ConfigError(
+                    f"{var}: source variables are GLIO_SOURCES_<index>_<KEY>, "
+                    "e.g. GLIO_SOURCES_0_PASSWORD"
+                )
+            source_vars.append((int(index_text), skey.lower(), var))
         elif section in _SECTIONS:
             sections[section][key.lower()] = (environ[var], var)
         # Other GLIO_* variables (e.g. GLIO_CONFIG) are not settings.
@@ -307,12 +411,22 @@ def load_settings(
         if index == len(destinations):
             destinations.append({})
         destinations[index][dkey] = (environ[var], var)
+    for index, skey, var in sorted(source_vars):
+        if index > len(pull_sources):
+            raise ConfigError(
+                f"{var}: source #{index} does not exist and is not the next one "
+                f"(#{len(pull_sources)}); number sources without gaps"
+            )
+        if index == len(pull_sources):
+            pull_sources.append({})
+        pull_sources[index][skey] = (environ[var], var)
 
     built = {name: _build(cls, f"[{name}]", sections[name]) for name, cls in _SECTIONS.items()}
     dests = tuple(
         _build(Destination, f"[[destinations]] #{i}", d) for i, d in enumerate(destinations)
     )
-    return Settings(**built, destinations=dests, source=source)
+    srcs = tuple(_build(Source, f"[[sources]] #{i}", d) for i, d in enumerate(pull_sources))
+    return Settings(**built, destinations=dests, sources=srcs, source=source)
 
 
 def _build(cls: type, where: str, values: dict[str, tuple[Any, str]]) -> Any:
@@ -337,7 +451,8 @@ def _build(cls: type, where: str, values: dict[str, tuple[Any, str]]) -> Any:
         ]
     )
     if missing:
-        raise ConfigError(f"{where} is missing {', '.join(missing)}: every destination needs them")
+        noun = "source" if where.startswith("[[sources]]") else "destination"
+        raise ConfigError(f"{where} is missing {', '.join(missing)}: every {noun} needs them")
     try:
         return cls(**kwargs)
     except ConfigError as exc:

@@ -10,7 +10,10 @@ Periodic jobs, each a method of :class:`NodeScheduler` that tests may also call 
 - ``requeue_expired``: take back jobs whose node died (lease passed);
 - ``deliver``: send pending result objects, one association / request per destination;
 - ``purge``: remove a slide and its results from the spool once every destination has them and
-  ``[storage] retention_seconds`` have passed.
+  ``[storage] retention_seconds`` have passed;
+- ``poll-<name>``, one per ``[[sources]]`` entry, every ``poll_seconds``: take new series from a
+  DICOMweb server into the spool (:mod:`glio_node.pull.poller`); from there they are swept like
+  C-STORE'd ones.  A node without sources has no such job.
 
 One job, top to bottom (:meth:`NodeScheduler.run_claimed`): the series' spooled files ->
 ``run_job`` -> ``finish_job`` with the bundle and stage times, ``objects_created`` and one
@@ -45,6 +48,7 @@ from glio_node.config import Destination, Settings
 from glio_node.errors import BadInput, BundleError, PermanentError, TransientError
 from glio_node.job import BundleCache
 from glio_node.pipeline.series import series_gaps
+from glio_node.pull.poller import SourcePoller
 from glio_node.receive.spool import Spool
 from glio_node.send import ResultSender, SendResult, make_sender
 from glio_node.store import audit, deliveries, queue
@@ -105,6 +109,7 @@ class NodeScheduler:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._scheduler: Any = None
+        self.pollers = [SourcePoller(s, sessions, spool, clock=clock) for s in settings.sources]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -137,6 +142,11 @@ class NodeScheduler:
             scheduler.add_job(
                 func, "interval", seconds=seconds, id=func.__name__, next_run_time=self.now()
             )
+        for poller in self.pollers:
+            scheduler.add_job(
+                poller.poll, "interval", seconds=poller.source.poll_seconds,
+                id=f"poll-{poller.source.name}", next_run_time=self.now(),
+            )
         scheduler.start()
         self._scheduler = scheduler
 
@@ -144,6 +154,8 @@ class NodeScheduler:
         """Stop taking work; wait up to ``grace_seconds`` for running jobs (renewing their
         leases), then give the unfinished ones back to the queue.  True when none was left."""
         self._stopping.set()
+        for poller in self.pollers:
+            poller.stop()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
         deadline = time.monotonic() + grace_seconds

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 import pytest
 from orthanc_peer import Orthanc
 from sqlalchemy import select
@@ -51,7 +52,9 @@ class Node:
             cwd=REPO, stdout=log, stderr=log, env=env,
         )
         self.procs.append(proc)
-        wait_for(lambda: "serving as" in self.log(), 60, "the node to start", self)
+        # The log is appended to across restarts: wait for this start's own line.
+        starts = len(self.procs)
+        wait_for(lambda: self.log().count("serving as") >= starts, 60, "the node to start", self)
         return self
 
     @property
@@ -113,14 +116,23 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, node: Node 
     pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tail}")
 
 
-def assert_results_in_orthanc(orthanc: Orthanc, node: Node, slide: SyntheticSlide) -> None:
-    """Every delivered object is in Orthanc, in the slide's study: SEG, SR and heatmaps."""
+def assert_results_in_orthanc(
+    orthanc: Orthanc, node: Node, slide: SyntheticSlide, *, slide_in_orthanc: bool = False
+) -> None:
+    """Every delivered object is in Orthanc, in the slide's study: SEG, SR and heatmaps.
+
+    ``slide_in_orthanc``: Orthanc also holds the slide itself (the node pulled it from there).
+    """
     delivered = {d.sop_instance_uid: d.sop_class_uid for d in node.deliveries()}
     in_orthanc = {
         i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.instances_of_study(slide.study_instance_uid)
     }
-    assert set(delivered) == in_orthanc
-    assert orthanc.instance_count() == len(delivered)  # nothing outside the slide's study
+    slide_uids = (
+        {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in slide.files}
+        if slide_in_orthanc else set()
+    )
+    assert set(delivered) | slide_uids == in_orthanc
+    assert orthanc.instance_count() == len(delivered) + len(slide_uids)  # nothing outside the study
     modalities = Counter(s["MainDicomTags"].get("Modality") for s in orthanc.series_of_study(slide.study_instance_uid))
     assert modalities["SEG"] >= 1 and modalities["SR"] == 1, modalities
     assert PARAMETRIC_MAP in delivered.values()  # the heatmaps

@@ -6,6 +6,7 @@ writes a JSON config into a folder, starts the server and waits until its REST A
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import socket
@@ -97,14 +98,24 @@ class Orthanc:
                 self.process.wait()
         self.process = None
 
+    def auth_headers(self) -> dict[str, str]:
+        """Basic auth as the first of ``RegisteredUsers`` when ``extra`` turns authentication on
+        (so the helpers below, and tests, can talk to a protected Orthanc)."""
+        users = self.extra.get("RegisteredUsers") if self.extra.get("AuthenticationEnabled") else None
+        if not users:
+            return {}
+        user, password = next(iter(users.items()))
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+        request = urllib.request.Request(self.url + path, headers=self.auth_headers())
+        with urllib.request.urlopen(request, timeout=10) as r:
             return json.loads(r.read())
 
     def post(self, path: str, body: Any) -> Any:
         request = urllib.request.Request(
             self.url + path, data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **self.auth_headers()},
         )
         with urllib.request.urlopen(request, timeout=10) as r:
             return json.loads(r.read())

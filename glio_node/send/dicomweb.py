@@ -7,7 +7,6 @@ PS3.18 10.5: 200 all stored; 202 some stored (FailedSOPSequence (0008,1198) name
 
 from __future__ import annotations
 
-import base64
 import json
 import urllib.error
 import urllib.request
@@ -19,6 +18,7 @@ import pydicom
 
 from glio_node.config import Destination
 from glio_node.errors import TransientError
+from glio_node.http_auth import authorization_header
 from glio_node.send import SendResult
 
 FAILED_SOP_SEQUENCE = "00081198"
@@ -41,11 +41,11 @@ class StowSender:
             "Accept": "application/dicom+json",
         }
         d = self.destination
-        if d.bearer_token:
-            headers["Authorization"] = f"Bearer {d.bearer_token}"
-        elif d.username:
-            token = base64.b64encode(f"{d.username}:{d.password}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+        headers.update(
+            authorization_header(
+                username=d.username, password=d.password, bearer_token=d.bearer_token
+            )
+        )
         return headers
 
     def send(self, paths: Sequence[Path]) -> list[SendResult]:

@@ -44,6 +44,9 @@ class Event(enum.StrEnum):
     OBJECTS_CREATED = "objects_created"
     DELIVERY_ATTEMPT = "delivery_attempt"
     PURGE = "purge"
+    POLL_FOUND = "poll_found"  # a [[sources]] poll found series not seen before; details: counts
+    POLL_FAILED = "poll_failed"  # a source could not be polled or read; once per distinct error
+    SERIES_RETRIEVED = "series_retrieved"  # a series pulled by WADO-RS into the spool
 
 
 # The row's own columns that callers may set; anything else is an error, not silently dropped.

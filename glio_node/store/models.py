@@ -80,6 +80,12 @@ class DeliveryState(enum.StrEnum):
     FAILED = "failed"  # given up after max attempts or a permanent refusal
 
 
+class PullState(enum.StrEnum):
+    SEEN = "seen"  # found by QIDO-RS; taken once its instance count holds still for one poll
+    TAKEN = "taken"  # retrieved by WADO-RS into the spool; never fetched again
+    SKIPPED = "skipped"  # already on the server at the first poll and older than the lookback
+
+
 def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
     return Enum(
         cls,
@@ -215,3 +221,32 @@ class AuditEvent(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     job_id: Mapped[int | None] = mapped_column(BigInteger)  # no foreign key, on purpose
     details: Mapped[dict[str, Any] | None]
+
+
+class PullSource(Base):
+    """What the node remembers of one ``[[sources]]`` DICOMweb server between polls."""
+
+    __tablename__ = "pull_source"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(16), unique=True)  # [[sources]] name
+    last_poll_at: Mapped[datetime | None]  # last poll, whatever its outcome
+    last_success_at: Mapped[datetime | None]  # last poll whose QIDO-RS query answered
+    last_error: Mapped[str | None] = mapped_column(Text)  # why the polls fail now; None when fine
+
+
+class PullSeries(Base):
+    """A series a source's QIDO-RS answer named: seen, taken (retrieved) or skipped."""
+
+    __tablename__ = "pull_series"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))  # [[sources]] name
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    study_instance_uid: Mapped[str] = mapped_column(UID)
+    state: Mapped[PullState] = mapped_column(_enum(PullState, "pull_state"))
+    instance_count: Mapped[int | None]  # NumberOfSeriesRelatedInstances at the last poll
+    first_seen_at: Mapped[datetime]
+    taken_at: Mapped[datetime | None]
+
+    __table_args__ = (UniqueConstraint("source", "series_instance_uid"),)
