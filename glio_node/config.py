@@ -120,8 +120,9 @@ class Destination:
     type: str = "dimse"  # "dimse" (C-STORE SCU) or "dicomweb" (STOW-RS)
     url: str = ""  # dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web
     username: str = ""  # dicomweb: HTTP basic auth user (with password)
-    password: str = ""  # dicomweb: HTTP basic auth password
-    bearer_token: str = ""  # dicomweb: "Authorization: Bearer <token>" (instead of basic auth)
+    # Secrets stay out of repr(): settings objects end up in tracebacks and debug logs.
+    password: str = field(default="", repr=False)  # dicomweb: HTTP basic auth password
+    bearer_token: str = field(default="", repr=False)  # dicomweb: "Authorization: Bearer <token>"
 
     @staticmethod
     def _required_keys(values: Mapping[str, Any]) -> tuple[str, ...]:

@@ -161,3 +161,13 @@ def test_settings_are_frozen():
     s = Settings()
     with pytest.raises(AttributeError):
         s.node.port = 1  # type: ignore[misc]
+
+
+def test_destination_secrets_stay_out_of_repr():
+    settings = load_settings(None, {
+        "GLIO_DESTINATIONS_0_NAME": "web", "GLIO_DESTINATIONS_0_TYPE": "dicomweb",
+        "GLIO_DESTINATIONS_0_URL": "http://pacs:8042/dicom-web",
+        "GLIO_DESTINATIONS_0_USERNAME": "glio", "GLIO_DESTINATIONS_0_PASSWORD": "s3cret-pw",
+    })
+    assert settings.destinations[0].password == "s3cret-pw"
+    assert "s3cret-pw" not in repr(settings)
