@@ -120,6 +120,8 @@ class Destination:
     username: str = ""  # dicomweb: HTTP basic auth user (with password)
     password: str = ""  # dicomweb: HTTP basic auth password
     bearer_token: str = ""  # dicomweb: "Authorization: Bearer <token>" (instead of basic auth)
+    storage_commitment: bool = False  # dimse: ask for Storage Commitment; purge only once confirmed
+    commitment_timeout_seconds: float = 600.0  # no N-EVENT-REPORT this long after asking: ask again
 
     @staticmethod
     def _required_keys(values: Mapping[str, Any]) -> tuple[str, ...]:
@@ -137,11 +139,21 @@ class Destination:
             )
         if self.type not in DESTINATION_TYPES:
             raise ConfigError(f"{where} type = {self.type!r}: use \"dimse\" or \"dicomweb\"")
+        if not self.commitment_timeout_seconds > 0:
+            raise ConfigError(
+                f"{where} commitment_timeout_seconds = {self.commitment_timeout_seconds}: "
+                "must be more than 0"
+            )
         if self.type == "dimse":
             _check_ae_title(where, "ae_title", self.ae_title)
             _check_host(where, "host", self.host)
             _check_port(where, "port", self.port)
             return
+        if self.storage_commitment:
+            raise ConfigError(
+                f"{where} storage_commitment = true: Storage Commitment is a DIMSE service; "
+                "a dicomweb destination cannot confirm storage, set it to false"
+            )
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.url):
             raise ConfigError(
                 f"{where} url = {self.url!r}: give the DICOMweb root as http(s)://host[:port]/path"

@@ -9,8 +9,12 @@ Periodic jobs, each a method of :class:`NodeScheduler` that tests may also call 
 - ``renew_leases``: keep the leases of this node's running jobs (every third of a lease);
 - ``requeue_expired``: take back jobs whose node died (lease passed);
 - ``deliver``: send pending result objects, one association / request per destination;
-- ``purge``: remove a slide and its results from the spool once every destination has them and
-  ``[storage] retention_seconds`` have passed.
+- ``request_commitments``: for destinations with ``storage_commitment = true``, ask for Storage
+  Commitment of a job's sent results (N-ACTION), and ask again when it was refused or no
+  N-EVENT-REPORT came within ``commitment_timeout_seconds`` (:mod:`glio_node.store.commitments`);
+- ``purge``: remove a slide and its results from the spool once every destination has them
+  (committed, on destinations with Storage Commitment) and ``[storage] retention_seconds`` have
+  passed.
 
 One job, top to bottom (:meth:`NodeScheduler.run_claimed`): the series' spooled files ->
 ``run_job`` -> ``finish_job`` with the bundle and stage times, ``objects_created`` and one
@@ -39,6 +43,7 @@ from typing import Any
 
 import pydicom
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from glio_node.config import Destination, Settings
@@ -47,7 +52,7 @@ from glio_node.job import BundleCache
 from glio_node.pipeline.series import series_gaps
 from glio_node.receive.spool import Spool
 from glio_node.send import ResultSender, SendResult, make_sender
-from glio_node.store import audit, deliveries, queue
+from glio_node.store import audit, commitments, deliveries, queue
 from glio_node.store.audit import Event
 from glio_node.store.models import Instance, Series, SeriesState
 
@@ -131,6 +136,7 @@ class NodeScheduler:
             (self.renew_leases, max(s.worker.lease_seconds / 3, 0.5)),
             (self.requeue_expired, min(max(s.worker.lease_seconds / 3, 1.0), 60.0)),
             (self.deliver, 1.0),
+            (self.request_commitments, 1.0),
             (self.purge, 60.0 if s.storage.retention_seconds >= 60 else 5.0),
         ]
         for func, seconds in every:
@@ -434,6 +440,65 @@ class NodeScheduler:
             name, ", ".join(map(str, jobs)), ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
         )
 
+    # -- storage commitment ----------------------------------------------------------------
+
+    def commitment_destinations(self) -> list[str]:
+        """Names of the destinations whose deliveries count only once committed."""
+        return [d.name for d in self.destinations.values() if d.storage_commitment]
+
+    def request_commitments(self) -> None:
+        """Expire unanswered commitment requests, then send an N-ACTION for every job whose
+        results on a commitment destination are all sent (module docstring)."""
+        names = self.commitment_destinations()
+        if not names or self._stopping.is_set():
+            return
+        max_requests = self.settings.worker.delivery_max_attempts
+        timeouts = {n: self.destinations[n].commitment_timeout_seconds for n in names}
+        with self.sessions.begin() as session:
+            expired = commitments.expire_requests(
+                session, timeouts, self.now(), self.policy, max_requests=max_requests
+            )
+        for job_id, name in expired:
+            log.warning(
+                "destination %s sent no Storage Commitment report for job %d within %.0f s; "
+                "asking again after a backoff", name, job_id, timeouts[name],
+            )
+        try:
+            with self.sessions.begin() as session:
+                opened = commitments.open_requests(
+                    session, names, self.now(), max_requests=max_requests
+                )
+        except IntegrityError:  # another node opened the same request first
+            return
+        from glio_node.receive.scp import handle_commitment_report
+        from glio_node.send.commitment import request_commitment
+
+        for request in opened:
+            destination = self.destinations[request.destination]
+            answer = request_commitment(
+                destination, self.settings.node.ae_title, request.transaction_uid,
+                request.references,
+                on_report=lambda event: handle_commitment_report(event, self.sessions, max_requests),
+            )
+            if answer.ok:
+                log.info(
+                    "destination %s asked to commit %d object(s) of job %d (request %d)",
+                    request.destination, len(request.references), request.job_id, request.attempt,
+                )
+                continue
+            with self.sessions.begin() as session:
+                retry_at = commitments.record_refusal(
+                    session, request, answer.status, self.now(), self.policy,
+                    max_requests=max_requests,
+                )
+            log.warning(
+                "destination %s refused the Storage Commitment request for job %d: %s; the "
+                "spool keeps the job until it is confirmed (%s). If this destination does not "
+                "support Storage Commitment, set storage_commitment = false for it",
+                request.destination, request.job_id, answer.status,
+                f"asking again at {retry_at:%H:%M:%S} UTC" if retry_at else "gave up asking",
+            )
+
     # -- purge -----------------------------------------------------------------------------
 
     def purge(self) -> None:
@@ -441,7 +506,7 @@ class NodeScheduler:
         now = self.now()
         before = now - timedelta(seconds=self.settings.storage.retention_seconds)
         with self.sessions.begin() as session:
-            jobs = deliveries.purgeable_jobs(session, before)
+            jobs = deliveries.purgeable_jobs(session, before, self.commitment_destinations())
         for job in jobs:
             removed = self.spool.purge_series(job.study_instance_uid, job.series_instance_uid)
             with self.sessions.begin() as session:

@@ -42,7 +42,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.events import Event as DicomEvent
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,7 +51,7 @@ from glio_node.config import Settings
 from glio_node.errors import BadInput
 from glio_node.receive.spool import Spool, checked_uid
 from glio_node.receive.statuses import SUCCESS, InstanceRefused, Refusal
-from glio_node.store import audit
+from glio_node.store import audit, commitments
 from glio_node.store.audit import Event
 from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
 
@@ -100,15 +100,24 @@ def build_ae(settings: Settings, spool: Spool) -> AE:
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(WSI_TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification)
+    # Storage Commitment reports (N-EVENT-REPORT) from destinations: the destination opens the
+    # association and takes the SCP role of the SOP class, so accept either proposed role.
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
     if settings.node.allowed_calling_ae_titles:
         ae.require_calling_aet = list(settings.node.allowed_calling_ae_titles)
     return ae
 
 
-def event_handlers(spool: Spool, sessions: Sessions) -> list[tuple[Any, ...]]:
-    """The handlers with their dependencies bound, for ``AE.start_server(evt_handlers=...)``."""
+def event_handlers(
+    spool: Spool, sessions: Sessions, max_attempts: int = 100
+) -> list[tuple[Any, ...]]:
+    """The handlers with their dependencies bound, for ``AE.start_server(evt_handlers=...)``.
+
+    ``max_attempts``: ``[worker] delivery_max_attempts``, the cap on re-sending an object a
+    Storage Commitment report says failed."""
     return [
         (evt.EVT_C_STORE, handle_store, [spool, sessions]),
+        (evt.EVT_N_EVENT_REPORT, handle_commitment_report, [sessions, max_attempts]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, handle_accepted, [sessions]),
         (evt.EVT_REJECTED, handle_rejected, [sessions]),
@@ -130,7 +139,7 @@ def start_receiver(
     return ae.start_server(
         address or (settings.node.host, settings.node.port),
         block=False,
-        evt_handlers=event_handlers(spool, sessions),
+        evt_handlers=event_handlers(spool, sessions, settings.worker.delivery_max_attempts),
     )
 
 
@@ -291,6 +300,70 @@ def _store(
         stored.path.unlink(missing_ok=True)
         raise InstanceRefused(Refusal.DATABASE_UNAVAILABLE, type(exc).__name__, uids) from exc
     return SUCCESS
+
+
+def handle_commitment_report(
+    event: DicomEvent, sessions: Sessions, max_attempts: int
+) -> tuple[int, None]:
+    """N-EVENT-REPORT of the Storage Commitment Push Model: apply the destination's answer to
+    the request with its Transaction UID (:func:`glio_node.store.commitments.record_report`).
+
+    0x0000 once recorded; 0x0112 (no such SOP instance) for another SOP instance than the
+    well-known one, 0x0113 for an event type other than 1/2, 0x0115 for a report without a
+    usable Transaction UID or naming a transaction the node never started; 0x0110 when the
+    database cannot record it (the destination may send it again).
+    """
+    from pynetdicom.sop_class import StorageCommitmentPushModelInstance
+
+    calling_ae, address = _peer(event)
+    request = event.request
+    if str(request.AffectedSOPClassUID) != StorageCommitmentPushModel:
+        return 0x0118, None  # no such SOP class: N-EVENT-REPORTs of other services
+    if str(request.AffectedSOPInstanceUID) != StorageCommitmentPushModelInstance:
+        return 0x0112, None
+    if request.EventTypeID not in (1, 2):
+        return 0x0113, None
+    try:
+        info = event.event_information
+        transaction_uid = str(info.TransactionUID)
+        committed = [
+            str(item.ReferencedSOPInstanceUID) for item in info.get("ReferencedSOPSequence", [])
+        ]
+        failed = {
+            str(item.ReferencedSOPInstanceUID): (
+                int(item.FailureReason) if "FailureReason" in item else None
+            )
+            for item in info.get("FailedSOPSequence", [])
+        }
+    except (*_PARSE_ERRORS, AttributeError) as exc:
+        log.warning("Storage Commitment report from %s unreadable: %s", calling_ae, exc)
+        return 0x0115, None
+    try:
+        with sessions.begin() as session:
+            outcome = commitments.record_report(
+                session, transaction_uid, committed, failed, datetime.now(UTC),
+                max_attempts=max_attempts, calling_ae=calling_ae, address=address,
+            )
+    except SQLAlchemyError:
+        log.exception("Storage Commitment report from %s could not be recorded", calling_ae)
+        return 0x0110, None
+    if outcome is None:
+        log.warning(
+            "Storage Commitment report from %s for transaction %s, which this node did not "
+            "request: ignored", calling_ae, transaction_uid,
+        )
+        return 0x0115, None
+    if failed:
+        log.warning(
+            "destination %s: Storage Commitment of job %d failed for %d object(s): %d will be "
+            "sent again, %d given up", outcome.destination, outcome.job_id, len(failed),
+            outcome.resend, outcome.given_up,
+        )
+    log.info(
+        "destination %s committed %d object(s) of job %d",
+        outcome.destination, outcome.committed, outcome.job_id,
+    )
+    return 0x0000, None
 
 
 # ------------------------------------------------------------------------------------------

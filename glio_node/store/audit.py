@@ -44,6 +44,9 @@ class Event(enum.StrEnum):
     OBJECTS_CREATED = "objects_created"
     DELIVERY_ATTEMPT = "delivery_attempt"
     PURGE = "purge"
+    COMMITMENT_REQUESTED = "commitment_requested"  # N-ACTION sent to a destination
+    COMMITMENT_CONFIRMED = "commitment_confirmed"  # N-EVENT-REPORT: every object committed
+    COMMITMENT_FAILED = "commitment_failed"  # failed objects, refused N-ACTION, or no answer in time
 
 
 # The row's own columns that callers may set; anything else is an error, not silently dropped.
