@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (
 from glio_node.config import Destination
 
 REQUEST_STORAGE_COMMITMENT = 1  # Action Type ID, PS3.4 J.3.2.1
+NOT_SUPPORTED = "Storage Commitment SOP class not accepted by the destination"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ def request_commitment(
         destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=handlers
     )
     if not assoc.is_established:
+        if assoc.rejected_contexts:  # pynetdicom aborts when no context was accepted
+            return CommitmentSend(False, NOT_SUPPORTED)
         return CommitmentSend(
             False,
             "association rejected" if assoc.is_rejected
@@ -82,7 +85,7 @@ def request_commitment(
         if not any(
             cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.accepted_contexts
         ):
-            return CommitmentSend(False, "Storage Commitment not accepted (no presentation context)")
+            return CommitmentSend(False, NOT_SUPPORTED)
         status, _reply = assoc.send_n_action(
             action_information(transaction_uid, references),
             REQUEST_STORAGE_COMMITMENT,

@@ -4,6 +4,7 @@ failed objects are sent again (capped); unanswered or refused requests are asked
 
 The database fixtures (``database_url``, ``sessions``, ``postgres_url``) are test_store's.
 """
+# ruff: noqa: F811 - the imported fixtures are, as pytest intends, redefined as parameters
 
 from __future__ import annotations
 
