@@ -3,7 +3,8 @@
 
 - Orthanc (Storage Commitment SCP since 1.6.0) answers the N-ACTION with an N-EVENT-REPORT on a
   new association to the node's AE (it finds the node in its ``DicomModalities`` by our calling
-  AE title); the results are then committed and the spool is purged;
+  AE title); an object Orthanc lost is reported failed, sent again and committed by a second
+  request; only then is the spool purged;
 - DCMTK ``storescp`` does not implement Storage Commitment: the N-ACTION is refused, the audit
   says so, and the spool keeps the job.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,18 +155,41 @@ def test_orthanc_commits_by_a_report_on_a_new_association_and_then_the_spool_is_
         setup.scheduler.purge()
         assert not setup.purged()  # sent, not committed
 
+        # Orthanc loses one object before it is asked: its report lists that one as failed.
+        [lost, *_] = orthanc.instances_of_study(slide.study_instance_uid)
+        urllib.request.urlopen(
+            urllib.request.Request(f"{orthanc.url}/instances/{lost['ID']}", method="DELETE"),
+            timeout=10,
+        ).close()
+        lost_uid = lost["MainDicomTags"]["SOPInstanceUID"]
+
         setup.scheduler.request_commitments()
-        [requested] = setup.events("commitment_requested")
-        assert requested.details["objects"] == len(slide.files)
-        wait_until(lambda: setup.events("commitment_confirmed"), 20, "Orthanc's N-EVENT-REPORT")
-        [confirmed] = setup.events("commitment_confirmed")
-        assert confirmed.calling_ae == "ORTHANC"  # it came from Orthanc, on its own association
-        assert confirmed.details["transaction_uid"] == requested.details["transaction_uid"]
-        assert confirmed.details["committed"] == len(slide.files)
-        assert {d.state for d in setup.deliveries()} == {DeliveryState.COMMITTED}
-        assert all(d.committed_at is not None for d in setup.deliveries())
+        [first] = setup.events("commitment_requested")
+        assert first.details["objects"] == len(slide.files)
+        [failed] = wait_until(lambda: setup.events("commitment_failed"), 20, "Orthanc's report")
+        assert failed.calling_ae == "ORTHANC"  # it came from Orthanc, on its own association
+        assert failed.details["reason"] == "failed_objects" and failed.details["resend"] == 1
+        assert [f["sop_instance_uid"] for f in failed.details["failures"]] == [lost_uid]
+        states = {d.sop_instance_uid: d.state for d in setup.deliveries()}
+        assert states.pop(lost_uid) == DeliveryState.PENDING
+        assert set(states.values()) == {DeliveryState.COMMITTED}
         accepted = [e for e in setup.events("association_accepted") if e.calling_ae == "ORTHANC"]
         assert accepted, "the report should arrive on an association Orthanc opened"
+        setup.scheduler.purge()
+        assert not setup.purged()
+
+        # The lost object is sent again and a second request commits it.
+        setup.scheduler.deliver()
+        setup.scheduler.request_commitments()
+        second = setup.events("commitment_requested")[-1]
+        assert second.details["objects"] == 1 and second.details["attempt"] == 2
+        [confirmed] = wait_until(
+            lambda: [e for e in setup.events("commitment_confirmed")
+                     if e.details["transaction_uid"] == second.details["transaction_uid"]],
+            20, "Orthanc's second report",
+        )
+        assert {d.state for d in setup.deliveries()} == {DeliveryState.COMMITTED}
+        assert all(d.committed_at is not None for d in setup.deliveries())
 
         setup.scheduler.purge()
         assert setup.purged() and not setup.results.exists()
