@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -68,6 +69,15 @@ DELIVERY_BATCH = 64  # objects per association / STOW-RS request
 def series_tag(series_instance_uid: str) -> str:
     """A short, stable, non-identifying name for a series in log lines."""
     return "s-" + hashlib.sha256(series_instance_uid.encode()).hexdigest()[:10]
+
+
+_UID_IN_TEXT = re.compile(r"(?<![\w.])\d+(?:\.\d+){2,}(?!\w|\.\d)")
+
+
+def without_uids(text: str) -> str:
+    """``text`` for a log line: DICOM UIDs (also inside spool paths, which are made of them)
+    replaced by ``<uid>``; the full text stays in the job row, which is not a log."""
+    return _UID_IN_TEXT.sub(lambda m: "<uid>" if len(m.group()) >= 10 else m.group(), text)
 
 
 def default_owner() -> str:
@@ -215,9 +225,13 @@ class NodeScheduler:
                             warning="quiet and still incomplete after incomplete_wait_seconds; "
                             "analysed as it is",
                         )
-                    audit.record(session, event, at=now, series_instance_uid=uid, details=details)
                     queued = queue.enqueue_series(
                         session, uid, max_attempts=self.settings.worker.max_attempts, now=now
+                    )
+                    # With the job's id, so the job's own trail carries the incompleteness warning.
+                    audit.record(
+                        session, event, at=now, series_instance_uid=uid, job_id=queued.job_id,
+                        details=details,
                     )
                     if gaps:
                         log.warning(
@@ -385,7 +399,7 @@ class NodeScheduler:
         log.error(
             "job %d series %s %s after %.1f s (attempt %d/%d): %s",
             job.id, series_tag(job.series_instance_uid), how,
-            time.monotonic() - started, job.attempts, job.max_attempts, error,
+            time.monotonic() - started, job.attempts, job.max_attempts, without_uids(error),
         )
 
     # -- delivery --------------------------------------------------------------------------
