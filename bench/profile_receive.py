@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.receive import ensure_slide, free_port  # noqa: E402
+from bench.receive import ensure_slide, free_port
 
 
 class Receiver:
