@@ -5,6 +5,8 @@
   new association to the node's AE (it finds the node in its ``DicomModalities`` by our calling
   AE title); an object Orthanc lost is reported failed, sent again and committed by a second
   request; only then is the spool purged;
+- Orthanc whose report cannot reach the node: the request expires after
+  ``commitment_timeout_seconds`` and a new one is sent after the backoff;
 - DCMTK ``storescp`` does not implement Storage Commitment: the N-ACTION is refused, the audit
   says so, and the spool keeps the job.
 
@@ -67,7 +69,8 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlide:
 class Setup:
     """The node's store, spool, receiver and scheduler, with one done job to deliver."""
 
-    def __init__(self, tmp_path: Path, slide: SyntheticSlide, destinations: list[Destination]):
+    def __init__(self, tmp_path: Path, slide: SyntheticSlide, destinations: list[Destination],
+                 backoff_seconds: float = 30):
         url = f"sqlite:///{tmp_path / 'glio.db'}"
         upgrade(url)
         self.port = free_port()
@@ -78,7 +81,9 @@ class Setup:
                 retention_seconds=0,
             ),
             destinations=tuple(destinations),
-            worker=WorkerSettings(backoff_base_seconds=30, backoff_max_seconds=60),
+            worker=WorkerSettings(
+                backoff_base_seconds=backoff_seconds, backoff_max_seconds=2 * backoff_seconds
+            ),
         )
         self.engine = make_engine(url)
         self.sessions = make_sessions(self.engine)
@@ -236,3 +241,39 @@ def test_storescp_refuses_the_commitment_request_and_the_spool_keeps_the_job(
     finally:
         storescp.terminate()
         storescp.wait(timeout=10)
+
+
+def test_a_report_that_never_comes_expires_the_request_and_the_node_asks_again(
+    tmp_path, slide, setups
+):
+    # Orthanc accepts the N-ACTION but its report goes to a port where nothing listens.
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port(), extra={
+        "DicomModalities": {"glionode": ["GLIONODE", "127.0.0.1", free_port()]},
+    })
+    pacs = Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port, storage_commitment=True,
+                       commitment_timeout_seconds=1)
+    setup = Setup(tmp_path, slide, [pacs], backoff_seconds=1)
+    setups.append(setup)
+    orthanc.start()
+    try:
+        setup.scheduler.deliver()
+        setup.scheduler.request_commitments()
+        [first] = setup.events("commitment_requested")
+        time.sleep(1.2)
+        setup.scheduler.request_commitments()  # expires the first; the backoff is not over yet
+        [expired] = setup.events("commitment_failed")
+        assert expired.details["reason"] == "no_report" and expired.details["timeout_seconds"] == 1
+        assert expired.details["transaction_uid"] == first.details["transaction_uid"]
+        assert len(setup.events("commitment_requested")) == 1
+        time.sleep(1.1)  # the backoff after one expiry: 1 s
+        setup.scheduler.request_commitments()
+        second = setup.events("commitment_requested")[-1]
+        assert second.details["attempt"] == 2
+        assert second.details["transaction_uid"] != first.details["transaction_uid"]
+        with setup.sessions.begin() as s:
+            states = [r.state for r in commitments.requests_of(s, setup.job_id)]
+        assert states == [CommitmentState.EXPIRED, CommitmentState.REQUESTED]
+        setup.scheduler.purge()
+        assert not setup.purged()
+    finally:
+        orthanc.stop()
