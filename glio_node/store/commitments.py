@@ -96,6 +96,13 @@ def open_requests(
         .join(Job, Job.id == Delivery.job_id)
         .where(Job.state == JobState.DONE, Job.purged_at.is_(None))
         .where(Delivery.destination.in_(list(destinations)))
+        .where(  # only jobs with something still to commit: committed jobs cost nothing here
+            Delivery.job_id.in_(
+                select(Delivery.job_id)
+                .where(Delivery.state == DeliveryState.SENT)
+                .where(Delivery.destination.in_(list(destinations)))
+            )
+        )
         .order_by(Delivery.job_id, Delivery.id)
     ).all()
     by_pair: dict[tuple[int, str], list[Any]] = defaultdict(list)
