@@ -123,6 +123,8 @@ class Destination:
     # Secrets stay out of repr(): settings objects end up in tracebacks and debug logs.
     password: str = field(default="", repr=False)  # dicomweb: HTTP basic auth password
     bearer_token: str = field(default="", repr=False)  # dicomweb: "Authorization: Bearer <token>"
+    storage_commitment: bool = False  # dimse: ask for Storage Commitment; purge only once confirmed
+    commitment_timeout_seconds: float = 600.0  # no N-EVENT-REPORT this long after asking: ask again
 
     @staticmethod
     def _required_keys(values: Mapping[str, Any]) -> tuple[str, ...]:
@@ -140,11 +142,21 @@ class Destination:
             )
         if self.type not in DESTINATION_TYPES:
             raise ConfigError(f"{where} type = {self.type!r}: use \"dimse\" or \"dicomweb\"")
+        if not self.commitment_timeout_seconds > 0:
+            raise ConfigError(
+                f"{where} commitment_timeout_seconds = {self.commitment_timeout_seconds}: "
+                "must be more than 0"
+            )
         if self.type == "dimse":
             _check_ae_title(where, "ae_title", self.ae_title)
             _check_host(where, "host", self.host)
             _check_port(where, "port", self.port)
             return
+        if self.storage_commitment:
+            raise ConfigError(
+                f"{where} storage_commitment = true: Storage Commitment is a DIMSE service; "
+                "a dicomweb destination cannot confirm storage, set it to false"
+            )
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.url):
             raise ConfigError(
                 f"{where} url = {self.url!r}: give the DICOMweb root as http(s)://host[:port]/path"

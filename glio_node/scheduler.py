@@ -9,8 +9,12 @@ Periodic jobs, each a method of :class:`NodeScheduler` that tests may also call 
 - ``renew_leases``: keep the leases of this node's running jobs (every third of a lease);
 - ``requeue_expired``: take back jobs whose node died (lease passed);
 - ``deliver``: send pending result objects, one association / request per destination;
-- ``purge``: remove a slide and its results from the spool once every destination has them and
-  ``[storage] retention_seconds`` have passed;
+- ``request_commitments``: for destinations with ``storage_commitment = true``, ask for Storage
+  Commitment of a job's sent results (N-ACTION), and ask again when it was refused or no
+  N-EVENT-REPORT came within ``commitment_timeout_seconds`` (:mod:`glio_node.store.commitments`);
+- ``purge``: remove a slide and its results from the spool once every destination has them
+  (committed, on destinations with Storage Commitment) and ``[storage] retention_seconds`` have
+  passed;
 - ``poll-<name>``, one per ``[[sources]]`` entry, every ``poll_seconds``: take new series from a
   DICOMweb server into the spool (:mod:`glio_node.pull.poller`); from there they are swept like
   C-STORE'd ones.  A node without sources has no such job.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -42,6 +47,7 @@ from typing import Any
 
 import pydicom
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from glio_node.config import Destination, Settings
@@ -51,7 +57,7 @@ from glio_node.pipeline.series import series_gaps
 from glio_node.pull.poller import SourcePoller
 from glio_node.receive.spool import Spool
 from glio_node.send import ResultSender, SendResult, make_sender
-from glio_node.store import audit, deliveries, queue
+from glio_node.store import audit, commitments, deliveries, queue
 from glio_node.store.audit import Event
 from glio_node.store.models import Instance, Series, SeriesState
 
@@ -67,6 +73,15 @@ DELIVERY_BATCH = 64  # objects per association / STOW-RS request
 def series_tag(series_instance_uid: str) -> str:
     """A short, stable, non-identifying name for a series in log lines."""
     return "s-" + hashlib.sha256(series_instance_uid.encode()).hexdigest()[:10]
+
+
+_UID_IN_TEXT = re.compile(r"(?<![\w.])\d+(?:\.\d+){2,}(?!\w|\.\d)")
+
+
+def without_uids(text: str) -> str:
+    """``text`` for a log line: DICOM UIDs (also inside spool paths, which are made of them)
+    replaced by ``<uid>``; the full text stays in the job row, which is not a log."""
+    return _UID_IN_TEXT.sub(lambda m: "<uid>" if len(m.group()) >= 10 else m.group(), text)
 
 
 def default_owner() -> str:
@@ -136,6 +151,7 @@ class NodeScheduler:
             (self.renew_leases, max(s.worker.lease_seconds / 3, 0.5)),
             (self.requeue_expired, min(max(s.worker.lease_seconds / 3, 1.0), 60.0)),
             (self.deliver, 1.0),
+            (self.request_commitments, 1.0),
             (self.purge, 60.0 if s.storage.retention_seconds >= 60 else 5.0),
         ]
         for func, seconds in every:
@@ -221,9 +237,13 @@ class NodeScheduler:
                             warning="quiet and still incomplete after incomplete_wait_seconds; "
                             "analysed as it is",
                         )
-                    audit.record(session, event, at=now, series_instance_uid=uid, details=details)
                     queued = queue.enqueue_series(
                         session, uid, max_attempts=self.settings.worker.max_attempts, now=now
+                    )
+                    # With the job's id, so the job's own trail carries the incompleteness warning.
+                    audit.record(
+                        session, event, at=now, series_instance_uid=uid, job_id=queued.job_id,
+                        details=details,
                     )
                     if gaps:
                         log.warning(
@@ -391,7 +411,7 @@ class NodeScheduler:
         log.error(
             "job %d series %s %s after %.1f s (attempt %d/%d): %s",
             job.id, series_tag(job.series_instance_uid), how,
-            time.monotonic() - started, job.attempts, job.max_attempts, error,
+            time.monotonic() - started, job.attempts, job.max_attempts, without_uids(error),
         )
 
     # -- delivery --------------------------------------------------------------------------
@@ -446,6 +466,65 @@ class NodeScheduler:
             name, ", ".join(map(str, jobs)), ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
         )
 
+    # -- storage commitment ----------------------------------------------------------------
+
+    def commitment_destinations(self) -> list[str]:
+        """Names of the destinations whose deliveries count only once committed."""
+        return [d.name for d in self.destinations.values() if d.storage_commitment]
+
+    def request_commitments(self) -> None:
+        """Expire unanswered commitment requests, then send an N-ACTION for every job whose
+        results on a commitment destination are all sent (module docstring)."""
+        names = self.commitment_destinations()
+        if not names or self._stopping.is_set():
+            return
+        max_requests = self.settings.worker.delivery_max_attempts
+        timeouts = {n: self.destinations[n].commitment_timeout_seconds for n in names}
+        with self.sessions.begin() as session:
+            expired = commitments.expire_requests(
+                session, timeouts, self.now(), self.policy, max_requests=max_requests
+            )
+        for job_id, name in expired:
+            log.warning(
+                "destination %s sent no Storage Commitment report for job %d within %.0f s; "
+                "asking again after a backoff", name, job_id, timeouts[name],
+            )
+        try:
+            with self.sessions.begin() as session:
+                opened = commitments.open_requests(
+                    session, names, self.now(), max_requests=max_requests
+                )
+        except IntegrityError:  # another node opened the same request first
+            return
+        from glio_node.receive.scp import handle_commitment_report
+        from glio_node.send.commitment import request_commitment
+
+        for request in opened:
+            destination = self.destinations[request.destination]
+            answer = request_commitment(
+                destination, self.settings.node.ae_title, request.transaction_uid,
+                request.references,
+                on_report=lambda event: handle_commitment_report(event, self.sessions, max_requests),
+            )
+            if answer.ok:
+                log.info(
+                    "destination %s asked to commit %d object(s) of job %d (request %d)",
+                    request.destination, len(request.references), request.job_id, request.attempt,
+                )
+                continue
+            with self.sessions.begin() as session:
+                retry_at = commitments.record_refusal(
+                    session, request, answer.status, self.now(), self.policy,
+                    max_requests=max_requests,
+                )
+            log.warning(
+                "destination %s refused the Storage Commitment request for job %d: %s; the "
+                "spool keeps the job until it is confirmed (%s). If this destination does not "
+                "support Storage Commitment, set storage_commitment = false for it",
+                request.destination, request.job_id, answer.status,
+                f"asking again at {retry_at:%H:%M:%S} UTC" if retry_at else "gave up asking",
+            )
+
     # -- purge -----------------------------------------------------------------------------
 
     def purge(self) -> None:
@@ -453,7 +532,7 @@ class NodeScheduler:
         now = self.now()
         before = now - timedelta(seconds=self.settings.storage.retention_seconds)
         with self.sessions.begin() as session:
-            jobs = deliveries.purgeable_jobs(session, before)
+            jobs = deliveries.purgeable_jobs(session, before, self.commitment_destinations())
         for job in jobs:
             removed = self.spool.purge_series(job.study_instance_uid, job.series_instance_uid)
             with self.sessions.begin() as session:

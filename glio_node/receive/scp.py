@@ -19,6 +19,7 @@ audits them.  Every status comes from :mod:`glio_node.receive.statuses`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import struct
 import tempfile
@@ -42,7 +43,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.events import Event as DicomEvent
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -51,7 +52,7 @@ from glio_node.config import Settings
 from glio_node.errors import BadInput
 from glio_node.receive.spool import Spool, checked_uid
 from glio_node.receive.statuses import SUCCESS, InstanceRefused, Refusal
-from glio_node.store import audit
+from glio_node.store import audit, commitments
 from glio_node.store.audit import Event
 from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
 
@@ -69,6 +70,7 @@ WSI_TRANSFER_SYNTAXES = (
     DeflatedExplicitVRLittleEndian,
 )
 STORAGE_SOP_CLASSES = (VLWholeSlideMicroscopyImageStorage,)
+MAX_PDU_BYTES = 1_048_576  # the largest PDU we accept; bounds the memory of one read
 
 # What pydicom raises on malformed bytes: a bad dataset is the sender's problem (0xC210), not a
 # crash of the receiver.
@@ -97,18 +99,30 @@ def build_ae(settings: Settings, spool: Spool) -> AE:
     """
     _receive_chunked_into(spool.incoming_dir)
     ae = AE(ae_title=settings.node.ae_title)
+    # Larger PDUs than pynetdicom's 16 KiB default: fewer PDUs to decode in Python per instance
+    # (DCMTK senders then send 128 KiB ones), the receiver's CPU being its bottleneck.
+    ae.maximum_pdu_size = MAX_PDU_BYTES
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(WSI_TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification)
+    # Storage Commitment reports (N-EVENT-REPORT) from destinations: the destination opens the
+    # association and takes the SCP role of the SOP class, so accept either proposed role.
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
     if settings.node.allowed_calling_ae_titles:
         ae.require_calling_aet = list(settings.node.allowed_calling_ae_titles)
     return ae
 
 
-def event_handlers(spool: Spool, sessions: Sessions) -> list[tuple[Any, ...]]:
-    """The handlers with their dependencies bound, for ``AE.start_server(evt_handlers=...)``."""
+def event_handlers(
+    spool: Spool, sessions: Sessions, max_attempts: int = 100
+) -> list[tuple[Any, ...]]:
+    """The handlers with their dependencies bound, for ``AE.start_server(evt_handlers=...)``.
+
+    ``max_attempts``: ``[worker] delivery_max_attempts``, the cap on re-sending an object a
+    Storage Commitment report says failed."""
     return [
         (evt.EVT_C_STORE, handle_store, [spool, sessions]),
+        (evt.EVT_N_EVENT_REPORT, handle_commitment_report, [sessions, max_attempts]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, handle_accepted, [sessions]),
         (evt.EVT_REJECTED, handle_rejected, [sessions]),
@@ -130,7 +144,7 @@ def start_receiver(
     return ae.start_server(
         address or (settings.node.host, settings.node.port),
         block=False,
-        evt_handlers=event_handlers(spool, sessions),
+        evt_handlers=event_handlers(spool, sessions, settings.worker.delivery_max_attempts),
     )
 
 
@@ -257,12 +271,15 @@ def _store(
             f"{spool.free_bytes()} bytes free, min_free_bytes {spool.min_free_bytes}",
             uids,
         )
+    written = getattr(event.request, "_dataset_file", None)  # our _HashingFile, when streamed
+    digest = written.digest() if isinstance(written, _HashingFile) else None
     try:
         stored = spool.store(
             source,
             uids["study_instance_uid"],
             uids["series_instance_uid"],
             uids["sop_instance_uid"],
+            digest=digest,
         )
     except OSError as exc:
         raise InstanceRefused(Refusal.WRITE_FAILED, f"{exc.strerror or exc}", uids) from exc
@@ -291,6 +308,70 @@ def _store(
         stored.path.unlink(missing_ok=True)
         raise InstanceRefused(Refusal.DATABASE_UNAVAILABLE, type(exc).__name__, uids) from exc
     return SUCCESS
+
+
+def handle_commitment_report(
+    event: DicomEvent, sessions: Sessions, max_attempts: int
+) -> tuple[int, None]:
+    """N-EVENT-REPORT of the Storage Commitment Push Model: apply the destination's answer to
+    the request with its Transaction UID (:func:`glio_node.store.commitments.record_report`).
+
+    0x0000 once recorded; 0x0112 (no such SOP instance) for another SOP instance than the
+    well-known one, 0x0113 for an event type other than 1/2, 0x0115 for a report without a
+    usable Transaction UID or naming a transaction the node never started; 0x0110 when the
+    database cannot record it (the destination may send it again).
+    """
+    from pynetdicom.sop_class import StorageCommitmentPushModelInstance
+
+    calling_ae, address = _peer(event)
+    request = event.request
+    if str(request.AffectedSOPClassUID) != StorageCommitmentPushModel:
+        return 0x0118, None  # no such SOP class: N-EVENT-REPORTs of other services
+    if str(request.AffectedSOPInstanceUID) != StorageCommitmentPushModelInstance:
+        return 0x0112, None
+    if request.EventTypeID not in (1, 2):
+        return 0x0113, None
+    try:
+        info = event.event_information
+        transaction_uid = str(info.TransactionUID)
+        committed = [
+            str(item.ReferencedSOPInstanceUID) for item in info.get("ReferencedSOPSequence", [])
+        ]
+        failed = {
+            str(item.ReferencedSOPInstanceUID): (
+                int(item.FailureReason) if "FailureReason" in item else None
+            )
+            for item in info.get("FailedSOPSequence", [])
+        }
+    except (*_PARSE_ERRORS, AttributeError) as exc:
+        log.warning("Storage Commitment report from %s unreadable: %s", calling_ae, exc)
+        return 0x0115, None
+    try:
+        with sessions.begin() as session:
+            outcome = commitments.record_report(
+                session, transaction_uid, committed, failed, datetime.now(UTC),
+                max_attempts=max_attempts, calling_ae=calling_ae, address=address,
+            )
+    except SQLAlchemyError:
+        log.exception("Storage Commitment report from %s could not be recorded", calling_ae)
+        return 0x0110, None
+    if outcome is None:
+        log.warning(
+            "Storage Commitment report from %s for transaction %s, which this node did not "
+            "request: ignored", calling_ae, transaction_uid,
+        )
+        return 0x0115, None
+    if failed:
+        log.warning(
+            "destination %s: Storage Commitment of job %d failed for %d object(s): %d will be "
+            "sent again, %d given up", outcome.destination, outcome.job_id, len(failed),
+            outcome.resend, outcome.given_up,
+        )
+    log.info(
+        "destination %s committed %d object(s) of job %d",
+        outcome.destination, outcome.committed, outcome.job_id,
+    )
+    return 0x0000, None
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,10 +418,39 @@ def _audit_quietly(sessions: Sessions, event: Event, **fields: Any) -> None:
 _chunk_dir: Path | None = None  # where pynetdicom's chunked receive writes (set by build_ae)
 
 
+class _HashingFile:
+    """pynetdicom's temporary file for a streamed C-STORE dataset, hashing the bytes as they
+    are written, so that the spool need not read the file again to record its SHA-256.
+
+    pynetdicom only writes to it sequentially (``write``, ``file.flush()``, ``close()``,
+    ``name``); anything else is passed through to the file.
+    """
+
+    def __init__(self, file: Any):
+        self._file = file
+        self._sha256 = hashlib.sha256()
+        self._size = 0
+        self.name = file.name
+        self.file = file.file
+
+    def write(self, data: bytes) -> int:
+        self._sha256.update(data)
+        self._size += len(data)
+        return self._file.write(data)
+
+    def digest(self) -> tuple[str, int]:
+        """SHA-256 (hex) and size of what was written so far."""
+        return self._sha256.hexdigest(), self._size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
 def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
     if _chunk_dir is not None and _chunk_dir.is_dir():
         kwargs.setdefault("dir", _chunk_dir)
-    return tempfile.NamedTemporaryFile(*args, **kwargs)
+    file = tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+    return _HashingFile(file) if "w" in str(kwargs.get("mode", "")) else file
 
 
 def _receive_chunked_into(directory: Path) -> None:

@@ -129,8 +129,12 @@ class Spool:
         study_instance_uid: str,
         series_instance_uid: str,
         sop_instance_uid: str,
+        digest: tuple[str, int] | None = None,
     ) -> StoredFile:
         """Make ``source`` the durable instance file; ``source`` is moved, not kept.
+
+        ``digest``: the file's SHA-256 (hex) and size when the writer computed them as it wrote
+        (the receiver does), so the file is not read again; it is fsync'ed all the same.
 
         A source on the spool's filesystem (the receiver's temporary file in ``incoming/``) is
         renamed; any other is copied into ``incoming/`` first.  Replaces an existing file of
@@ -139,10 +143,13 @@ class Spool:
         """
         final = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
         source = Path(source)
-        if os.stat(source).st_dev == os.stat(self.incoming_dir).st_dev:
-            temp, digest, size = source, *_hash_and_sync(source)
+        if os.stat(source).st_dev != os.stat(self.incoming_dir).st_dev:
+            temp, sha256, size = self._copy_in(source)
+        elif digest is not None:
+            _sync(source)
+            temp, (sha256, size) = source, digest
         else:
-            temp, digest, size = self._copy_in(source)
+            temp, sha256, size = source, *_hash_and_sync(source)
         try:
             _make_dirs(final.parent)
             os.replace(temp, final)
@@ -152,7 +159,7 @@ class Spool:
         _fsync_dir(final.parent)
         if temp != source:
             _unlink_quietly(source)
-        return StoredFile(final, size, digest)
+        return StoredFile(final, size, sha256)
 
     def new_temp_file(self, suffix: str = ".part") -> Path:
         """An empty temporary file in ``incoming/`` (for writers that fill it themselves)."""
@@ -185,6 +192,15 @@ class Spool:
             _unlink_quietly(Path(name))
             raise
         return Path(name), h.hexdigest(), size
+
+
+def _sync(path: Path) -> None:
+    """Flush ``path``'s data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _hash_and_sync(path: Path) -> tuple[str, int]:

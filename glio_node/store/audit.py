@@ -47,6 +47,9 @@ class Event(enum.StrEnum):
     POLL_FOUND = "poll_found"  # a [[sources]] poll found series not seen before; details: counts
     POLL_FAILED = "poll_failed"  # a source could not be polled or read; once per distinct error
     SERIES_RETRIEVED = "series_retrieved"  # a series pulled by WADO-RS into the spool
+    COMMITMENT_REQUESTED = "commitment_requested"  # N-ACTION sent to a destination
+    COMMITMENT_CONFIRMED = "commitment_confirmed"  # N-EVENT-REPORT: every object committed
+    COMMITMENT_FAILED = "commitment_failed"  # failed objects, refused N-ACTION, or no answer in time
 
 
 # The row's own columns that callers may set; anything else is an error, not silently dropped.

@@ -197,6 +197,7 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     delivered_at: Mapped[datetime | None]
+    committed_at: Mapped[datetime | None]  # the destination confirmed storage commitment
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
 
@@ -204,6 +205,37 @@ class Delivery(Base):
         UniqueConstraint("job_id", "destination", "sop_instance_uid"),
         Index("ix_delivery_state_next_attempt_at", "state", "next_attempt_at"),
     )
+
+
+class CommitmentState(enum.StrEnum):
+    REQUESTED = "requested"  # N-ACTION accepted; waiting for the N-EVENT-REPORT
+    CONFIRMED = "confirmed"  # the report says every referenced object is committed
+    FAILED = "failed"  # the report lists failed objects (they are sent again)
+    REFUSED = "refused"  # the N-ACTION was refused or the destination was unreachable
+    EXPIRED = "expired"  # no report within commitment_timeout_seconds; asked again
+
+
+class StorageCommitment(Base):
+    """One Storage Commitment request (N-ACTION) for the results of a job on one destination."""
+
+    __tablename__ = "storage_commitment"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("job.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))  # [[destinations]] name
+    attempt: Mapped[int]  # 1 for the first request of this job on this destination
+    transaction_uid: Mapped[str] = mapped_column(UID, unique=True)
+    state: Mapped[CommitmentState] = mapped_column(
+        _enum(CommitmentState, "commitment_state"), index=True
+    )
+    sop_instance_uids: Mapped[list[str]] = mapped_column(JSON)  # referenced in the N-ACTION
+    requested_at: Mapped[datetime]
+    answered_at: Mapped[datetime | None]  # N-EVENT-REPORT received (or N-ACTION refused)
+    retry_at: Mapped[datetime | None]  # refused / expired: do not ask again before this
+    last_status: Mapped[str | None] = mapped_column(String(64))  # N-ACTION status or reason
+    failures: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)  # Failed SOP Sequence
+
+    __table_args__ = (UniqueConstraint("job_id", "destination", "attempt"),)
 
 
 class AuditEvent(Base):

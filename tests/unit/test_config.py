@@ -101,6 +101,8 @@ def test_destinations_from_environment():
         },
     )
     assert s.destinations == (Destination("archive", "ARCH", "10.0.0.5", 104),)
+    s = load_settings(EXAMPLE, {"GLIO_DESTINATIONS_0_STORAGE_COMMITMENT": "yes"})
+    assert s.destinations[0].storage_commitment is True
 
 
 @pytest.mark.parametrize(
@@ -145,6 +147,16 @@ def test_bad_values_name_the_key_value_and_fix(env, match):
             r"name 'a' appears twice",
         ),
         ("[[destinations]]\nname='a b'\nae_title='A'\nhost='h'\nport=1\n", r"name = 'a b': use 1-64"),
+        (
+            "[[destinations]]\nname='web'\ntype='dicomweb'\nurl='http://h/dicom-web'\n"
+            "storage_commitment=true\n",
+            r"'web' storage_commitment = true: Storage Commitment is a DIMSE service",
+        ),
+        (
+            "[[destinations]]\nname='a'\nae_title='A'\nhost='h'\nport=1\n"
+            "commitment_timeout_seconds=0\n",
+            r"'a' commitment_timeout_seconds = 0.0: must be more than 0",
+        ),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path, text, match):

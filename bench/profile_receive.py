@@ -1,0 +1,178 @@
+"""Where the receiver's time goes: cProfile of one storescu send, and an A/B of its settings.
+
+    .venv/bin/python bench/profile_receive.py [--size 8192] [--ab 8] [--top 15]
+
+The receiver (``glio_node.receive.scp``, as ``start_receiver`` builds it, SQLite, a spool in a
+temporary folder) runs in this process; DCMTK ``storescu -xy -R`` with ``TCP_NODELAY=1`` sends
+bench/receive.py's slide (generated there, reused from ``.cache/bench-slides``).
+
+- Profile: pynetdicom receives on two threads, the DUL (socket, PDU decoding, writing the dataset
+  to its temporary file) and the association (the C-STORE handler); each gets a cProfile of its
+  own, printed by internal time.  Sleeps in them are their polling loops waiting.
+- ``--ab N``: N interleaved sends each to the receiver as it is ("after") and with pynetdicom's
+  16 KiB maximum PDU and the file read again to hash it ("before"); median wall and process CPU.
+
+Not a test, and not part of bench/receive.py's page: a tool for the next optimisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.receive import ensure_slide, free_port
+
+
+class Receiver:
+    """The node's SCP in this process, on a fresh spool and database."""
+
+    def __init__(self, scratch: Path, *, before: bool = False):
+        from glio_node.config import NodeSettings, Settings, StorageSettings
+        from glio_node.receive import Spool, scp
+        from glio_node.store.db import make_engine, make_sessions, upgrade
+
+        self.folder = Path(tempfile.mkdtemp(dir=scratch))
+        url = f"sqlite:///{self.folder / 'glio.db'}"
+        self.port = free_port()
+        settings = Settings(
+            node=NodeSettings(host="127.0.0.1", port=self.port),
+            storage=StorageSettings(spool_dir=self.folder / "spool", database_url=url, min_free_bytes=0),
+        )
+        upgrade(url)
+        self.engine = make_engine(url)
+        spool = Spool(settings.storage.spool_dir, 0)
+        ae = scp.build_ae(settings, spool)
+        self._restore = None
+        if before:  # pynetdicom's default PDU size, and a plain temporary file (hashed on re-read)
+            ae.maximum_pdu_size = 16382
+            hashing = scp.dimse_messages.NamedTemporaryFile
+            self._restore = hashing
+
+            def plain(*args: Any, **kwargs: Any) -> Any:
+                f = hashing(*args, **kwargs)
+                return f._file if isinstance(f, scp._HashingFile) else f
+
+            scp.dimse_messages.NamedTemporaryFile = plain
+        spool.clean_incoming()
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False,
+            evt_handlers=scp.event_handlers(spool, make_sessions(self.engine)),
+        )
+
+    def close(self) -> None:
+        from glio_node.receive import scp
+
+        self.server.shutdown()
+        self.engine.dispose()
+        if self._restore is not None:
+            scp.dimse_messages.NamedTemporaryFile = self._restore
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def send(port: int, files: list[Path]) -> tuple[float, float]:
+    """storescu's wall seconds and this process's CPU seconds over the send."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    c0, t0 = time.process_time(), time.perf_counter()
+    done = subprocess.run(
+        ["storescu", "-aec", "GLIONODE", "-xy", "-R", "127.0.0.1", str(port), *map(str, files)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return wall, cpu
+
+
+def profile(files: list[Path], scratch: Path, top: int) -> None:
+    import pynetdicom.association
+    import pynetdicom.dul
+
+    profiles: list[tuple[str, cProfile.Profile]] = []
+
+    def wrap(cls: Any, name: str) -> Any:
+        original = cls.run
+
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            p = cProfile.Profile()
+            profiles.append((name, p))
+            p.enable()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                p.disable()
+
+        cls.run = run
+        return original
+
+    originals = [
+        (pynetdicom.association.Association, wrap(pynetdicom.association.Association, "association")),
+        (pynetdicom.dul.DULServiceProvider, wrap(pynetdicom.dul.DULServiceProvider, "DUL")),
+    ]
+    receiver = Receiver(scratch)
+    try:
+        wall, cpu = send(receiver.port, files)
+        time.sleep(0.3)
+    finally:
+        receiver.close()
+        for cls, original in originals:
+            cls.run = original
+    size = sum(f.stat().st_size for f in files)
+    print(f"profiled send: {wall:.3f} s wall ({size / wall / 1e6:.1f} MB/s), {cpu:.3f} s CPU (profiler on)")
+    for name, p in profiles:
+        out = io.StringIO()
+        pstats.Stats(p, stream=out).sort_stats("tottime").print_stats(top)
+        print(f"\n=== {name} thread, by internal time\n{out.getvalue()}")
+
+
+def ab(files: list[Path], scratch: Path, repeats: int) -> None:
+    size = sum(f.stat().st_size for f in files)
+    results: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+    for i in range(repeats):
+        for variant in ("before", "after") if i % 2 == 0 else ("after", "before"):
+            receiver = Receiver(scratch, before=variant == "before")
+            try:
+                time.sleep(0.2)
+                results[variant].append(send(receiver.port, files))
+            finally:
+                receiver.close()
+    for variant, runs in results.items():
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        print(f"{variant}: median {wall:.3f} s wall ({size / wall / 1e6:.1f} MB/s), {cpu:.3f} s CPU "
+              f"over {len(runs)} sends")
+    print(f"load average {os.getloadavg()}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--ab", type=int, default=0, help="interleaved before/after sends (0: profile only)")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "bench-slides")
+    args = parser.parse_args()
+    files = ensure_slide(args.size, args.cache)
+    with tempfile.TemporaryDirectory(prefix="glio-profile-") as scratch:
+        if args.ab:
+            ab(files, Path(scratch), args.ab)
+        else:
+            profile(files, Path(scratch), args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
