@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from orthanc_peer import Orthanc
+from orthanc_peer import Orthanc, free_port
 from sqlalchemy import select
 
 from glio_node.store.db import make_engine, make_sessions
@@ -166,4 +166,7 @@ ae_title = "ORTHANC"
 host = "127.0.0.1"
 port = {destination_port}
 """
+    if "[status]" not in extra_toml:
+        # Every node serves its status page; on a free port, so parallel nodes never collide.
+        text += f"\n[status]\nport = {free_port()}\n"
     return text + extra_toml

@@ -90,7 +90,7 @@ def readiness(ctx: NodeContext, sessions: sessionmaker[Session]) -> list[Check]:
         elif not os.access(ctx.spool_dir, os.W_OK):
             checks.append(Check("spool", False, f"spool folder {ctx.spool_dir} is not writable"))
         else:
-            checks.append(Check("spool", True, f"{free} bytes free"))
+            checks.append(Check("spool", True, f"{free / 1e9:.1f} GB free"))
     if not ctx.read_only:
         ok = ctx.models_ready()
         checks.append(Check("models", ok, "loaded" if ok else "not loaded yet"))

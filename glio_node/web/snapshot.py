@@ -9,6 +9,7 @@ only when ``[status] show_patient_data`` is on (:func:`patient_of`).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -211,10 +212,17 @@ def _shown_state(job: Job, deliveries: Counter[str]) -> str:
     return "delivered"
 
 
+_PATH = re.compile(r"(?<![\w.])/(?:[^\s/:]+/)+([^\s/:]+)")
+
+
 def plain_reason(job: Job) -> str | None:
-    """Why a job failed or waits for a retry, as a sentence an operator can act on."""
+    """Why a job failed or waits for a retry, as a sentence an operator can act on.
+
+    Spool paths in the error (they hold the study and series UIDs) are cut to the file name.
+    """
     if not job.last_error:
         return None
+    job = _ErrorView(job, _PATH.sub(r"\1", job.last_error))
     state = JobState(job.state)
     if state == JobState.FAILED:
         if job.attempts >= job.max_attempts and not _is_permanent_text(job.last_error):
@@ -226,6 +234,14 @@ def plain_reason(job: Job) -> str | None:
     if state == JobState.WAITING:
         return f"Attempt {job.attempts} of {job.max_attempts} failed and will be retried: {job.last_error}"
     return None
+
+
+class _ErrorView:
+    """A job with its error text replaced (read-only; the ORM row is not touched)."""
+
+    def __init__(self, job: Job, last_error: str):
+        self.state, self.attempts, self.max_attempts = job.state, job.attempts, job.max_attempts
+        self.last_error = last_error
 
 
 def _is_permanent_text(error: str) -> bool:
