@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -184,3 +185,46 @@ def _job_of(node, slide: SyntheticSlide, state: JobState | None = None) -> int |
     if row is None or (state is not None and row.state != state):
         return None
     return row.id
+
+
+def test_status_page_alone_is_read_only_and_stops_on_sigterm(make_node):
+    import os
+    import signal
+    import sys
+
+    http_port = free_port()
+    node = make_node(None, extra_toml=_status_toml(http_port))  # a database, no node running
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "glio_node.cli", "status-page", "--config", str(node.config)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        status = wait_for(lambda: _try_api(http_port, "/api/status"), 30, "the status page to answer")
+        assert status["jobs"] == [] and status["nodes"] == []
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _api(http_port, "/api/intake/pause", "POST")
+        assert refused.value.code == 403
+        assert "read-only status page" in refused.value.read().decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stdout.read()
+
+
+def test_status_page_refuses_to_listen_beyond_localhost_without_a_token(make_node):
+    import sys
+
+    node = make_node(None, extra_toml='\n[status]\nhost = "0.0.0.0"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "glio_node.cli", "status-page", "--config", str(node.config)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "listens beyond this machine but token is empty" in done.stderr
+
+
+def _try_api(port: int, path: str) -> dict | None:
+    try:
+        return _api(port, path)
+    except OSError:
+        return None
