@@ -53,9 +53,17 @@ class StatusServer:
 
 
 def serve_foreground(app: Any, status: StatusSettings) -> None:
-    """Run until SIGTERM / SIGINT (uvicorn's own handlers)."""
+    """Run until SIGTERM / SIGINT, then return (exit 0, as ``serve`` does).
+
+    uvicorn handles the signal itself, then re-raises it to the handler that was there before:
+    ours only notes it, so a clean stop does not end the process with "killed by SIGTERM".
+    """
+    import signal
+
     import uvicorn
 
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: None)
     server = uvicorn.Server(_config(app, status))
     server.run()
     if not server.started:

@@ -26,7 +26,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from glio_node.config import (
-    ConfigError,
     Destination,
     Settings,
     StatusSettings,
@@ -242,17 +241,6 @@ def test_without_the_token_everything_but_the_probes_is_refused(store):
         basic = base64.b64encode(f"alice:{TOKEN}".encode()).decode()
         assert c.get("/api/jobs", headers={"Authorization": f"Basic {basic}"}).status_code == 200
         assert c.get("/healthz").status_code == 200
-
-
-def test_start_up_refuses_an_empty_or_example_token_beyond_localhost():
-    with pytest.raises(ConfigError, match=r"host = '0.0.0.0' listens beyond this machine but token is empty"):
-        StatusSettings(host="0.0.0.0")
-    with pytest.raises(ConfigError, match=r"token is an example value"):
-        StatusSettings(host="0.0.0.0", token="change-me")
-    with pytest.raises(ConfigError, match=r"shorter than 16 characters"):
-        StatusSettings(token="short")
-    assert StatusSettings(host="127.0.0.1").is_loopback
-    assert StatusSettings(host="0.0.0.0", token=TOKEN).token == TOKEN
 
 
 def test_retry_and_resend_are_audited_and_refused_where_they_do_not_apply(client, store):
