@@ -1,4 +1,4 @@
-"""``glio-node`` command line: analyze, demo, serve, models verify, db upgrade, audit export.
+"""``glio-node`` command line: analyze, demo, serve, status-page, models verify, db upgrade, audit export.
 
 Exit codes: 0 done, 2 bad input (one line on stderr saying what is wrong and what to do),
 1 internal error (a traceback: that is our bug, please report it).
@@ -209,6 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
     spool = Spool(settings.storage.spool_dir, settings.storage.min_free_bytes)
     scheduler = NodeScheduler(settings, sessions, spool, bundle_dir)
     scheduler.preload()
+    status_server = _start_status_page(settings, sessions, spool, scheduler.owner, manifest)
 
     stop = threading.Event()
 
@@ -231,6 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
     server.shutdown()  # no new associations
     log.info("receiver stopped; waiting up to %.0f s for running jobs", settings.worker.shutdown_grace_seconds)
     finished = scheduler.stop(settings.worker.shutdown_grace_seconds)
+    _stop_status_page(status_server, sessions, scheduler.owner)
     engine.dispose()
     log.info("stopped%s", "" if finished else " (unfinished jobs were given back to the queue)")
     logging.shutdown()
@@ -240,6 +242,84 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_OK)
+    return EXIT_OK
+
+
+def _start_status_page(settings, sessions, spool, owner: str, manifest):
+    """Register this node (heartbeat row) and serve the status page in a thread, if enabled."""
+    import socket
+    from datetime import UTC, datetime
+
+    from glio_node.runtime.keras_runner import select_device
+    from glio_node.store import nodes
+
+    device = select_device(settings.worker.device)  # already chosen by preload; returns it
+    with sessions.begin() as session:
+        nodes.register(
+            session,
+            nodes.NodeInfo(owner, socket.gethostname(), __version__, device, manifest.name, manifest.version),
+            datetime.now(UTC),
+        )
+    if not settings.status.enabled:
+        return None
+    from glio_node.web.app import create_app
+    from glio_node.web.health import NodeContext
+    from glio_node.web.server import StatusServer
+
+    ctx = NodeContext(
+        device=device,
+        bundles=[(manifest.name, manifest.version)],
+        spool_dir=spool.root,
+        min_free_bytes=settings.storage.min_free_bytes,
+    )
+    server = StatusServer(create_app(settings, sessions, ctx), settings.status).start()
+    import logging
+
+    logging.getLogger("glio_node.serve").info(
+        "status page on http://%s:%d/%s", settings.status.host, settings.status.port,
+        "" if settings.status.token else " (no token: this machine only)",
+    )
+    return server
+
+
+def _stop_status_page(server, sessions, owner: str) -> None:
+    from datetime import UTC, datetime
+
+    from glio_node.store import nodes
+
+    if server is not None:
+        server.stop()
+    with sessions.begin() as session:
+        nodes.mark_stopped(session, owner, datetime.now(UTC))
+
+
+def _status_page(args: argparse.Namespace) -> int:
+    """Serve the status page alone, read-only, over the store of --config (e.g. a shared
+    PostgreSQL): for watching several nodes from one place; actions are refused."""
+    from glio_node.config import load_settings
+    from glio_node.store.db import current_revision, head_revision, make_engine, make_sessions
+    from glio_node.web.app import create_app
+    from glio_node.web.health import NodeContext
+    from glio_node.web.server import serve_foreground
+
+    settings = load_settings(args.config)
+    url = settings.storage.database_url
+    have, want = current_revision(url), head_revision()
+    if have != want:
+        raise ConfigError(
+            f"the database is at schema revision {have or 'none (empty)'}, this glio-node needs "
+            f"{want}: run `glio-node db upgrade` first"
+        )
+    engine = make_engine(url)
+    spool_dir = Path(settings.storage.spool_dir)
+    ctx = NodeContext(read_only=True, spool_dir=spool_dir if spool_dir.is_dir() else None,
+                      min_free_bytes=settings.storage.min_free_bytes)
+    print(f"glio-node {__version__} read-only status page on http://{settings.status.host}:{settings.status.port}/",
+          file=sys.stderr, flush=True)
+    try:
+        serve_foreground(create_app(settings, make_sessions(engine), ctx), settings.status)
+    finally:
+        engine.dispose()
     return EXIT_OK
 
 
@@ -270,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the node: receive slides, analyse them, send results back")
     sv.add_argument("--config", help="TOML settings file (default: embedded defaults + GLIO_* variables)")
     sv.set_defaults(func=_serve)
+
+    sp = sub.add_parser("status-page", help="serve the status page alone, read-only (e.g. over a shared PostgreSQL)")
+    sp.add_argument("--config", help="TOML settings file ([storage] database_url and [status])")
+    sp.set_defaults(func=_status_page)
 
     m = sub.add_parser("models", help="model bundles")
     msub = m.add_subparsers(dest="models_command", required=True)

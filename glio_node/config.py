@@ -245,16 +245,57 @@ class Source:
             )
 
 
+# Tokens copied from examples and docs; refused when the page listens beyond this machine.
+EXAMPLE_TOKENS = frozenset({"change-me", "changeme", "example", "secret", "token", "password"})
+MIN_TOKEN_CHARS = 16
+
+
 @dataclass(frozen=True)
 class StatusSettings:
-    """The status page, JSON API and /metrics."""
+    """The status page, JSON API and /metrics (served by ``serve`` and ``status-page``)."""
 
-    host: str = "127.0.0.1"
+    enabled: bool = True  # serve the page beside the SCP in `glio-node serve`
+    host: str = "127.0.0.1"  # beyond loopback a token is required
     port: int = 8080
+    token: str = ""  # bearer token (or basic-auth password); required unless host is loopback
+    show_patient_data: bool = False  # show patient name and ID (read from the spooled slide)
+    refresh_seconds: int = 10  # the page reloads itself this often
+    echo_cache_seconds: float = 60.0  # C-ECHO results of destinations are kept this long
 
     def __post_init__(self) -> None:
         _check_host("status", "host", self.host)
         _check_port("status", "port", self.port)
+        if self.refresh_seconds < 1:
+            raise ConfigError(f"[status] refresh_seconds = {self.refresh_seconds}: must be at least 1")
+        if self.echo_cache_seconds < 0:
+            raise ConfigError(
+                f"[status] echo_cache_seconds = {self.echo_cache_seconds}: must be 0 or more seconds"
+            )
+        if self.token and (
+            self.token.strip().lower() in EXAMPLE_TOKENS or len(self.token) < MIN_TOKEN_CHARS
+        ):
+            raise ConfigError(
+                f"[status] token is an example value or shorter than {MIN_TOKEN_CHARS} characters: "
+                "generate one, e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        if not self.token and not self.is_loopback:
+            raise ConfigError(
+                f"[status] host = {self.host!r} listens beyond this machine but token is empty: "
+                "set [status] token (or GLIO_STATUS_TOKEN) to a long random value, or use "
+                "host = \"127.0.0.1\""
+            )
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether only this machine can reach the page (127.0.0.0/8, ::1, localhost)."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
 
 @dataclass(frozen=True)

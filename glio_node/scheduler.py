@@ -57,7 +57,7 @@ from glio_node.pipeline.series import series_gaps
 from glio_node.pull.poller import SourcePoller
 from glio_node.receive.spool import Spool
 from glio_node.send import ResultSender, SendResult, make_sender
-from glio_node.store import audit, commitments, deliveries, queue
+from glio_node.store import audit, commitments, deliveries, nodes, queue
 from glio_node.store.audit import Event
 from glio_node.store.models import Instance, Series, SeriesState
 
@@ -68,6 +68,7 @@ RunJob = Callable[..., Any]  # glio_node.job.run_job's signature
 
 DELIVERY_LEASE_SECONDS = 300.0  # a claimed delivery is not sent by another node for this long
 DELIVERY_BATCH = 64  # objects per association / STOW-RS request
+PROGRESS_SECONDS = 2.0  # a running job's progress is written at most this often
 
 
 def series_tag(series_instance_uid: str) -> str:
@@ -153,6 +154,7 @@ class NodeScheduler:
             (self.deliver, 1.0),
             (self.request_commitments, 1.0),
             (self.purge, 60.0 if s.storage.retention_seconds >= 60 else 5.0),
+            (self.heartbeat, nodes.HEARTBEAT_SECONDS),
         ]
         for func, seconds in every:
             scheduler.add_job(
@@ -350,7 +352,10 @@ class NodeScheduler:
             run = self._run_job
             if run is None:
                 from glio_node.job import run_job as run
-            summary = run(paths, out_dir, self.bundle_dir, device=self.settings.worker.device, bundles=self._bundles)
+            summary = run(
+                paths, out_dir, self.bundle_dir, device=self.settings.worker.device,
+                bundles=self._bundles, progress=self._progress_writer(job.id),
+            )
             objects = [_result_object(Path(f)) for f in summary.files]
         except (BadInput, BundleError, PermanentError) as exc:
             self._fail(job, str(exc), transient=False, started=started)
@@ -413,6 +418,26 @@ class NodeScheduler:
             job.id, series_tag(job.series_instance_uid), how,
             time.monotonic() - started, job.attempts, job.max_attempts, without_uids(error),
         )
+
+    def _progress_writer(self, job_id: int) -> Callable[[int, int], None]:
+        """The pipeline's progress callback: tiles done / total into the job row (for the
+        status page's % and ETA), at most every PROGRESS_SECONDS, and always the last call."""
+        last = [0.0]
+
+        def write(done: int, total: int) -> None:
+            t = time.monotonic()
+            if done < total and t - last[0] < PROGRESS_SECONDS:
+                return
+            last[0] = t
+            with self.sessions.begin() as session:
+                queue.record_progress(session, job_id, self.owner, done, total, self.now())
+
+        return write
+
+    def heartbeat(self) -> None:
+        """Tell the store this node is alive (the status page lists every node's heartbeat)."""
+        with self.sessions.begin() as session:
+            nodes.heartbeat(session, self.owner, self.now())
 
     # -- delivery --------------------------------------------------------------------------
 

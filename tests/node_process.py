@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from orthanc_peer import Orthanc
+from orthanc_peer import Orthanc, free_port
 from sqlalchemy import select
 
 from glio_node.store.db import make_engine, make_sessions
@@ -178,4 +178,7 @@ ae_title = "ORTHANC"
 host = "127.0.0.1"
 port = {destination_port}
 """
+    if "[status]" not in extra_toml:
+        # Every node serves its status page; on a free port, so parallel nodes never collide.
+        text += f"\n[status]\nport = {free_port()}\n"
     return text + extra_toml

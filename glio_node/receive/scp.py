@@ -7,7 +7,8 @@ One C-STORE, top to bottom (:func:`handle_store`):
 2. its header is parsed (no pixel data) and its UIDs checked: unparsable or missing/invalid
    UIDs -> 0xC210, and the association goes on;
 3. a SOP Instance UID already stored -> success, not stored again (audit ``instance_duplicate``);
-4. free disk under ``min_free_bytes`` -> 0xA700;
+4. intake paused by an operator (status page) -> 0xA700, before anything is stored;
+   free disk under ``min_free_bytes`` -> 0xA700;
 5. the file is fsync'ed and renamed into place, the directory fsync'ed (:meth:`Spool.store`);
 6. the instance row, its series and the ``instance_received`` audit row are committed;
 7. only then 0x0000 is returned: the sender may delete its copy.
@@ -53,6 +54,7 @@ from glio_node.errors import BadInput
 from glio_node.receive.spool import Spool, checked_uid
 from glio_node.receive.statuses import SUCCESS, InstanceRefused, Refusal
 from glio_node.store import audit, commitments
+from glio_node.store.actions import intake_paused
 from glio_node.store.audit import Event
 from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
 
@@ -262,9 +264,14 @@ def _store(
                 )
                 log.info("C-STORE of %s: already stored, not stored again", uids["sop_instance_uid"])
                 return SUCCESS
+            paused = intake_paused(session)
     except SQLAlchemyError as exc:
         raise InstanceRefused(Refusal.DATABASE_UNAVAILABLE, type(exc).__name__, uids) from exc
 
+    if paused:
+        # Status page "pause intake": the instance is refused before it is stored; the PACS keeps
+        # its copy and sends it again later (0xA700 is a retryable "out of resources").
+        raise InstanceRefused(Refusal.INTAKE_PAUSED, "an operator paused intake", uids)
     if not spool.has_room():
         raise InstanceRefused(
             Refusal.DISK_LOW,
@@ -292,6 +299,7 @@ def _store(
         sha256=stored.sha256,
         calling_ae=calling_ae,
         address=address,
+        accession_number=_accession_number(header),
         **uids,
     )
     try:
@@ -376,6 +384,15 @@ def handle_commitment_report(
 
 # ------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _accession_number(header: pydicom.Dataset) -> str | None:
+    """The Accession Number (SH, at most 16 characters) for the audit search, or None."""
+    try:
+        value = str(header.get("AccessionNumber", "") or "").strip()
+    except _PARSE_ERRORS:  # a malformed optional element does not refuse the instance
+        return None
+    return value[:16] or None
 
 
 def _read_header(path: Path) -> pydicom.Dataset:

@@ -19,6 +19,7 @@ class Refusal(enum.Enum):
     """Why an instance was refused: (DICOM status, what the audit row and log say)."""
 
     DISK_LOW = (0xA700, "out of resources: free disk on the spool under min_free_bytes")
+    INTAKE_PAUSED = (0xA700, "out of resources: intake paused by an operator; send again later")
     WRITE_FAILED = (0xA700, "out of resources: the instance file could not be written")
     DATABASE_UNAVAILABLE = (0xA701, "out of resources: the database did not record the instance")
     SOP_CLASS_MISMATCH = (0xA900, "dataset does not match SOP class: SOPClassUID differs")

@@ -50,6 +50,11 @@ class Event(enum.StrEnum):
     COMMITMENT_REQUESTED = "commitment_requested"  # N-ACTION sent to a destination
     COMMITMENT_CONFIRMED = "commitment_confirmed"  # N-EVENT-REPORT: every object committed
     COMMITMENT_FAILED = "commitment_failed"  # failed objects, refused N-ACTION, or no answer in time
+    # Operator actions from the status page (details say who: the authenticated user, address)
+    JOB_RETRY_REQUESTED = "job_retry_requested"  # a failed job queued again by an operator
+    RESEND_REQUESTED = "resend_requested"  # a job's results to be sent again to every destination
+    INTAKE_PAUSED = "intake_paused"  # C-STORE answered 0xA700 until resumed
+    INTAKE_RESUMED = "intake_resumed"
 
 
 # The row's own columns that callers may set; anything else is an error, not silently dropped.

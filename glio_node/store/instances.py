@@ -34,6 +34,7 @@ class ReceivedInstance:
     sha256: str  # hex digest of the stored file
     calling_ae: str
     address: str  # the sender, "host:port"
+    accession_number: str | None = None  # for the status page's audit search; never logged
 
 
 def instance_exists(session: Session, sop_instance_uid: str) -> bool:
@@ -62,6 +63,7 @@ def record_instance(session: Session, received: ReceivedInstance, now: datetime)
             last_received_at=now,
             instance_count=0,
             state=SeriesState.RECEIVING,
+            accession_number=received.accession_number,
         )
         .on_conflict_do_nothing(index_elements=[Series.series_instance_uid])
     )

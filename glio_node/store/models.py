@@ -125,6 +125,9 @@ class Series(Base):
     state: Mapped[SeriesState] = mapped_column(
         _enum(SeriesState, "series_state"), default=SeriesState.RECEIVING, index=True
     )
+    # From the first instance; for the status page's audit search.  Not a name or ID, but it
+    # leads to a patient in the RIS: never logged, never in a URL.
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
 
     job: Mapped[Job | None] = relationship(back_populates="series")
 
@@ -171,6 +174,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     stage_seconds: Mapped[dict[str, Any] | None]
     purged_at: Mapped[datetime | None]  # slide and results removed from the spool (delivered)
+    tiles_done: Mapped[int | None]  # progress of the running attempt (tiles inferred so far)
+    tiles_total: Mapped[int | None]  # tiles the running attempt will infer (all networks)
+    progress_at: Mapped[datetime | None]  # when tiles_done was last written (ETA, staleness)
 
     series: Mapped[Series] = relationship(back_populates="job")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job")
@@ -282,3 +288,34 @@ class PullSeries(Base):
     taken_at: Mapped[datetime | None]
 
     __table_args__ = (UniqueConstraint("source", "series_instance_uid"),)
+
+
+class NodeRow(Base):
+    """One ``glio-node`` process that uses this database, and its heartbeat.
+
+    ``owner`` is the scheduler's queue owner (``host:pid:random``), so a running job's
+    ``lease_owner`` names the node row that runs it.  Rows of stopped nodes stay (the page shows
+    them as silent); the status page treats a heartbeat older than a few intervals as gone.
+    """
+
+    __tablename__ = "node"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime] = mapped_column(index=True)
+    device: Mapped[str | None] = mapped_column(String(64))  # "cpu", "gpu: ..." as chosen
+    bundle_name: Mapped[str | None] = mapped_column(String(128))
+    bundle_version: Mapped[str | None] = mapped_column(String(64))
+    stopped_at: Mapped[datetime | None]  # a clean stop; None while running (or after a crash)
+
+
+class Control(Base):
+    """Operator switches shared by every node on this database (e.g. ``intake_paused``)."""
+
+    __tablename__ = "control"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+    changed_at: Mapped[datetime]

@@ -167,6 +167,9 @@ def claim_job(
             lease_owner=owner,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             started_at=now,
+            tiles_done=None,  # progress of this attempt, written by record_progress
+            tiles_total=None,
+            progress_at=None,
         )
         .returning(*_JOB_COLUMNS)
         .execution_options(synchronize_session=False)
@@ -425,6 +428,23 @@ def requeue_expired(session: Session, now: datetime) -> list[JobRecord]:
                     **common,
                 )
     return records
+
+
+def record_progress(
+    session: Session, job_id: int, owner: str, tiles_done: int, tiles_total: int, now: datetime
+) -> bool:
+    """Store how far ``owner``'s running job is (the status page's % and ETA); no audit row.
+
+    False when ``owner`` no longer holds the job.  Callers throttle this to every few seconds.
+    """
+    _aware(now)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == owner)
+        .values(tiles_done=tiles_done, tiles_total=tiles_total, progress_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
 
 
 def get_job(session: Session, job_id: int) -> JobRecord | None:
