@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -87,12 +87,15 @@ def run_job(
     options: AnalysisOptions = AnalysisOptions(),
     progress: Callable[[int, int], None] | None = None,
     bundles: BundleCache | None = None,
+    allow_gaps: bool = False,
 ) -> JobSummary:
     """Analyse the slide in ``paths`` with the bundle in ``bundle_dir``; write results to ``out_dir``.
 
     Raises ``BadInput`` for slides that cannot be analysed, ``BundleError`` for a bundle that
     does not verify; both carry a one-line message for the operator.  A worker passes its
-    ``bundles`` cache so the models load once, not per job.
+    ``bundles`` cache so the models load once, not per job.  ``allow_gaps``: analyse a slide
+    with missing frames (the worker, once a series stayed incomplete past its wait); what is
+    missing is read as glass and the outputs say the source was incomplete.
     """
     from glio_node.bundle import load_bundle
     from glio_node.runtime.keras_runner import bundle_networks, select_device
@@ -101,7 +104,7 @@ def run_job(
 
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
-    slide = DicomSlide.open(paths)
+    slide = DicomSlide.open(paths, allow_gaps=allow_gaps)
     stages["open"] = time.perf_counter() - t0
     with slide:
         t0 = time.perf_counter()
@@ -112,6 +115,17 @@ def run_job(
 
         result, stats, seg_level = analyze(slide, networks, bundle.algorithm, options, progress)
         stages.update(stats.stage_seconds)
+        if slide.missing_reads:
+            missing = sum(slide.missing_reads.values())
+            result = replace(
+                result,
+                source_gaps=slide.gaps,
+                notes=(
+                    *result.notes,
+                    f"The slide arrived incomplete ({slide.gaps[0]}); {missing} missing frame(s) "
+                    "were read as glass and not analysed.",
+                ),
+            )
 
         t0 = time.perf_counter()
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -92,5 +92,8 @@ class AnalysisResult:
     heatmaps: tuple[Heatmap, ...]
     calls: tuple[SlideCall, ...]
     notes: tuple[str, ...] = field(default=())  # warnings to carry into the report
+    # What of the source never arrived and was read as glass (not analysed); empty when whole.
+    # The SR says so in a coded evaluation, so a partial answer never looks like a whole one.
+    source_gaps: tuple[str, ...] = field(default=())
 
 NOT_TISSUE = 255

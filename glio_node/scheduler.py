@@ -355,6 +355,9 @@ class NodeScheduler:
             summary = run(
                 paths, out_dir, self.bundle_dir, device=self.settings.worker.device,
                 bundles=self._bundles, progress=self._progress_writer(job.id),
+                # The sweep queued this series whole, or incomplete past incomplete_wait_seconds
+                # (with its warning audited): analyse what arrived; the SR says what did not.
+                allow_gaps=True,
             )
             objects = [_result_object(Path(f)) for f in summary.files]
         except (BadInput, BundleError, PermanentError) as exc:
@@ -374,7 +377,10 @@ class NodeScheduler:
                 now,
                 bundle=bundle,
                 stage_seconds={k: round(v, 3) for k, v in summary.stage_seconds.items()},
-                details={"objects": len(objects), "device": summary.device},
+                details={
+                    "objects": len(objects), "device": summary.device,
+                    **({"notes": list(summary.notes)} if summary.notes else {}),
+                },
             )
             if done:
                 audit.record(

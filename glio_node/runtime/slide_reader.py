@@ -100,10 +100,13 @@ def _pixel_spacing(header: pydicom.Dataset) -> tuple[float, float] | None:
         return None
 
 
-def inspect_files(paths: Iterable[Path]) -> list[SlideFile]:
+def inspect_files(paths: Iterable[Path], *, allow_gaps: bool = False) -> list[SlideFile]:
     """Check that ``paths`` (files or folders) hold exactly one VL WSI series; return its files.
 
-    Raises ``BadInput`` naming the first problem found and what to do about it.
+    Raises ``BadInput`` naming the first problem found and what to do about it.  With
+    ``allow_gaps`` a level with missing frames or concatenation parts is accepted (the worker
+    runs a series that stayed incomplete past ``incomplete_wait_seconds``); every other check
+    still applies.
     """
     files = _expand(paths)
     checked: list[SlideFile] = []
@@ -137,7 +140,8 @@ def inspect_files(paths: Iterable[Path]) -> list[SlideFile]:
                 f"{f.path}: no PixelSpacing in the Pixel Measures functional group; the scanner or "
                 "converter must record the pixel spacing (µm/px) for the slide to be analysed"
             )
-    _check_frames_complete(volumes)
+    if not allow_gaps:
+        _check_frames_complete(volumes)
     return checked
 
 
@@ -149,10 +153,40 @@ def _check_frames_complete(volumes: list[SlideFile]) -> None:
         raise BadInput(f"{volumes[gaps[0].index].path}: {gaps[0].message}")
 
 
+def _absent_frames(info: LevelInfo) -> frozenset[tuple[int, int]]:
+    """(row, column) of the frames a TILED_FULL level should hold but none of its instances do.
+
+    TILED_FULL frames run column-fastest, then row (PS3.3 C.7.6.17.3); a concatenation part
+    holds frames ``ConcatenationFrameOffsetNumber`` + 1 ... + ``NumberOfFrames``.  Only one
+    focal plane and optical path is read, so only the first plane's frames are considered.
+    Levels that are not TILED_FULL give an empty set: absent sparse frames are glass anyway.
+    """
+    if not info.headers or any(
+        str(h.get("DimensionOrganizationType", "")).upper() != "TILED_FULL" for h in info.headers
+    ):
+        return frozenset()
+    across = math.ceil(info.cols / info.frame_cols)
+    down = math.ceil(info.rows / info.frame_rows)
+    present: set[int] = set()
+    for h in info.headers:
+        offset = int(h.get("ConcatenationFrameOffsetNumber", 0) or 0)
+        present.update(range(offset, offset + int(h.get("NumberOfFrames", 1))))
+    return frozenset(
+        (i // across, i % across) for i in range(across * down) if i not in present
+    )
+
+
 class DicomSlide:
     """An opened, checked slide; decodes frames one at a time (thread-safe)."""
 
     def __init__(self, files: list[SlideFile]):
+        """``files`` as checked by :func:`inspect_files`.
+
+        Frames a TILED_FULL level should have but that never arrived (a concatenation part
+        missing, accepted only with ``allow_gaps``) read as glass, so they are never taken
+        for tissue; ``missing_reads`` counts how often that happened, per level, and ``gaps``
+        says what was missing, for the job's warning.
+        """
         from wsidicom import WsiDicom
         from wsidicom.config import settings
 
@@ -190,10 +224,14 @@ class DicomSlide:
             )
         self.levels: tuple[LevelInfo, ...] = tuple(levels)
         self._image_data = [lvl.default_instance.image_data for lvl in self._wsi.levels]
+        volumes = [f.header for f in files if f.image_flavor not in _CONTEXT_TYPES]
+        self.gaps: tuple[str, ...] = tuple(g.message for g in series_gaps(volumes))
+        self._absent = [_absent_frames(info) for info in self.levels] if self.gaps else []
+        self.missing_reads: dict[int, int] = defaultdict(int)
 
     @classmethod
-    def open(cls, paths: Iterable[Path]) -> "DicomSlide":
-        return cls(inspect_files(paths))
+    def open(cls, paths: Iterable[Path], *, allow_gaps: bool = False) -> "DicomSlide":
+        return cls(inspect_files(paths, allow_gaps=allow_gaps))
 
     @property
     def context_files(self) -> list[SlideFile]:
@@ -206,6 +244,9 @@ class DicomSlide:
 
         data = self._image_data[level]
         info = self.levels[level]
+        if self._absent and (frame_row, frame_col) in self._absent[level]:
+            self.missing_reads[level] += 1
+            return np.full((info.frame_rows, info.frame_cols, 3), 255, dtype=np.uint8)
         point = Point(frame_col, frame_row)
         try:
             with self._lock:  # file reads share one handle per file

@@ -59,6 +59,10 @@ HEAD_CONCEPTS: dict[Task, hd.sr.CodedConcept] = {
 }
 AREA_FRACTION = hd.sr.CodedConcept("AREAFRAC", _L, "Area fraction of tissue")
 THRESHOLD = hd.sr.CodedConcept("THRESHOLD", _L, "Decision threshold")
+SOURCE_COMPLETENESS = hd.sr.CodedConcept("SRCCOMPL", _L, "Source image completeness")
+SOURCE_INCOMPLETE = hd.sr.CodedConcept(
+    "SRCINCOMPL", _L, "Incomplete source: missing frames were not analysed"
+)
 INDETERMINATE = codes.SCT.Indeterminate  # (82334004, SCT, "Indeterminate")
 PROBABILITY = codes.DCM.Probability  # (122157, DCM, "Probability")
 PROCEDURE_REPORTED = codes.DCM.WholeSlideImaging  # (112703, DCM, "Whole Slide Imaging")
@@ -112,6 +116,19 @@ def write_sr(
             source_images=[slide_level],
         )
     ]
+    if result.source_gaps:
+        # First after the tissue area: every figure below covers only what arrived.
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking("source", "completeness"),
+                finding_type=SOURCE_COMPLETENESS,
+                algorithm_id=algorithm_id,
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(name=SOURCE_COMPLETENESS, value=SOURCE_INCOMPLETE)
+                ],
+                source_images=[slide_level],
+            )
+        )
     seg0 = seg_levels[0]
     for index, region in enumerate(result.region_classes):
         fraction = float(result.region_area_fraction.get(region.name, 0.0))
