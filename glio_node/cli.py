@@ -175,6 +175,18 @@ def _audit_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _require_schema(url: str, config: str | None) -> None:
+    """Refuse to start on a database another glio-node version migrated (or none did)."""
+    from glio_node.store.db import current_revision, head_revision
+
+    have, want = current_revision(url), head_revision()
+    if have != want:
+        raise ConfigError(
+            f"the database is at schema revision {have or 'none (empty)'}, this glio-node needs "
+            f"{want}: run `glio-node db upgrade{' --config ' + config if config else ''}` first"
+        )
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Run the node: receiver, scheduler and workers, until SIGTERM or SIGINT."""
     import logging
@@ -185,7 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
     from glio_node.config import load_settings
     from glio_node.receive import Spool, start_receiver
     from glio_node.scheduler import NodeScheduler
-    from glio_node.store.db import current_revision, head_revision, make_engine, make_sessions
+    from glio_node.store.db import make_engine, make_sessions
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -196,12 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     url = settings.storage.database_url
-    have, want = current_revision(url), head_revision()
-    if have != want:
-        raise ConfigError(
-            f"the database is at schema revision {have or 'none (empty)'}, this glio-node needs "
-            f"{want}: run `glio-node db upgrade{' --config ' + args.config if args.config else ''}` first"
-        )
+    _require_schema(url, args.config)
     bundle_dir = resolve_bundle(Path(settings.models.dir))
     manifest = verify_bundle(bundle_dir)
     engine = make_engine(url)
@@ -297,19 +304,14 @@ def _status_page(args: argparse.Namespace) -> int:
     """Serve the status page alone, read-only, over the store of --config (e.g. a shared
     PostgreSQL): for watching several nodes from one place; actions are refused."""
     from glio_node.config import load_settings
-    from glio_node.store.db import current_revision, head_revision, make_engine, make_sessions
+    from glio_node.store.db import make_engine, make_sessions
     from glio_node.web.app import create_app
     from glio_node.web.health import NodeContext
     from glio_node.web.server import serve_foreground
 
     settings = load_settings(args.config)
     url = settings.storage.database_url
-    have, want = current_revision(url), head_revision()
-    if have != want:
-        raise ConfigError(
-            f"the database is at schema revision {have or 'none (empty)'}, this glio-node needs "
-            f"{want}: run `glio-node db upgrade` first"
-        )
+    _require_schema(url, args.config)
     engine = make_engine(url)
     spool_dir = Path(settings.storage.spool_dir)
     ctx = NodeContext(read_only=True, spool_dir=spool_dir if spool_dir.is_dir() else None,

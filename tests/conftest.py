@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,38 @@ def wsidicomizer_slide(slide_cache: SlideCache) -> ConvertedSlide:
 def malformed_inputs(slide_cache: SlideCache) -> MalformedInputs:
     """``malformed_inputs[case]`` is a folder; cases are slides.MALFORMED_CASES."""
     return MalformedInputs(slide_cache)
+
+
+PG_ADMIN_URL = os.environ.get(
+    "GLIO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """An empty PostgreSQL database of the test module's own (``glio_test_<random>``), dropped after.
+
+    The multi-node path runs on a real PostgreSQL (``./run test`` starts it): under CI its
+    absence fails the tests; elsewhere they are skipped with the reason.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin_url = make_url(PG_ADMIN_URL)
+    try:
+        socket.create_connection((admin_url.host or "127.0.0.1", admin_url.port or 5432), 1).close()
+    except OSError:
+        where = admin_url.render_as_string()
+        if os.environ.get("CI"):
+            pytest.fail(f"no PostgreSQL listens at {where}; ./run test should have started it")
+        pytest.skip(f"no PostgreSQL listens at {where}")
+    name = f"glio_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -7,12 +7,10 @@ node's database says (jobs, deliveries, audit trail).
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from node_process import assert_results_in_orthanc, successful_sends, wait_for
@@ -117,40 +115,6 @@ def test_sigterm_mid_job_gives_the_job_back_and_a_restart_delivers_once(orthanc,
     assert node.stop() == 0
 
 
-PG_ADMIN_URL = os.environ.get(
-    "GLIO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    import socket
-    import uuid
-
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin_url = make_url(PG_ADMIN_URL)
-    try:
-        socket.create_connection((admin_url.host or "127.0.0.1", admin_url.port or 5432), 1).close()
-    except OSError:
-        if os.environ.get("CI"):
-            pytest.fail(f"no PostgreSQL listens at {admin_url.render_as_string()}")
-        pytest.skip(f"no PostgreSQL listens at {admin_url.render_as_string()}")
-    name = f"glio_e2e_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = admin_url.set(database=name).render_as_string(hide_password=False)
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.fixture(scope="module")
 def six_slides(tmp_path_factory: pytest.TempPathFactory) -> list[SyntheticSlide]:
     from dataclasses import replace
@@ -162,6 +126,7 @@ def six_slides(tmp_path_factory: pytest.TempPathFactory) -> list[SyntheticSlide]
 def test_two_nodes_on_one_postgresql_queue_analyse_each_of_six_series_once(
     tmp_path, orthanc, make_node, postgres_url, six_slides
 ):
+    upgrade(postgres_url)
     spool = tmp_path / "shared-spool"  # nodes sharing a queue share the spool's filesystem
     nodes = [
         make_node(orthanc.dicom_port, database_url=postgres_url, spool=spool) for _ in range(2)

@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
-import numpy as np
 import pydicom
 import pytest
 from dciodvfy import assert_valid

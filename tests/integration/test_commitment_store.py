@@ -2,7 +2,7 @@
 destination with commitment stay on the spool until the destination's report commits them;
 failed objects are sent again (capped); unanswered or refused requests are asked again (capped).
 
-The database fixtures (``database_url``, ``sessions``, ``postgres_url``) are test_store's.
+The database fixtures (``database_url``, ``sessions``) are test_store's; ``postgres_url`` is tests/conftest.py's.
 """
 # ruff: noqa: F811 - the imported fixtures are, as pytest intends, redefined as parameters
 
@@ -18,7 +18,6 @@ from test_store import (  # noqa: F401 - fixtures
     T0,
     database_url,
     events,
-    postgres_url,
     queued,
     sessions,
 )

@@ -3,47 +3,15 @@ operator's pause reaches all of them (one ``control`` row), on the real database
 
 from __future__ import annotations
 
-import os
-import socket
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, make_url, text
 
 from glio_node.config import Settings
 from glio_node.store import actions, nodes
 from glio_node.store.db import make_engine, make_sessions, upgrade
 from glio_node.web.app import create_app
 from glio_node.web.health import NodeContext
-
-PG_ADMIN_URL = os.environ.get(
-    "GLIO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    url = make_url(PG_ADMIN_URL)
-    try:
-        socket.create_connection((url.host or "127.0.0.1", url.port or 5432), timeout=1).close()
-    except OSError:
-        if os.environ.get("CI"):
-            pytest.fail(f"no PostgreSQL listens at {url.render_as_string()}; ./run test starts it")
-        pytest.skip(f"no PostgreSQL listens at {url.render_as_string()}")
-    name = f"glio_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
 
 def test_every_node_and_its_heartbeat_appear_and_a_pause_reaches_all(postgres_url):
     upgrade(postgres_url)

@@ -11,16 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, func, inspect, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from glio_node.store import audit
@@ -40,39 +36,8 @@ from glio_node.store.queue import (
 )
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-PG_ADMIN_URL = os.environ.get(
-    "GLIO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 POLICY = RetryPolicy(backoff_base_seconds=10, backoff_max_seconds=15)
 BUNDLE = BundleInfo("glio-demo", "1.0.0", "ab" * 32)
-
-
-def _postgres_listening() -> bool:
-    url = make_url(PG_ADMIN_URL)
-    try:
-        with socket.create_connection((url.host or "127.0.0.1", url.port or 5432), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    if not _postgres_listening():
-        where = make_url(PG_ADMIN_URL).render_as_string()
-        if os.environ.get("CI"):  # ./run test starts PostgreSQL; in CI its absence is a failure
-            pytest.fail(f"no PostgreSQL listens at {where}; ./run test should have started it")
-        pytest.skip(f"no PostgreSQL listens at {where}")
-    name = f"glio_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
