@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,5 +218,22 @@ def test_a_stain_rule_routes_only_the_matching_slides(tmp_path, storescp, slide,
         else:
             assert "not routed: rule Stain does not match" in decision
             assert list(received.iterdir()) == []
+    finally:
+        pacs.stop()
+
+
+def test_a_slide_uploaded_through_orthancs_rest_api_is_routed_too(tmp_path, storescp, slide):
+    # OrthancWSIDicomizer and Orthanc Explorer upload by REST: no calling AE on the instances.
+    port, received = storescp
+    pacs = routing_pacs(tmp_path / "pacs", port).start()
+    try:
+        for path in slide.files:
+            request = urllib.request.Request(pacs.url + "/instances", data=path.read_bytes(), method="POST")
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                assert answer.status == 200
+        wait_for(lambda: decisions(pacs), 30, "the slide's series to become stable")
+        [decision] = decisions(pacs)
+        assert " routed to glionode" in decision
+        wait_for(lambda: len(list(received.iterdir())) == len(slide.files), 30, "the slide to arrive at the node")
     finally:
         pacs.stop()
