@@ -94,7 +94,29 @@ local function reason_not_to_route(seriesId, tags)
   return nil
 end
 
+-- Store jobs to glio-node that failed (node down): resubmitted the next time any series
+-- becomes stable.  Kept in memory only: lost when Orthanc restarts (see the README).
+local failed_jobs = {}
+
+local function node_ae_title()
+  local answer = RestApiGet('/modalities/' .. GLIO_NODE.modality .. '/configuration')
+  if answer == nil or answer == '' then return nil end
+  return ParseJson(answer)['AET']
+end
+
+local function resubmit_failed_jobs()
+  for jobId, _ in pairs(failed_jobs) do
+    failed_jobs[jobId] = nil
+    local answer = RestApiGet('/jobs/' .. jobId)
+    if answer ~= nil and answer ~= '' and ParseJson(answer)['State'] == 'Failure' then
+      RestApiPost('/jobs/' .. jobId .. '/resubmit', '')
+      say('job ' .. jobId .. ' resubmitted')
+    end
+  end
+end
+
 function OnStableSeries(seriesId, tags, metadata)
+  resubmit_failed_jobs()
   local why = reason_not_to_route(seriesId, tags)
   if why ~= nil then
     say('series ' .. seriesId .. ' not routed: ' .. why)
@@ -107,13 +129,15 @@ function OnStableSeries(seriesId, tags, metadata)
 end
 
 function OnJobFailure(jobId)
-  -- Orthanc 1.10 does not retry a failed store job by itself.  Say how to re-send; the
-  -- job stays in Orthanc's job list (Explorer: Jobs; REST: /jobs/<id>).
+  -- Orthanc 1.10 does not retry a failed store job by itself.  Ours are resubmitted when the
+  -- next series becomes stable; an administrator can resubmit at once (README).
   local job = ParseJson(RestApiGet('/jobs/' .. jobId))
   if job['Type'] == 'DicomModalityStore'
       and job['Content'] ~= nil
-      and job['Content']['RemoteAet'] ~= nil then
+      and job['Content']['RemoteAet'] == node_ae_title() then
+    failed_jobs[jobId] = true
     say('job ' .. jobId .. ' to ' .. tostring(job['Content']['RemoteAet'])
-        .. ' failed; re-send with: curl -X POST http://<orthanc>/jobs/' .. jobId .. '/resubmit -d ""')
+        .. ' failed; it is resubmitted when the next series becomes stable, or now with: '
+        .. 'curl -X POST http://<orthanc>/jobs/' .. jobId .. '/resubmit -d ""')
   end
 end

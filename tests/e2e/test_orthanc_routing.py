@@ -70,15 +70,19 @@ def decisions(pacs: Orthanc) -> list[str]:
     return [line for line in routing_log(pacs) if line.startswith("series ")]
 
 
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+def start_storescp(port: int, received: Path) -> subprocess.Popen[bytes]:
     """A plain DCMTK storescp standing in for glio-node where only routing is checked."""
-    port, received = free_port(), tmp_path / "received"
-    received.mkdir()
-    proc = subprocess.Popen(
+    received.mkdir(exist_ok=True)
+    return subprocess.Popen(
         ["storescp", "-aet", "GLIONODE", "+xa", "-od", str(received), str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    port, received = free_port(), tmp_path / "received"
+    proc = start_storescp(port, received)
     yield port, received
     proc.terminate()
     proc.wait(timeout=10)
@@ -167,7 +171,7 @@ def test_a_routing_that_found_the_node_down_is_resent_as_the_readme_says(tmp_pat
     pacs.start()
     try:
         scanner_sends(pacs, slide.files)
-        wait_for(lambda: any("failed; re-send" in line for line in routing_log(pacs)), 30,
+        wait_for(lambda: any("failed; it is resubmitted" in line for line in routing_log(pacs)), 30,
                  "Orthanc's store job to fail and the script to say how to re-send")
         [failed] = [j for j in pacs.get("/jobs") if pacs.get(f"/jobs/{j}")["State"] == "Failure"]
         assert pacs.get(f"/jobs/{failed}")["Type"] == "DicomModalityStore"
@@ -237,3 +241,29 @@ def test_a_slide_uploaded_through_orthancs_rest_api_is_routed_too(tmp_path, stor
         wait_for(lambda: len(list(received.iterdir())) == len(slide.files), 30, "the slide to arrive at the node")
     finally:
         pacs.stop()
+
+
+def test_a_failed_routing_is_resubmitted_when_the_next_series_becomes_stable(tmp_path, slide):
+    port, received = free_port(), tmp_path / "received"
+    pacs = routing_pacs(tmp_path / "pacs", port).start()  # the node is down
+    node = None
+    try:
+        scanner_sends(pacs, slide.files)
+        wait_for(lambda: any("failed; it is resubmitted" in line for line in routing_log(pacs)), 30,
+                 "the store job to fail")
+        node = start_storescp(port, received)  # the node is back
+        wait_for(lambda: node.poll() is None and subprocess.run(
+            ["echoscu", "-aec", "GLIONODE", "127.0.0.1", str(port)], check=False, capture_output=True,
+        ).returncode == 0, 15, "the stand-in node to listen")
+        scanner_sends(pacs, [ct_image(tmp_path)])  # any next series
+        wait_for(lambda: any(" resubmitted" in line and line.startswith("job ") for line in routing_log(pacs)),
+                 30, "the failed job to be resubmitted")
+        wait_for(lambda: len(list(received.iterdir())) == len(slide.files), 30, "the slide to arrive")
+        # Sent once more, not twice: nothing else is queued for the node.
+        jobs = [pacs.get(f"/jobs/{j}") for j in pacs.get("/jobs")]
+        assert [j["State"] for j in jobs if j["Type"] == "DicomModalityStore"] == ["Success"]
+    finally:
+        pacs.stop()
+        if node is not None:
+            node.terminate()
+            node.wait(timeout=10)
