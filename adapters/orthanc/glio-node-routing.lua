@@ -4,7 +4,8 @@
 -- series (Modality SM) is sent to glio-node by an asynchronous Orthanc job.  glio-node's own
 -- results (SEG, SR, Parametric Map heatmaps) are never routed back: they are not SM, their
 -- Manufacturer is "glio-node", and they arrive from glio-node's AE title.  Any one of these
--- guards is enough; all three are checked.
+-- guards is enough; all three are checked.  A store job that fails (node down) is
+-- resubmitted when the next series becomes stable.
 --
 -- Edit ONLY the table below.  See adapters/orthanc/README.md.
 
