@@ -1,4 +1,4 @@
--- glio-node auto-routing for Orthanc (Lua engine, Orthanc >= 1.5; tested with Debian's 1.10.1).
+-- glio-node auto-routing for Orthanc (built-in Lua engine; tested with Debian's Orthanc 1.10.1 only).
 --
 -- Every series that becomes stable in Orthanc is checked once; a VL Whole Slide Microscopy
 -- series (Modality SM) is sent to glio-node by an asynchronous Orthanc job.  glio-node's own
