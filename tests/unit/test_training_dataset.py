@@ -10,7 +10,15 @@ import pytest
 import tifffile
 from PIL import Image
 
-from training.dataset import IVY_GAP_COLOURS, REGION_NAMES, DatasetError, load_dataset, mask_to_labels, load_colour_map, validate_dataset
+from training.dataset import (
+    IVY_GAP_COLOURS,
+    REGION_NAMES,
+    DatasetError,
+    load_colour_map,
+    load_dataset,
+    mask_to_labels,
+    validate_dataset,
+)
 from training.synthetic_dataset import write_synthetic_dataset
 
 

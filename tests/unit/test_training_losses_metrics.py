@@ -10,7 +10,13 @@ from keras import ops
 from glio_node.pipeline.stitch import HeatmapStitcher
 from glio_node.pipeline.tiling import TileGrid
 from training import losses
-from training.metrics import confusion_matrix, per_class_metrics, roc_auc, segmentation_report, slide_level_report
+from training.metrics import (
+    confusion_matrix,
+    per_class_metrics,
+    roc_auc,
+    segmentation_report,
+    slide_level_report,
+)
 
 rng = np.random.default_rng(7)
 EPS = losses.EPSILON
