@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 from glio_node.coding import EGFR_CLASSES, MGMT_CLASSES, REGION_CLASSES, SUBTYPE_CLASSES
+from glio_node.errors import GlioError
 
 REGION_NAMES: tuple[str, ...] = tuple(c.name for c in REGION_CLASSES)
 LABEL_VALUES: Mapping[str, tuple[str, ...]] = {
@@ -155,8 +157,6 @@ def slide_size(path: Path) -> tuple[int, int]:
         with DicomSlide.open([path]) as slide:
             base = slide.levels[0]
             return base.rows, base.cols
-    import tifffile
-
     with tifffile.TiffFile(path) as tif:
         shape = tif.series[0].levels[0].shape
         return int(shape[0]), int(shape[1])
@@ -254,7 +254,7 @@ def validate_dataset(root: Path, check_images: bool = True) -> tuple[list[SlideR
         for rec in records:
             try:
                 rows, cols = slide_size(rec.slide_path)
-            except Exception as exc:  # any reader failure means the same to the data scientist
+            except (GlioError, OSError, ValueError, tifffile.TiffFileError) as exc:
                 problems.append(Problem(str(rec.slide_path.relative_to(root)), f"cannot be read as a slide ({type(exc).__name__}: {exc})"))
                 continue
             if rec.mask_path is None:
