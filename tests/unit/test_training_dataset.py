@@ -96,3 +96,17 @@ def test_unknown_colours_are_named():
     colour[0, 0] = (1, 2, 3)
     with pytest.raises(ValueError, match=r"colours \[\(0, 0, 0\), \(1, 2, 3\)\] are not in the colour map"):
         mask_to_labels(colour, {(255, 255, 255): 255})
+
+
+def test_the_command_line_validator_exits_non_zero_on_problems(dataset, tmp_path, capsys):
+    from training.__main__ import main
+
+    assert main(["validate", str(dataset)]) == 0
+    assert "3 slide(s) of 3 patient(s), 3 with a region mask; 0 problem(s)" in capsys.readouterr().out
+    bad = tmp_path / "nolabels"
+    shutil.copytree(dataset, bad)
+    (bad / "labels.csv").unlink()
+    assert main(["validate", str(bad)]) == 1
+    assert "PROBLEM labels.csv: missing" in capsys.readouterr().out
+    assert main(["split", str(dataset), "--method", "lopo"]) == 0
+    assert "lopo-P001: train 2 slide(s), validation P001-S0" in capsys.readouterr().out
