@@ -1,8 +1,8 @@
 """``python -m training``: check a dataset, cut its tiles, show its patient splits.
 
 Run from a checkout (training/ is not installed with glio-node and glio_node never imports it).
-Training, evaluation and export are not wired into this command yet (see docs/training.md,
-"Status"); ``python -m training.demo`` still builds the demo bundle.
+``train --config run.toml`` trains, evaluates and exports a bundle (training/run.py); the demo
+bundle is still built by ``python -m training.demo`` (see docs/training.md, "Status").
 """
 
 from __future__ import annotations
@@ -47,6 +47,18 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from training.run import train
+
+    metrics = train(args.config, verbose=args.verbose)
+    for task, m in metrics.items():
+        if "mean_dice" in m:
+            print(f"{task}: pixel accuracy {m['accuracy']:.3f}, mean Dice {m['mean_dice']:.3f}")
+        else:
+            print(f"{task}: tile accuracy {m['tile']['accuracy']:.3f}, slide accuracy {m['slide']['accuracy']:.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--validation-fraction", type=float, default=0.2)
     s.add_argument("--k", type=int, default=5)
     s.set_defaults(func=_split)
+    t = sub.add_parser("train", help="train, evaluate and export a bundle as a run config says")
+    t.add_argument("--config", type=Path, required=True)
+    t.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
+    t.set_defaults(func=_train)
     args = parser.parse_args(argv)
     return args.func(args)
 
