@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import tomllib
 import uuid
@@ -267,7 +268,7 @@ def _summary(metrics: dict) -> dict[str, float]:
         if task in metrics:
             out[f"{task}_tile_accuracy"] = metrics[task]["tile"]["accuracy"]
             out[f"{task}_slide_accuracy"] = metrics[task]["slide"]["accuracy"]
-    return {k: float(v) for k, v in out.items() if v == v}  # drop NaN
+    return {k: float(v) for k, v in out.items() if not math.isnan(v)}
 
 
 def export_bundle(cfg: RunConfig, unet, clf, metrics: dict, commit: str, config_path: Path) -> Path:

@@ -52,3 +52,10 @@ def test_impossible_splits_say_why():
         make_splits(_records(3, 1), "kfold", k=5)
     with pytest.raises(ValueError, match="is not one of 'fixed', 'kfold', 'lopo'"):
         make_splits(_records(3, 1), "random-tiles")
+
+
+def test_the_documented_example_run_config_parses():
+    from training.run import RunConfig
+
+    cfg = RunConfig.load(Path(__file__).resolve().parents[2] / "training" / "configs" / "example.toml")
+    assert cfg.segmentation.tile_size == 320 and cfg.classifier.tile_size == 160 and cfg.seed == 0
