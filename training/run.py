@@ -249,7 +249,33 @@ def train(config_path: Path, verbose: int = 2) -> dict:
 
     bundle = export_bundle(cfg, unet, clf, metrics, commit, config_path)
     (run_dir / "bundle.txt").write_text(str(bundle) + "\n")
+    (run_dir / "model-card.md").write_text(model_card(cfg, metrics, commit, split))
     return metrics
+
+
+def model_card(cfg: RunConfig, metrics: dict, commit: str, split) -> str:
+    """A Markdown model card for docs/model-cards/<name>.md: what it is for, what it was trained
+    on, and its validation metrics per class.  (No plots yet: matplotlib is not a dependency.)"""
+    lines = [
+        f"# Model card: {cfg.name} {cfg.version}",
+        "",
+        f"Intended use: {cfg.intended_use}",
+        "",
+        (
+            f"Trained by `python -m training train` at {commit}, seed {cfg.seed}, on dataset `{cfg.dataset.name}`: "
+            f"{len(split.train)} training slide(s), {len(split.validation)} validation slide(s), split by patient."
+        ),
+        "",
+    ]
+    for task, m in metrics.items():
+        rep = m if "per_class" in m else m["tile"]
+        lines += [f"## {task}" + ("" if m is rep else f" (tile level; slide-level accuracy {m['slide']['accuracy']:.3f} on {m['slide']['n']} slide(s))"), ""]
+        keys = [k for k in ("sensitivity", "specificity", "precision", "f1", "iou", "roc_auc") if k in next(iter(rep["per_class"].values()))]
+        lines += ["| class | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for name, vals in rep["per_class"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _write_confusion_csvs(run_dir: Path, metrics: dict) -> None:

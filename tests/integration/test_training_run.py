@@ -55,7 +55,7 @@ def test_train_writes_a_run_folder_and_a_bundle_the_worker_analyses_with(tmp_pat
 
     (run_dir,) = (tmp_path / "runs").iterdir()
     names = {p.name for p in run_dir.iterdir()}
-    assert {"config.toml", "run.json", "split.json", "metrics.json", "metrics-regions.csv", "metrics-molecular.csv", "best-regions.keras", "confusion-regions-final.csv", "confusion-segmentation-epoch002.csv"} <= names
+    assert {"config.toml", "run.json", "split.json", "metrics.json", "metrics-regions.csv", "metrics-molecular.csv", "best-regions.keras", "confusion-regions-final.csv", "confusion-segmentation-epoch002.csv", "model-card.md"} <= names
     assert json.loads((run_dir / "run.json").read_text())["seed"] == 1
     assert "commit" in json.loads((run_dir / "run.json").read_text())["git"] or "unknown" in json.loads((run_dir / "run.json").read_text())["git"]
     split = json.loads((run_dir / "split.json").read_text())
