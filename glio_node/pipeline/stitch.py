@@ -46,11 +46,20 @@ class HeatmapStitcher:
 
     def slide_probabilities(self) -> np.ndarray | None:
         """Mean over analysed tiles, or None when no tile was analysed."""
-        flat = self.probabilities.reshape(-1, self.probabilities.shape[-1])
-        seen = ~np.isnan(flat[:, 0])
-        if not seen.any():
-            return None
-        return flat[seen].mean(axis=0)
+        return mean_tile_probabilities(self.probabilities)
+
+
+def mean_tile_probabilities(probabilities: np.ndarray) -> np.ndarray | None:
+    """Slide-level probabilities: the mean over tiles of (..., n_classes) tile probabilities,
+    skipping NaN rows (tiles not analysed); None when no tile was analysed.
+
+    A pure function so that training evaluates slide-level metrics exactly as the worker calls.
+    """
+    flat = probabilities.reshape(-1, probabilities.shape[-1])
+    seen = ~np.isnan(flat[:, 0])
+    if not seen.any():
+        return None
+    return flat[seen].mean(axis=0)
 
 
 def slide_call(task: Task, classes: tuple[CodedClass, ...], probabilities: np.ndarray | None, threshold: float) -> SlideCall:

@@ -1,0 +1,71 @@
+"""A data scientist trains from a dataset folder, gets a run folder and a bundle, and the worker
+analyses a slide with that bundle unchanged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from glio_node.bundle import verify_bundle
+from training.synthetic_dataset import write_synthetic_dataset
+
+CONFIG = """
+name = "glio-ci"
+version = "0.0.1"
+dataset = "dataset"
+runs_dir = "runs"
+models_dir = "models"
+seed = 1
+validation_fraction = 0.25
+augmentation = {crop = 48, hue = 0.0}
+
+[segmentation]
+um_per_px = 2.0
+tile_size = 48
+epochs = 2
+batch_size = 8
+depth = 2
+base_filters = 4
+overlap = 16
+min_tissue = 0.0
+
+[classifier]
+um_per_px = 2.0
+tile_size = 32
+epochs = 2
+batch_size = 16
+depth = 2
+base_filters = 4
+"""
+
+
+@pytest.mark.slow
+def test_train_writes_a_run_folder_and_a_bundle_the_worker_analyses_with(tmp_path):
+    write_synthetic_dataset(tmp_path / "dataset", patients=4)
+    (tmp_path / "run.toml").write_text(CONFIG)
+    env_path = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "training", "train", "--config", str(tmp_path / "run.toml"), "--verbose", "0"], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "regions: pixel accuracy" in done.stdout and "subtype: tile accuracy" in done.stdout
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.toml", "run.json", "split.json", "metrics.json", "metrics-regions.csv", "metrics-molecular.csv", "best-regions.keras", "confusion-regions-final.csv", "confusion-segmentation-epoch002.csv", "model-card.md"} <= names
+    assert json.loads((run_dir / "run.json").read_text())["seed"] == 1
+    assert "commit" in json.loads((run_dir / "run.json").read_text())["git"] or "unknown" in json.loads((run_dir / "run.json").read_text())["git"]
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["validation"] and not set(split["train"]) & set(split["validation"])
+
+    manifest = verify_bundle(tmp_path / "models" / "glio-ci")
+    assert manifest.name == "glio-ci" and "regions_mean_dice" in manifest.validation
+    verify = subprocess.run([sys.executable, "-m", "glio_node.cli", "models", "verify", str(tmp_path / "models" / "glio-ci")], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stderr[-3000:]
+    slide = tmp_path / "dataset" / "slides" / split["validation"][0]
+    analyze = subprocess.run([sys.executable, "-m", "glio_node.cli", "analyze", str(slide), "--out", str(tmp_path / "out"), "--models", str(tmp_path / "models" / "glio-ci")], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=300)
+    assert analyze.returncode == 0, analyze.stderr[-3000:]
+    assert any((tmp_path / "out").rglob("*.dcm"))

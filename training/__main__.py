@@ -1,0 +1,92 @@
+"""``python -m training``: check a dataset, cut its tiles, show its patient splits.
+
+Run from a checkout (training/ is not installed with glio-node and glio_node never imports it).
+``train --config run.toml`` trains, evaluates and exports a bundle (training/run.py); the demo
+bundle is still built by ``python -m training.demo`` (see docs/training.md, "Status").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.dataset import validate_dataset
+from training.splits import make_splits
+
+
+def _validate(args: argparse.Namespace) -> int:
+    records, problems = validate_dataset(args.dataset, check_images=not args.quick)
+    for p in problems:
+        print(f"PROBLEM {p}")
+    patients = {r.patient_id for r in records}
+    print(f"{len(records)} slide(s) of {len(patients)} patient(s), {sum(r.mask_path is not None for r in records)} with a region mask; {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from training.dataset import load_dataset
+    from training.tiles import TileSpec, load_or_extract
+
+    spec = TileSpec(args.um_per_px, args.tile_size, args.min_tissue)
+    cache = args.cache or args.dataset / ".tiles"
+    for record in load_dataset(args.dataset):
+        shard = load_or_extract(record, spec, args.dataset, cache)
+        source = "cache" if shard.frames_decoded == 0 else f"{shard.frames_decoded} frames decoded"
+        print(f"{record.slide_id}: {len(shard.images)} tiles ({source})")
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    records, problems = validate_dataset(args.dataset, check_images=False)
+    if problems:
+        print(f"the dataset has {len(problems)} problem(s); run `python -m training validate {args.dataset}`", file=sys.stderr)
+        return 1
+    for split in make_splits(records, args.method, args.seed, args.validation_fraction, args.k):
+        print(f"{split.name}: train {len(split.train)} slide(s), validation {' '.join(split.validation)}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.run import train
+
+    metrics = train(args.config, verbose=args.verbose)
+    for task, m in metrics.items():
+        if "mean_dice" in m:
+            print(f"{task}: pixel accuracy {m['accuracy']:.3f}, mean Dice {m['mean_dice']:.3f}")
+        else:
+            print(f"{task}: tile accuracy {m['tile']['accuracy']:.3f}, slide accuracy {m['slide']['accuracy']:.3f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="report every problem in a dataset folder (docs/training.md)")
+    v.add_argument("dataset", type=Path)
+    v.add_argument("--quick", action="store_true", help="check labels.csv and file names only, open no image")
+    v.set_defaults(func=_validate)
+    e = sub.add_parser("extract", help="cut and cache tiles at a network's spacing")
+    e.add_argument("dataset", type=Path)
+    e.add_argument("--um-per-px", type=float, required=True)
+    e.add_argument("--tile-size", type=int, required=True)
+    e.add_argument("--min-tissue", type=float, default=0.5, help="fraction of the tile that must be tissue (0.5 classifiers, 0 segmentation)")
+    e.add_argument("--cache", type=Path, default=None, help="shard folder (default DATASET/.tiles)")
+    e.set_defaults(func=_extract)
+    s = sub.add_parser("split", help="show the patient-level splits")
+    s.add_argument("dataset", type=Path)
+    s.add_argument("--method", choices=["fixed", "kfold", "lopo"], default="fixed")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--validation-fraction", type=float, default=0.2)
+    s.add_argument("--k", type=int, default=5)
+    s.set_defaults(func=_split)
+    t = sub.add_parser("train", help="train, evaluate and export a bundle as a run config says")
+    t.add_argument("--config", type=Path, required=True)
+    t.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
+    t.set_defaults(func=_train)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Evaluation metrics per class, at tile (or pixel) level and at slide level.
+
+Pure NumPy on label arrays, so the same code scores a validation epoch, a cross-validation fold and
+a bundle's manifest.  Slide-level scores aggregate tiles with the worker's own functions
+(:func:`glio_node.pipeline.stitch.mean_tile_probabilities` and ``slide_call``), so a reported
+slide accuracy is the accuracy of the calls the worker will write into its SR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from glio_node.pipeline.stitch import mean_tile_probabilities
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts, rows = truth, columns = prediction.  Labels outside
+    0..n_classes-1 (e.g. 255 for glass in a label map) are ignored."""
+    t = np.asarray(y_true).ravel().astype(np.int64)
+    p = np.asarray(y_pred).ravel().astype(np.int64)
+    keep = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_classes)
+    return np.bincount(t[keep] * n_classes + p[keep], minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, NaN where den is 0 (a metric that is undefined is not 0 or 1)."""
+    num, den = num.astype(np.float64), den.astype(np.float64)
+    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+
+
+def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Sensitivity, specificity, precision, accuracy, F1, Dice and IoU per class from a confusion
+    matrix.  F1 and Dice are the same number; both are reported because both names are used."""
+    cm = np.asarray(cm, dtype=np.int64)
+    total = cm.sum()
+    tp = np.diag(cm)
+    fn = cm.sum(axis=1) - tp
+    fp = cm.sum(axis=0) - tp
+    tn = total - tp - fn - fp
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "precision": _ratio(tp, tp + fp),
+        "accuracy": _ratio(tp + tn, np.full_like(tp, total)),
+        "f1": f1,
+        "dice": f1,
+        "iou": _ratio(tp, tp + fp + fn),
+    }
+
+
+def roc_auc(y_true_binary: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with ties counted half); NaN if one class is absent."""
+    t = np.asarray(y_true_binary).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks of ties
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[t].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def one_vs_rest_auc(y_true: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """ROC AUC of each class against the rest, from (N, C) probabilities."""
+    probabilities = np.asarray(probabilities)
+    return np.array([roc_auc(np.asarray(y_true) == c, probabilities[:, c]) for c in range(probabilities.shape[1])])
+
+
+def classification_report(y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Everything for one classifier head from (N,) true labels and (N, C) probabilities."""
+    n = len(class_names)
+    cm = confusion_matrix(y_true, np.argmax(probabilities, axis=1), n)
+    per_class = per_class_metrics(cm)
+    auc = one_vs_rest_auc(y_true, probabilities)
+    return {
+        "n": int(cm.sum()),
+        "accuracy": float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan"),
+        "confusion_matrix": cm.tolist(),
+        "per_class": {name: {k: float(v[i]) for k, v in per_class.items()} | {"roc_auc": float(auc[i])} for i, name in enumerate(class_names)},
+    }
+
+
+def segmentation_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Pixel-level report of a segmentation (label maps; 255 = not scored)."""
+    cm = confusion_matrix(y_true, y_pred, len(class_names))
+    per_class = per_class_metrics(cm)
+    present = cm.sum(axis=1) > 0
+    dice = per_class["dice"]
+    return {
+        "n": int(cm.sum()),
+        "accuracy": float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan"),
+        "mean_dice": float(np.nanmean(dice[present])) if present.any() else float("nan"),
+        "confusion_matrix": cm.tolist(),
+        "per_class": {name: {k: float(v[i]) for k, v in per_class.items()} for i, name in enumerate(class_names)},
+    }
+
+
+def slide_level_report(
+    tile_probabilities: Mapping[str, np.ndarray], slide_truth: Mapping[str, int], class_names: Sequence[str]
+) -> dict:
+    """Slide-level report: each slide's tiles (T, C) are averaged exactly as the worker does, then
+    scored like tiles.  Slides with no tile are left out and counted under ``slides_without_tiles``."""
+    ids, truth, probs, empty = [], [], [], []
+    for slide_id, tiles in sorted(tile_probabilities.items()):
+        mean = mean_tile_probabilities(np.asarray(tiles, dtype=np.float64))
+        if mean is None:
+            empty.append(slide_id)
+            continue
+        ids.append(slide_id)
+        truth.append(slide_truth[slide_id])
+        probs.append(mean)
+    report = classification_report(np.array(truth), np.array(probs).reshape(len(probs), len(class_names)), class_names)
+    report["slides_without_tiles"] = empty
+    return report

@@ -1,0 +1,332 @@
+"""``python -m training train --config run.toml``: one run from a dataset folder to a model bundle.
+
+The run reads top to bottom: config -> dataset (validated) -> patient split -> tiles (cached
+shards, the worker's tiling) -> train the region UNet -> train the molecular classifier -> score
+both on the validation patients (pixel level, tile level and slide level as the worker calls) ->
+write the run folder -> export the bundle.  The run folder holds everything needed to repeat
+it: the config as given, the seed, the git commit, per-epoch metrics (CSV) and confusion
+matrices (CSV), the best checkpoints and the final metrics (JSON).
+
+Not built yet (see docs/training.md, Status): PNG plots (matplotlib is not installed here), a
+progress bar beyond Keras' own, VGG16 in the run config, k-fold / leave-one-patient-out runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from glio_node import coding
+from glio_node.bundle import HeadSpec, Manifest, NetworkSpec, normalize, write_bundle
+from training.augment import Augmentation, make_dataset
+from training.dataset import LABEL_VALUES, REGION_NAMES, load_dataset
+from training.losses import categorical_crossentropy, get_loss
+from training.metrics import (
+    classification_report,
+    confusion_matrix,
+    segmentation_report,
+    slide_level_report,
+)
+from training.splits import make_splits
+from training.tiles import Shard, TileSpec, load_or_extract
+
+CLS_TASKS = ("subtype", "mgmt", "egfr")
+INDETERMINATE_BELOW = {"subtype": 0.5, "mgmt": 0.6, "egfr": 0.6}
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    um_per_px: float
+    tile_size: int
+    epochs: int = 5
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    loss: str = "categorical_crossentropy"
+    depth: int = 3  # UNet levels / classifier VGG blocks
+    base_filters: int = 8
+    overlap: int = 0  # segmentation only: the worker's stitching overlap, recorded in the manifest
+    min_tissue: float = 0.5
+    patience: int = 5
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run, read from a TOML file (training/configs/*.toml; docs/training.md lists the keys)."""
+
+    name: str  # bundle name: models/<name>/
+    version: str
+    dataset: Path
+    runs_dir: Path
+    models_dir: Path
+    seed: int
+    validation_fraction: float
+    segmentation: NetConfig
+    classifier: NetConfig
+    normalization: str = "scale_0_1"
+    intended_use: str = "Research use only. Not for diagnosis."
+    is_demo: bool = False
+    augmentation: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        data = tomllib.loads(Path(path).read_text())
+        base = Path(path).resolve().parent
+        try:
+            return cls(
+                name=data["name"],
+                version=data["version"],
+                dataset=(base / data["dataset"]).resolve(),
+                runs_dir=(base / data.get("runs_dir", "runs")).resolve(),
+                models_dir=(base / data.get("models_dir", "models")).resolve(),
+                seed=int(data.get("seed", 0)),
+                validation_fraction=float(data.get("validation_fraction", 0.25)),
+                segmentation=NetConfig(**data["segmentation"]),
+                classifier=NetConfig(**data["classifier"]),
+                normalization=data.get("normalization", "scale_0_1"),
+                intended_use=data.get("intended_use", "Research use only. Not for diagnosis."),
+                is_demo=bool(data.get("is_demo", False)),
+                augmentation=data.get("augmentation", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"run config {path}: {exc}; see docs/training.md for the keys") from exc
+
+
+def _git_commit() -> str:
+    from training.demo import _git_revision
+
+    return _git_revision()
+
+
+class _EpochConfusion:
+    """Keras callback: confusion matrix (CSV) on the validation tiles after every epoch."""
+
+    def __new__(cls, *args, **kwargs):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def __init__(self, x, y_true, task, n_classes, out: Path):
+                super().__init__()
+                self.x, self.y_true, self.task, self.n, self.out = x, y_true, task, n_classes, out
+
+            def on_epoch_end(self, epoch, logs=None):
+                if len(self.x) == 0:
+                    return
+                pred = self.model.predict(self.x, batch_size=16, verbose=0)[self.task]
+                cm = confusion_matrix(self.y_true, np.argmax(pred, axis=-1), self.n)
+                path = self.out / f"confusion-{self.task}-epoch{epoch + 1:03d}.csv"
+                np.savetxt(path, cm, fmt="%d", delimiter=",")
+
+        return Callback(*args, **kwargs)
+
+
+def _callbacks(run_dir: Path, net: str, cfg: NetConfig, x_val, y_val, task, n_classes):
+    import keras
+
+    monitor = "val_loss" if len(x_val) else "loss"
+    return [
+        keras.callbacks.ModelCheckpoint(run_dir / f"best-{net}.keras", monitor=monitor, save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, patience=max(1, cfg.patience // 2), factor=0.5),
+        keras.callbacks.CSVLogger(run_dir / f"metrics-{net}.csv"),
+        _EpochConfusion(x_val, y_val, task, n_classes, run_dir),
+    ]
+
+
+def _stack(shards: list[Shard], ts: int):
+    if not shards or not sum(len(s.images) for s in shards):
+        return np.zeros((0, ts, ts, 3), np.uint8)
+    return np.concatenate([s.images for s in shards])
+
+
+def _one_hot_or_zero(values: list[str | None], classes: tuple[str, ...]) -> np.ndarray:
+    """One-hot slide labels; an unknown label is all zeros, so it adds nothing to the loss."""
+    out = np.zeros((len(values), len(classes)), np.float32)
+    for i, v in enumerate(values):
+        if v is not None:
+            out[i, classes.index(v)] = 1.0
+    return out
+
+
+def train(config_path: Path, verbose: int = 2) -> dict:
+    """Run the config at ``config_path``; return the final metrics.  Writes the run folder and
+    the bundle; raises DatasetError / ValueError with what to fix."""
+    import keras
+
+    from glio_node.runtime.networks import build_classifier, build_unet
+
+    cfg = RunConfig.load(config_path)
+    keras.utils.set_random_seed(cfg.seed)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = cfg.runs_dir / f"{cfg.name}-{stamp}"
+    run_dir.mkdir(parents=True)
+    shutil.copy(config_path, run_dir / "config.toml")
+    commit = _git_commit()
+    (run_dir / "run.json").write_text(json.dumps({"seed": cfg.seed, "git": commit, "keras": keras.__version__, "backend": keras.backend.backend()}, indent=2))
+
+    records = load_dataset(cfg.dataset)
+    split = make_splits(records, "fixed", cfg.seed, cfg.validation_fraction)[0]
+    (run_dir / "split.json").write_text(json.dumps({"train": split.train, "validation": split.validation}, indent=2))
+    by_id = {r.slide_id: r for r in records}
+    cache = cfg.dataset / ".tiles"
+    aug = Augmentation(**cfg.augmentation)
+    metrics: dict = {}
+
+    # --- regions (UNet) ---
+    seg = cfg.segmentation
+    seg_spec = TileSpec(seg.um_per_px, seg.tile_size, seg.min_tissue)
+    seg_shards = {sid: load_or_extract(by_id[sid], seg_spec, cfg.dataset, cache) for sid in by_id if by_id[sid].mask_path}
+    tr = [seg_shards[s] for s in split.train if s in seg_shards]
+    va = [seg_shards[s] for s in split.validation if s in seg_shards]
+    xs, ys = _stack(tr, seg.tile_size), np.concatenate([s.labels for s in tr]) if tr else None
+    xv, yv = _stack(va, seg.tile_size), np.concatenate([s.labels for s in va]) if va else np.zeros((0, seg.tile_size, seg.tile_size), np.uint8)
+    n_regions = len(REGION_NAMES)
+    unet = build_unet(seg.tile_size, n_regions, depth=seg.depth, base_filters=seg.base_filters, name="regions", batch_norm=False)
+    unet.compile(optimizer=keras.optimizers.Adam(seg.learning_rate), loss={"segmentation": get_loss(seg.loss)})
+    train_ds = make_dataset(xs, ys, cfg.normalization, seg.batch_size, cfg.seed, aug, n_regions)
+    val_ds = make_dataset(xv, yv, cfg.normalization, seg.batch_size, cfg.seed, None, n_regions) if len(xv) else None
+    xv_norm = normalize(xv, cfg.normalization)
+    unet.fit(
+        train_ds.map(lambda x, y: (x, {"segmentation": y})),
+        validation_data=val_ds.map(lambda x, y: (x, {"segmentation": y})) if val_ds else None,
+        epochs=seg.epochs,
+        verbose=verbose,
+        callbacks=_callbacks(run_dir, "regions", seg, xv_norm, yv, "segmentation", n_regions),
+    )
+    if len(xv):
+        pred = np.argmax(unet.predict(xv_norm, batch_size=8, verbose=0)["segmentation"], axis=-1)
+        metrics["regions"] = segmentation_report(yv, pred, REGION_NAMES)
+
+    # --- molecular (multi-head classifier) ---
+    cl = cfg.classifier
+    cl_spec = TileSpec(cl.um_per_px, cl.tile_size, cl.min_tissue)
+    cl_shards = {sid: load_or_extract(by_id[sid], cl_spec, cfg.dataset, cache) for sid in by_id}
+
+    def targets(ids):
+        out = {}
+        for task in CLS_TASKS:
+            per_tile = [by_id[s].labels.get(task) for s in ids for _ in range(len(cl_shards[s].images))]
+            out[task] = _one_hot_or_zero(per_tile, LABEL_VALUES[task])
+        return out
+
+    xc = _stack([cl_shards[s] for s in split.train], cl.tile_size)
+    xcv = _stack([cl_shards[s] for s in split.validation], cl.tile_size)
+    yc, ycv = targets(split.train), targets(split.validation)
+    heads = {t: len(LABEL_VALUES[t]) for t in CLS_TASKS}
+    clf = build_classifier(cl.tile_size, heads, base_filters=cl.base_filters, blocks=cl.depth, name="molecular")
+    clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss={t: categorical_crossentropy for t in CLS_TASKS})
+    xcv_norm = normalize(xcv, cfg.normalization)
+    clf.fit(
+        normalize(xc, cfg.normalization),
+        yc,
+        batch_size=cl.batch_size,
+        epochs=cl.epochs,
+        shuffle=True,
+        validation_data=(xcv_norm, ycv) if len(xcv) else None,
+        verbose=verbose,
+        callbacks=_callbacks(run_dir, "molecular", cl, xcv_norm, np.argmax(ycv["subtype"], -1), "subtype", heads["subtype"]),
+    )
+    if len(xcv):
+        probs = clf.predict(xcv_norm, batch_size=32, verbose=0)
+        offsets = np.cumsum([0] + [len(cl_shards[s].images) for s in split.validation])
+        for task in CLS_TASKS:
+            known = ycv[task].sum(-1) > 0
+            if known.any():
+                tile = classification_report(np.argmax(ycv[task][known], -1), probs[task][known], LABEL_VALUES[task])
+                per_slide = {s: probs[task][offsets[i] : offsets[i + 1]] for i, s in enumerate(split.validation) if by_id[s].labels.get(task)}
+                truth = {s: LABEL_VALUES[task].index(by_id[s].labels[task]) for s in per_slide}
+                metrics[task] = {"tile": tile, "slide": slide_level_report(per_slide, truth, LABEL_VALUES[task])}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    _write_confusion_csvs(run_dir, metrics)
+
+    bundle = export_bundle(cfg, unet, clf, metrics, commit, config_path)
+    (run_dir / "bundle.txt").write_text(str(bundle) + "\n")
+    (run_dir / "model-card.md").write_text(model_card(cfg, metrics, commit, split))
+    return metrics
+
+
+def model_card(cfg: RunConfig, metrics: dict, commit: str, split) -> str:
+    """A Markdown model card for docs/model-cards/<name>.md: what it is for, what it was trained
+    on, and its validation metrics per class.  (No plots yet: matplotlib is not a dependency.)"""
+    lines = [
+        f"# Model card: {cfg.name} {cfg.version}",
+        "",
+        f"Intended use: {cfg.intended_use}",
+        "",
+        (
+            f"Trained by `python -m training train` at {commit}, seed {cfg.seed}, on dataset `{cfg.dataset.name}`: "
+            f"{len(split.train)} training slide(s), {len(split.validation)} validation slide(s), split by patient."
+        ),
+        "",
+    ]
+    for task, m in metrics.items():
+        rep = m if "per_class" in m else m["tile"]
+        lines += [f"## {task}" + ("" if m is rep else f" (tile level; slide-level accuracy {m['slide']['accuracy']:.3f} on {m['slide']['n']} slide(s))"), ""]
+        keys = [k for k in ("sensitivity", "specificity", "precision", "f1", "iou", "roc_auc") if k in next(iter(rep["per_class"].values()))]
+        lines += ["| class | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for name, vals in rep["per_class"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write_confusion_csvs(run_dir: Path, metrics: dict) -> None:
+    for task, m in metrics.items():
+        cm = m["confusion_matrix"] if "confusion_matrix" in m else m["tile"]["confusion_matrix"]
+        with (run_dir / f"confusion-{task}-final.csv").open("w", newline="") as f:
+            csv.writer(f).writerows(cm)
+
+
+def _summary(metrics: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "regions" in metrics:
+        out["regions_pixel_accuracy"] = metrics["regions"]["accuracy"]
+        out["regions_mean_dice"] = metrics["regions"]["mean_dice"]
+    for task in CLS_TASKS:
+        if task in metrics:
+            out[f"{task}_tile_accuracy"] = metrics[task]["tile"]["accuracy"]
+            out[f"{task}_slide_accuracy"] = metrics[task]["slide"]["accuracy"]
+    return {k: float(v) for k, v in out.items() if not math.isnan(v)}
+
+
+def export_bundle(cfg: RunConfig, unet, clf, metrics: dict, commit: str, config_path: Path) -> Path:
+    """Write models/<name>/ with the manifest of docs/model-bundle.md."""
+    import keras
+
+    networks = (
+        NetworkSpec(
+            name="regions", file="regions.keras", sha256=None, tile_size=cfg.segmentation.tile_size,
+            um_per_px=cfg.segmentation.um_per_px, overlap=cfg.segmentation.overlap, normalization=cfg.normalization,
+            heads=(HeadSpec(task="segmentation", classes=coding.REGION_CLASSES),),
+        ),
+        NetworkSpec(
+            name="molecular", file="molecular.keras", sha256=None, tile_size=cfg.classifier.tile_size,
+            um_per_px=cfg.classifier.um_per_px, overlap=0, normalization=cfg.normalization,
+            heads=tuple(HeadSpec(task=t, classes=coding.CLASSES_BY_TASK[t], indeterminate_below=INDETERMINATE_BELOW[t]) for t in CLS_TASKS),
+        ),
+    )
+    manifest = Manifest(
+        name=cfg.name,
+        version=cfg.version,
+        uid=f"2.25.{uuid.uuid4().int}",
+        intended_use=cfg.intended_use,
+        is_demo=cfg.is_demo,
+        provenance=(
+            f"Trained by `python -m training train --config {config_path.name}` at {commit} with Keras {keras.__version__} "
+            f"({keras.backend.backend()} backend) on the dataset {cfg.dataset.name} (seed {cfg.seed}, validation by patient)."
+        ),
+        created=datetime.now(UTC).replace(microsecond=0),
+        networks=networks,
+        validation=_summary(metrics),
+    )
+    out = cfg.models_dir / cfg.name
+    write_bundle(out, manifest, {"regions": unet, "molecular": clf})
+    return out
