@@ -257,7 +257,7 @@ class StatusSettings:
     enabled: bool = True  # serve the page beside the SCP in `glio-node serve`
     host: str = "127.0.0.1"  # beyond loopback a token is required
     port: int = 8080
-    token: str = ""  # bearer token (or basic-auth password); required unless host is loopback
+    token: str = field(default="", repr=False)  # bearer token (or basic-auth password); required unless host is loopback
     show_patient_data: bool = False  # show patient name and ID (read from the spooled slide)
     refresh_seconds: int = 10  # the page reloads itself this often
     echo_cache_seconds: float = 60.0  # C-ECHO results of destinations are kept this long

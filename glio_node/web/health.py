@@ -159,6 +159,7 @@ def _c_echo(d: Destination, calling_ae: str) -> tuple[bool, str]:
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ECHO_TIMEOUT_SECONDS
+    ae.connection_timeout = ECHO_TIMEOUT_SECONDS  # a firewalled host must not hang the page
     ae.add_requested_context(Verification)
     assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
     if not assoc.is_established:

@@ -270,6 +270,9 @@ def test_pause_and_resume_intake_from_the_page(client, store):
     assert client.get("/api/status").json()["intake_paused"] is True
     assert "Intake paused" in client.get(answer.headers["location"]).text
     assert client.post("/actions/pause", headers={"Origin": "http://evil.example"}).status_code == 403
+    # A sandboxed frame or a file: page posts with Origin "null": refused too.
+    assert client.post("/actions/resume", headers={"Origin": "null"}).status_code == 403
+    assert client.get("/api/status").json()["intake_paused"] is True
     client.post("/api/intake/resume")
     assert client.get("/api/status").json()["intake_paused"] is False
 

@@ -183,3 +183,9 @@ def test_destination_secrets_stay_out_of_repr():
     })
     assert settings.destinations[0].password == "s3cret-pw"
     assert "s3cret-pw" not in repr(settings)
+
+
+def test_the_status_page_token_stays_out_of_repr():
+    settings = load_settings(None, {"GLIO_STATUS_TOKEN": "a-long-status-token-0123"})
+    assert settings.status.token == "a-long-status-token-0123"
+    assert "a-long-status-token-0123" not in repr(settings)
