@@ -74,7 +74,7 @@ def retry_job(session: Session, job_id: int, now: datetime, *, by: str, address:
         raise ActionRefused(f"job {job_id} is {JobState(row.state).value}: only a failed job can be retried")
     if session.scalar(select(Job.purged_at).where(Job.id == job_id)) is not None:
         raise ActionRefused(f"job {job_id}'s slide was removed from the spool: ask the PACS to send it again")
-    session.execute(
+    changed = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.FAILED)
         .values(
@@ -82,7 +82,9 @@ def retry_job(session: Session, job_id: int, now: datetime, *, by: str, address:
             lease_owner=None, lease_expires_at=None,
         )
         .execution_options(synchronize_session=False)
-    )
+    ).rowcount
+    if not changed:  # another operator (or a double click) retried it in between
+        raise ActionRefused(f"job {job_id} was retried already")
     audit.record(
         session,
         Event.JOB_RETRY_REQUESTED,

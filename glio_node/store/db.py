@@ -38,6 +38,8 @@ def make_engine(database_url: str | URL, **kwargs: Any) -> Engine:
     A SQLite database's folder is created if missing.  ``kwargs`` go to ``create_engine``.
     """
     url = normalise_url(database_url)
+    # Bound values (UIDs, accession numbers) stay out of error texts, which reach log lines.
+    kwargs.setdefault("hide_parameters", True)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
