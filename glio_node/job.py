@@ -115,7 +115,7 @@ def run_job(
 
         result, stats, seg_level = analyze(slide, networks, bundle.algorithm, options, progress)
         stages.update(stats.stage_seconds)
-        if slide.missing_reads:
+        if slide.gaps:  # only with allow_gaps; said even when no missing frame was needed
             missing = sum(slide.missing_reads.values())
             result = replace(
                 result,
@@ -123,7 +123,7 @@ def run_job(
                 notes=(
                     *result.notes,
                     f"The slide arrived incomplete ({slide.gaps[0]}); {missing} missing frame(s) "
-                    "were read as glass and not analysed.",
+                    "the analysis needed were read as glass and not analysed.",
                 ),
             )
 

@@ -245,7 +245,8 @@ class DicomSlide:
         data = self._image_data[level]
         info = self.levels[level]
         if self._absent and (frame_row, frame_col) in self._absent[level]:
-            self.missing_reads[level] += 1
+            with self._lock:
+                self.missing_reads[level] += 1
             return np.full((info.frame_rows, info.frame_cols, 3), 255, dtype=np.uint8)
         point = Point(frame_col, frame_row)
         try:
