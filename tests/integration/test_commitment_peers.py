@@ -216,7 +216,7 @@ def test_storescp_refuses_the_commitment_request_and_the_spool_keeps_the_job(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(0.5)
+        _wait_listening(port)
         archive = Destination("archive", "STORESCP", "127.0.0.1", port, storage_commitment=True)
         setup = Setup(tmp_path, slide, [archive])
         setups.append(setup)
@@ -277,3 +277,17 @@ def test_a_report_that_never_comes_expires_the_request_and_the_node_asks_again(
         assert not setup.purged()
     finally:
         orthanc.stop()
+
+
+def _wait_listening(port: int, timeout: float = 30.0) -> None:
+    """Until something accepts TCP connections on loopback ``port`` (a peer just started)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
