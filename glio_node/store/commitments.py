@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from glio_node.store import audit
@@ -68,6 +68,9 @@ class ReportOutcome:
     unknown: int  # UIDs in the report that this request did not reference
 
 
+NOT_COMMITTED = "not committed"  # last_status of deliveries given up by _give_up
+
+
 def open_requests(
     session: Session,
     destinations: Collection[str],
@@ -92,6 +95,7 @@ def open_requests(
             Delivery.state,
             Delivery.sop_class_uid,
             Delivery.sop_instance_uid,
+            Delivery.delivered_at,
         )
         .join(Job, Job.id == Delivery.job_id)
         .where(Job.state == JobState.DONE, Job.purged_at.is_(None))
@@ -134,7 +138,19 @@ def open_requests(
     opened: list[CommitmentRequest] = []
     for (job_id, destination), references in sorted(ready.items()):
         past = history[(job_id, destination)]
-        if any(r.state == CommitmentState.REQUESTED for r in past) or len(past) >= max_requests:
+        if any(r.state == CommitmentState.REQUESTED for r in past):
+            continue
+        # Only unanswered, refused or failed requests made since the objects were last sent
+        # count: a re-send (an operator's, or of objects a report named failed) starts afresh.
+        sent_at = [r.delivered_at for r in by_pair[(job_id, destination)] if r.delivered_at]
+        last_sent = max(sent_at) if sent_at else None
+        misses = [
+            r for r in past
+            if r.state != CommitmentState.CONFIRMED
+            and (last_sent is None or r.requested_at >= last_sent)
+        ]
+        if len(misses) >= max_requests:
+            _give_up(session, job_id, destination, len(misses), uids[job_id], now)
             continue
         if past and past[-1].retry_at is not None and past[-1].retry_at > now:
             continue
@@ -187,8 +203,9 @@ def record_refusal(
 ) -> datetime | None:
     """The N-ACTION of ``request`` was refused or could not be sent: ``refused``, asked again
     after the backoff (None when ``max_requests`` are used up).  Audit ``commitment_failed``."""
-    give_up = request.attempt >= max_requests
-    retry_at = None if give_up else now + policy.delay(request.attempt)
+    misses = _misses_this_round(session, request.job_id, request.destination)
+    give_up = misses >= max_requests
+    retry_at = None if give_up else now + policy.delay(misses)
     _close(session, request.id, CommitmentState.REFUSED, now, status, retry_at)
     details: dict[str, Any] = {
         "destination": request.destination,
@@ -234,8 +251,9 @@ def expire_requests(
             )
         ).all()
         for row, study, series in rows:
-            give_up = row.attempt >= max_requests
-            retry_at = None if give_up else now + policy.delay(row.attempt)
+            misses = _misses_this_round(session, row.job_id, name)
+            give_up = misses >= max_requests
+            retry_at = None if give_up else now + policy.delay(misses)
             taken = _close(
                 session, row.id, CommitmentState.EXPIRED, None,
                 f"no N-EVENT-REPORT within {seconds:g} s", retry_at,
@@ -300,7 +318,9 @@ def record_report(
     n_committed = 0
     for uid in committed:
         d = deliveries.get(uid)
-        if d is not None and d.state == DeliveryState.SENT:
+        given_up_waiting = d is not None and d.state == DeliveryState.FAILED and d.last_status == NOT_COMMITTED
+        if d is not None and (d.state == DeliveryState.SENT or given_up_waiting):
+            # A late report still counts, even after the node stopped asking (_give_up).
             d.state = DeliveryState.COMMITTED
             d.committed_at = now
             n_committed += 1
@@ -405,3 +425,56 @@ def _close(
             ).execution_options(synchronize_session=False)
         ).rowcount
     )
+
+
+def _misses_this_round(session: Session, job_id: int, destination: str) -> int:
+    """Requests for this job and destination, not confirmed, made since its objects were last
+    sent (the one being closed included): the count that ``max_requests`` and the backoff
+    apply to, the same as :func:`open_requests` counts.  A re-send starts a new round."""
+    last_sent = session.scalar(
+        select(func.max(Delivery.delivered_at)).where(
+            Delivery.job_id == job_id, Delivery.destination == destination
+        )
+    )
+    query = select(func.count()).select_from(StorageCommitment).where(
+        StorageCommitment.job_id == job_id,
+        StorageCommitment.destination == destination,
+        StorageCommitment.state != CommitmentState.CONFIRMED,
+    )
+    if last_sent is not None:
+        query = query.where(StorageCommitment.requested_at >= last_sent)
+    return int(session.scalar(query) or 0)
+
+
+def _give_up(
+    session: Session, job_id: int, destination: str, misses: int, uids: tuple[str, str], now: datetime
+) -> None:
+    """No commitment after ``misses`` requests: the sent-but-uncommitted deliveries become
+    ``failed``, so the status page and /metrics show them and an operator can re-send;
+    without this the slide would stay on the spool, unpurgeable, with nobody told."""
+    changed = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.job_id == job_id,
+            Delivery.destination == destination,
+            Delivery.state == DeliveryState.SENT,
+        )
+        .values(state=DeliveryState.FAILED, last_status=NOT_COMMITTED, next_attempt_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if changed:
+        audit.record(
+            session,
+            Event.COMMITMENT_FAILED,
+            at=now,
+            job_id=job_id,
+            study_instance_uid=uids[0],
+            series_instance_uid=uids[1],
+            details={
+                "destination": destination,
+                "objects": changed,
+                "given_up_after_requests": misses,
+                "reason": "no storage commitment after the maximum number of requests; "
+                "re-send the job's results once the destination is fixed",
+            },
+        )

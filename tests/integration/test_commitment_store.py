@@ -184,6 +184,10 @@ def test_no_report_in_time_expires_the_request_and_asks_again_after_the_backoff(
     assert refused["status"] == "association rejected"
     assert open_requests(sessions, now=retry_at + timedelta(days=1), max_requests=2) == []
     assert purgeable(sessions) == []
+    # Given up: the deliveries read failed ("not committed"), so the page and /metrics show them.
+    assert set(states(sessions, job_id).values()) == {"failed"}
+    gave_up = audit_details(sessions, "commitment_failed")[-1]
+    assert gave_up["given_up_after_requests"] == 2 and gave_up["objects"] == 2
 
     # A late answer to the first request still counts: the destination has the objects.
     report(sessions, first.transaction_uid, committed=["2.25.1001", "2.25.1002"])
@@ -230,3 +234,37 @@ def test_two_nodes_opening_the_same_request_collide_on_the_attempt(sessions):
     finally:
         s1.close()
         s2.close()
+
+
+def test_after_giving_up_a_resend_of_the_results_asks_for_commitment_afresh(sessions):
+    from glio_node.store.actions import resend_job
+
+    job_id = delivered_job(sessions)
+    [first] = open_requests(sessions, max_requests=1)
+    with sessions.begin() as s:
+        commitments.record_refusal(s, first, "association rejected", T0, POLICY, max_requests=1)
+    later = T0 + timedelta(hours=1)
+    assert open_requests(sessions, now=later, max_requests=1) == []  # gives up...
+    assert set(states(sessions, job_id).values()) == {"failed"}  # ...visibly
+
+    # The operator fixes the PACS and re-sends: sent again, so the node asks again.
+    with sessions.begin() as s:
+        resend_job(s, job_id, later, by="it-desk", address=None)
+    with sessions.begin() as s:
+        for item in deliveries.claim_deliveries(s, later, 60):
+            deliveries.record_attempt(
+                s, item, ok=True, status="0x0000", transient=False, now=later, policy=POLICY,
+                max_attempts=3,
+            )
+    [again] = open_requests(sessions, now=later + timedelta(seconds=1), max_requests=2)
+    assert again.attempt == 2
+    # The new round counts its own misses: a refusal now is the first of two, so it backs off.
+    with sessions.begin() as s:
+        retry_at = commitments.record_refusal(
+            s, again, "association rejected", later, POLICY, max_requests=2
+        )
+    assert retry_at == later + POLICY.delay(1)
+    assert open_requests(sessions, now=retry_at - timedelta(seconds=1), max_requests=2) == []
+    [third] = open_requests(sessions, now=retry_at, max_requests=2)
+    report(sessions, third.transaction_uid, committed=["2.25.1001", "2.25.1002"])
+    assert purgeable(sessions) == [job_id]
