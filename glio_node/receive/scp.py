@@ -25,6 +25,7 @@ import logging
 import struct
 import tempfile
 import zlib
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -116,15 +117,17 @@ def build_ae(settings: Settings, spool: Spool) -> AE:
 
 
 def event_handlers(
-    spool: Spool, sessions: Sessions, max_attempts: int = 100
+    spool: Spool, sessions: Sessions, max_attempts: int = 100,
+    reporters: Mapping[str, str] | None = None,
 ) -> list[tuple[Any, ...]]:
     """The handlers with their dependencies bound, for ``AE.start_server(evt_handlers=...)``.
 
     ``max_attempts``: ``[worker] delivery_max_attempts``, the cap on re-sending an object a
-    Storage Commitment report says failed."""
+    Storage Commitment report says failed.  ``reporters``: destination name -> its AE title;
+    a commitment report is taken only from the AE title its request went to."""
     return [
         (evt.EVT_C_STORE, handle_store, [spool, sessions]),
-        (evt.EVT_N_EVENT_REPORT, handle_commitment_report, [sessions, max_attempts]),
+        (evt.EVT_N_EVENT_REPORT, handle_commitment_report, [sessions, max_attempts, dict(reporters or {})]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, handle_accepted, [sessions]),
         (evt.EVT_REJECTED, handle_rejected, [sessions]),
@@ -146,7 +149,10 @@ def start_receiver(
     return ae.start_server(
         address or (settings.node.host, settings.node.port),
         block=False,
-        evt_handlers=event_handlers(spool, sessions, settings.worker.delivery_max_attempts),
+        evt_handlers=event_handlers(
+            spool, sessions, settings.worker.delivery_max_attempts,
+            {d.name: d.ae_title for d in settings.destinations if d.storage_commitment},
+        ),
     )
 
 
@@ -319,7 +325,7 @@ def _store(
 
 
 def handle_commitment_report(
-    event: DicomEvent, sessions: Sessions, max_attempts: int
+    event: DicomEvent, sessions: Sessions, max_attempts: int, reporters: Mapping[str, str]
 ) -> tuple[int, None]:
     """N-EVENT-REPORT of the Storage Commitment Push Model: apply the destination's answer to
     the request with its Transaction UID (:func:`glio_node.store.commitments.record_report`).
@@ -359,6 +365,7 @@ def handle_commitment_report(
             outcome = commitments.record_report(
                 session, transaction_uid, committed, failed, datetime.now(UTC),
                 max_attempts=max_attempts, calling_ae=calling_ae, address=address,
+                reporters=reporters,
             )
     except SQLAlchemyError:
         log.exception("Storage Commitment report from %s could not be recorded", calling_ae)
@@ -366,7 +373,7 @@ def handle_commitment_report(
     if outcome is None:
         log.warning(
             "Storage Commitment report from %s for transaction %s, which this node did not "
-            "request: ignored", calling_ae, transaction_uid,
+            "request of that AE title: ignored", calling_ae, transaction_uid,
         )
         return 0x0115, None
     if failed:

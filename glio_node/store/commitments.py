@@ -287,12 +287,15 @@ def record_report(
     max_attempts: int,
     calling_ae: str | None = None,
     address: str | None = None,
+    reporters: Mapping[str, str] | None = None,
 ) -> ReportOutcome | None:
     """Apply an N-EVENT-REPORT: ``committed`` SOP Instance UIDs become ``committed``; ``failed``
     ones (UID -> Failure Reason) are sent again, or ``failed`` once the delivery has had
     ``max_attempts`` sends.  Audit ``commitment_confirmed`` and/or ``commitment_failed``.
 
-    Returns None when no request has ``transaction_uid`` (nothing changes).
+    Returns None when no request has ``transaction_uid``, or when ``reporters`` names the AE
+    title of the request's destination and the report came from another (nothing changes):
+    a Transaction UID travels in clear, and a confirmation lets the spool be purged.
     """
     found = session.execute(
         select(StorageCommitment, Series.study_instance_uid, Series.series_instance_uid)
@@ -303,6 +306,9 @@ def record_report(
     if found is None:
         return None
     request, study, series = found
+    expected = (reporters or {}).get(request.destination)
+    if expected and calling_ae != expected:
+        return None
     referenced = set(request.sop_instance_uids)
     deliveries = {
         d.sop_instance_uid: d

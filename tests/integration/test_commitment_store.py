@@ -268,3 +268,21 @@ def test_after_giving_up_a_resend_of_the_results_asks_for_commitment_afresh(sess
     [third] = open_requests(sessions, now=retry_at, max_requests=2)
     report(sessions, third.transaction_uid, committed=["2.25.1001", "2.25.1002"])
     assert purgeable(sessions) == [job_id]
+
+
+def test_a_report_from_another_ae_title_than_the_destination_changes_nothing(sessions):
+    job_id = delivered_job(sessions)
+    [request] = open_requests(sessions)
+    with sessions.begin() as s:
+        outcome = commitments.record_report(
+            s, request.transaction_uid, ["2.25.1001", "2.25.1002"], {}, T0, max_attempts=3,
+            calling_ae="INTRUDER", address="10.0.0.66:104", reporters={"pacs": "ORTHANC"},
+        )
+    assert outcome is None
+    assert set(states(sessions, job_id).values()) == {"sent"} and purgeable(sessions) == []
+    with sessions.begin() as s:  # the destination's own AE title is heard
+        assert commitments.record_report(
+            s, request.transaction_uid, ["2.25.1001", "2.25.1002"], {}, T0, max_attempts=3,
+            calling_ae="ORTHANC", address="127.0.0.1:4242", reporters={"pacs": "ORTHANC"},
+        ) is not None
+    assert purgeable(sessions) == [job_id]
