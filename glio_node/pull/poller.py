@@ -44,8 +44,10 @@ from glio_node.pull.dicomweb import (
     Stopped,
     server_of,
 )
+from glio_node.receive.scp import accession_number
 from glio_node.receive.spool import Spool, checked_uid
 from glio_node.store import audit
+from glio_node.store.actions import intake_paused
 from glio_node.store.audit import Event
 from glio_node.store.db import dialect_insert
 from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
@@ -83,6 +85,9 @@ class SourcePoller:
         """One poll; returns the number of series taken.  Never raises for the source's faults."""
         if self.stopping.is_set():
             return 0
+        with self.sessions.begin() as session:
+            if intake_paused(session):  # the operator paused intake: pulling is intake too
+                return 0
         now = self.now()
         try:
             found = self.client.search_series()
@@ -365,6 +370,7 @@ class SourcePoller:
             sha256="",
             calling_ae=self.source.name,
             address=self.address,
+            accession_number=accession_number(ds),
             **uids,
         )
 

@@ -305,7 +305,7 @@ def _store(
         sha256=stored.sha256,
         calling_ae=calling_ae,
         address=address,
-        accession_number=_accession_number(header),
+        accession_number=accession_number(header),
         **uids,
     )
     try:
@@ -393,7 +393,7 @@ def handle_commitment_report(
 # Helpers
 
 
-def _accession_number(header: pydicom.Dataset) -> str | None:
+def accession_number(header: pydicom.Dataset) -> str | None:
     """The Accession Number (SH, at most 16 characters) for the audit search, or None."""
     try:
         value = str(header.get("AccessionNumber", "") or "").strip()

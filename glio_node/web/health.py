@@ -177,13 +177,12 @@ def _c_echo(d: Destination, calling_ae: str) -> tuple[bool, str]:
 
 def _http_check(d: Destination) -> tuple[bool, str]:
     """Any HTTP answer below 500 from the DICOMweb root means the server is there."""
-    import base64
+    from glio_node.http_auth import authorization_header
 
-    headers = {"Accept": "application/dicom+json"}
-    if d.bearer_token:
-        headers["Authorization"] = f"Bearer {d.bearer_token}"
-    elif d.username:
-        headers["Authorization"] = "Basic " + base64.b64encode(f"{d.username}:{d.password}".encode()).decode()
+    headers = {
+        "Accept": "application/dicom+json",
+        **authorization_header(username=d.username, password=d.password, bearer_token=d.bearer_token),
+    }
     request = urllib.request.Request(d.url.rstrip("/") + "/studies?limit=1", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=ECHO_TIMEOUT_SECONDS) as response:

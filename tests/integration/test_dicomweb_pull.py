@@ -20,6 +20,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -33,14 +34,21 @@ from glio_node.pull.poller import SourcePoller
 from glio_node.receive.spool import Spool
 from glio_node.send.dicomweb import StowSender
 from glio_node.store.db import make_engine, make_sessions, upgrade
+from glio_node.store.actions import set_intake_paused
 from glio_node.store.models import (
     AuditEvent,
     Instance,
     PullSeries,
     PullSource,
     PullState,
+    Series,
 )
-from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
+from glio_node.synthetic.slide import (
+    ACCESSION_NUMBER,
+    SlideSpec,
+    SyntheticSlide,
+    write_synthetic_slide,
+)
 
 needs_orthanc = pytest.mark.skipif(
     not (have_orthanc() and DICOMWEB_PLUGIN.is_file()), reason="Orthanc with DICOMweb not installed"
@@ -168,6 +176,9 @@ def test_a_malformed_or_truncated_body_is_an_error_not_a_short_series(orthanc, s
 # Basic auth against Orthanc
 
 
+T_PAUSE = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
 def source(url: str, **kw) -> Source:
     return Source("pacs-web", url=url, poll_seconds=1, **kw)
 
@@ -178,6 +189,12 @@ def test_basic_auth_takes_the_slide_into_the_spool_like_a_c_store(orthanc, slide
     poller = SourcePoller(
         source(orthanc.dicomweb_url, auth="basic", username=USER, password=PASSWORD), sessions, spool
     )
+    with sessions.begin() as s:  # an operator paused intake: pulling is intake too
+        set_intake_paused(s, True, T_PAUSE, by="it-desk", address=None)
+    assert poller.poll() == 0
+    with sessions.begin() as s:
+        assert s.scalars(select(PullSeries)).all() == []  # not even asked
+        set_intake_paused(s, False, T_PAUSE, by="it-desk", address=None)
     assert poller.poll() == 0  # first sight: seen, not taken until its count holds still
     with sessions.begin() as s:
         [row] = s.scalars(select(PullSeries))
@@ -186,6 +203,8 @@ def test_basic_auth_takes_the_slide_into_the_spool_like_a_c_store(orthanc, slide
     with sessions.begin() as s:
         stored = {i.sha256: Path(i.path) for i in s.scalars(select(Instance))}
         assert {i.calling_ae for i in s.scalars(select(Instance))} == {"pacs-web"}
+        [series] = s.scalars(select(Series))  # found by the status page's accession search
+        assert series.accession_number == ACCESSION_NUMBER
     assert set(stored) == {sha256(p.read_bytes()) for p in slide.files}
     assert all(p.is_file() and p.is_relative_to(spool.instances_dir) for p in stored.values())
     assert list(spool.incoming_dir.iterdir()) == []
