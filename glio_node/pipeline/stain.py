@@ -25,6 +25,8 @@ _FLOOR = 1.0 / 255.0  # log of 0 is undefined; darker than 1/255 is black anyway
 REFERENCE_MEAN = (-0.5025, -0.0049, 0.0387)
 REFERENCE_STD = (0.3017, 0.0573, 0.0287)
 MIN_STD = 1e-4  # a flat tile (all one colour) is shifted, not stretched to infinity
+GLASS_SATURATION = 0.08  # HSV saturation below this is glass (as the tissue detector's floor)
+MIN_TISSUE_PIXELS = 64  # fewer stained pixels than this: no statistics worth matching
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -38,15 +40,34 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     return (10.0 ** (np.asarray(lab, np.float64) @ _LAB_TO_LMS.T)) @ _LMS_TO_RGB.T
 
 
+def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
+    """bool (..., H, W): pixels that are stained, not glass: HSV saturation at least
+    ``GLASS_SATURATION``.  Glass is bright and grey on every scanner; stain is not."""
+    x = np.asarray(rgb, np.float64)
+    hi, lo = x.max(axis=-1), x.min(axis=-1)
+    return (hi - lo) >= GLASS_SATURATION * np.maximum(hi, 1e-6)
+
+
 def reinhard(tiles: np.ndarray, mean=REFERENCE_MEAN, std=REFERENCE_STD) -> np.ndarray:
     """RGB uint8 tiles (N, H, W, 3) or one tile (H, W, 3) -> RGB uint8 with each tile's lαβ
-    statistics matched to ``mean``/``std``."""
+    statistics, over its stained pixels, matched to ``mean``/``std``.
+
+    Glass is left as it is and does not count in the statistics: otherwise a mostly-empty tile
+    would have its glass turned pink and its tissue near-black.  Glass is told by its low
+    saturation, which assumes the scanner white-balanced it (they calibrate on glass).  A tile with fewer than
+    ``MIN_TISSUE_PIXELS`` stained pixels is returned unchanged.
+    """
     x = np.asarray(tiles)
     single = x.ndim == 3
-    batch = x[None] if single else x
-    lab = rgb_to_lab(batch.astype(np.float64) / 255.0)
-    m = lab.mean(axis=(1, 2), keepdims=True)
-    s = np.maximum(lab.std(axis=(1, 2), keepdims=True), MIN_STD)
-    out = (lab - m) / s * np.asarray(std) + np.asarray(mean)
-    rgb = np.clip(np.rint(lab_to_rgb(out) * 255.0), 0, 255).astype(np.uint8)
-    return rgb[0] if single else rgb
+    batch = (x[None] if single else x).astype(np.uint8, copy=False)
+    out = batch.copy()
+    for i, tile in enumerate(batch):
+        stained = tissue_pixels(tile)
+        if stained.sum() < MIN_TISSUE_PIXELS:
+            continue
+        lab = rgb_to_lab(tile[stained].astype(np.float64) / 255.0)  # (K, 3)
+        m = lab.mean(axis=0)
+        sd = np.maximum(lab.std(axis=0), MIN_STD)
+        moved = (lab - m) / sd * np.asarray(std) + np.asarray(mean)
+        out[i][stained] = np.clip(np.rint(lab_to_rgb(moved) * 255.0), 0, 255).astype(np.uint8)
+    return out[0] if single else out
