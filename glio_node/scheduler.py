@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 import socket
 import threading
@@ -56,6 +55,7 @@ from glio_node.job import BundleCache
 from glio_node.pipeline.series import series_gaps
 from glio_node.pull.poller import SourcePoller
 from glio_node.receive.spool import Spool
+from glio_node.redact import without_uids
 from glio_node.send import ResultSender, SendResult, make_sender
 from glio_node.store import audit, commitments, deliveries, nodes, queue
 from glio_node.store.audit import Event
@@ -74,15 +74,6 @@ PROGRESS_SECONDS = 2.0  # a running job's progress is written at most this often
 def series_tag(series_instance_uid: str) -> str:
     """A short, stable, non-identifying name for a series in log lines."""
     return "s-" + hashlib.sha256(series_instance_uid.encode()).hexdigest()[:10]
-
-
-_UID_IN_TEXT = re.compile(r"(?<![\w.])\d+(?:\.\d+){2,}(?!\w|\.\d)")
-
-
-def without_uids(text: str) -> str:
-    """``text`` for a log line: DICOM UIDs (also inside spool paths, which are made of them)
-    replaced by ``<uid>``; the full text stays in the job row, which is not a log."""
-    return _UID_IN_TEXT.sub(lambda m: "<uid>" if len(m.group()) >= 10 else m.group(), text)
 
 
 def default_owner() -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from glio_node.redact import without_uids
 from glio_node.store import nodes
 from glio_node.store.actions import intake_paused
 from glio_node.store.models import (
@@ -218,11 +219,12 @@ _PATH = re.compile(r"(?<![\w.])/(?:[^\s/:]+/)+([^\s/:]+)")
 def plain_reason(job: Job) -> str | None:
     """Why a job failed or waits for a retry, as a sentence an operator can act on.
 
-    Spool paths in the error (they hold the study and series UIDs) are cut to the file name.
+    Spool paths in the error are cut to the file name, and UIDs (the file name is one) are
+    hidden, as in log lines; the job row keeps the full text.
     """
     if not job.last_error:
         return None
-    job = _ErrorView(job, _PATH.sub(r"\1", job.last_error))
+    job = _ErrorView(job, without_uids(_PATH.sub(r"\1", job.last_error)))
     state = JobState(job.state)
     if state == JobState.FAILED:
         if job.attempts >= job.max_attempts and not _is_permanent_text(job.last_error):

@@ -1,6 +1,6 @@
 """Log lines of failed jobs name no UIDs: the reader's messages carry spool paths made of them."""
 
-from glio_node.scheduler import without_uids
+from glio_node.redact import without_uids
 
 
 def test_uids_in_spool_paths_are_replaced_and_versions_and_statuses_kept():
