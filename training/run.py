@@ -19,7 +19,8 @@ import math
 import shutil
 import tomllib
 import uuid
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,6 +57,13 @@ class NetConfig:
     overlap: int = 0  # segmentation only: the worker's stitching overlap, recorded in the manifest
     min_tissue: float = 0.5
     patience: int = 5
+    # classifier only:
+    max_tiles_per_slide: int | None = None  # random subset per slide (seeded); None: all tiles
+    bn_momentum: float = 0.9  # 0.99 (Keras' default) lags the weights in short runs: validation at chance
+    backbone: str = "small"  # "small": glio_node's VGG-shaped build_classifier; "vgg16": keras VGG16
+    weights: str | None = None  # vgg16 only: local weights file (no top), relative to the config file
+    frozen_epochs: int = 0  # vgg16 only: epochs with the backbone frozen before fine-tuning
+    fine_tune_blocks: int = 2  # vgg16 only: last VGG blocks opened for fine-tuning
 
 
 @dataclass(frozen=True)
@@ -75,12 +83,23 @@ class RunConfig:
     intended_use: str = "Research use only. Not for diagnosis."
     is_demo: bool = False
     augmentation: dict = field(default_factory=dict)
+    split_method: str = "fixed"  # or "kfold" (then split_k folds, this run validates on fold split_fold)
+    split_k: int = 5
+    split_fold: int = 0
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
         data = tomllib.loads(Path(path).read_text())
         base = Path(path).resolve().parent
+        split = data.get("split", {})
         try:
+            classifier = dict(data["classifier"])
+            if classifier.get("weights"):
+                classifier["weights"] = str((base / classifier["weights"]).resolve())
+            if split.get("method", "fixed") not in ("fixed", "kfold"):
+                raise ValueError(f"split.method {split.get('method')!r} is not 'fixed' or 'kfold'")
+            if classifier.get("backbone", "small") not in ("small", "vgg16"):
+                raise ValueError(f"classifier.backbone {classifier.get('backbone')!r} is not 'small' or 'vgg16'")
             return cls(
                 name=data["name"],
                 version=data["version"],
@@ -90,11 +109,14 @@ class RunConfig:
                 seed=int(data.get("seed", 0)),
                 validation_fraction=float(data.get("validation_fraction", 0.25)),
                 segmentation=NetConfig(**data["segmentation"]),
-                classifier=NetConfig(**data["classifier"]),
+                classifier=NetConfig(**classifier),
                 normalization=data.get("normalization", "scale_0_1"),
                 intended_use=data.get("intended_use", "Research use only. Not for diagnosis."),
                 is_demo=bool(data.get("is_demo", False)),
                 augmentation=data.get("augmentation", {}),
+                split_method=split.get("method", "fixed"),
+                split_k=int(split.get("k", 5)),
+                split_fold=int(split.get("fold", 0)),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"run config {path}: {exc}; see docs/training.md for the keys") from exc
@@ -136,7 +158,7 @@ def _callbacks(run_dir: Path, net: str, cfg: NetConfig, x_val, y_val, task, n_cl
         keras.callbacks.ModelCheckpoint(run_dir / f"best-{net}.keras", monitor=monitor, save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, patience=max(1, cfg.patience // 2), factor=0.5),
-        keras.callbacks.CSVLogger(run_dir / f"metrics-{net}.csv"),
+        keras.callbacks.CSVLogger(run_dir / f"metrics-{net}.csv", append=True),  # vgg16 fits twice
         _EpochConfusion(x_val, y_val, task, n_classes, run_dir),
     ]
 
@@ -145,6 +167,18 @@ def _stack(shards: list[Shard], ts: int):
     if not shards or not sum(len(s.images) for s in shards):
         return np.zeros((0, ts, ts, 3), np.uint8)
     return np.concatenate([s.images for s in shards])
+
+
+def _subsample(shard: Shard, max_tiles: int | None, seed: int) -> Shard:
+    """At most ``max_tiles`` of a slide's tiles, drawn at random (seeded by the run and the slide):
+    slide-level labels are learnt from many slides, not from many tiles of a few, and one large
+    slide should not outweigh the rest."""
+    if max_tiles is None or len(shard.images) <= max_tiles:
+        return shard
+    rng = np.random.default_rng([seed, zlib.crc32(shard.slide_id.encode())])
+    keep = np.sort(rng.choice(len(shard.images), max_tiles, replace=False))
+    labels = None if shard.labels is None else shard.labels[keep]
+    return replace(shard, images=shard.images[keep], labels=labels, cells=shard.cells[keep])
 
 
 def _one_hot_or_zero(values: list[str | None], classes: tuple[str, ...]) -> np.ndarray:
@@ -173,7 +207,10 @@ def train(config_path: Path, verbose: int = 2) -> dict:
     (run_dir / "run.json").write_text(json.dumps({"seed": cfg.seed, "git": commit, "keras": keras.__version__, "backend": keras.backend.backend()}, indent=2))
 
     records = load_dataset(cfg.dataset)
-    split = make_splits(records, "fixed", cfg.seed, cfg.validation_fraction)[0]
+    splits = make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k)
+    if not 0 <= cfg.split_fold < len(splits):
+        raise ValueError(f"split.fold {cfg.split_fold} outside 0..{len(splits) - 1} ({cfg.split_method}, k={cfg.split_k})")
+    split = splits[cfg.split_fold]
     (run_dir / "split.json").write_text(json.dumps({"train": split.train, "validation": split.validation}, indent=2))
     by_id = {r.slide_id: r for r in records}
     cache = cfg.dataset / ".tiles"
@@ -208,7 +245,7 @@ def train(config_path: Path, verbose: int = 2) -> dict:
     # --- molecular (multi-head classifier) ---
     cl = cfg.classifier
     cl_spec = TileSpec(cl.um_per_px, cl.tile_size, cl.min_tissue)
-    cl_shards = {sid: load_or_extract(by_id[sid], cl_spec, cfg.dataset, cache) for sid in by_id}
+    cl_shards = {sid: _subsample(load_or_extract(by_id[sid], cl_spec, cfg.dataset, cache), cl.max_tiles_per_slide, cfg.seed) for sid in by_id}
 
     def targets(ids):
         out = {}
@@ -221,19 +258,32 @@ def train(config_path: Path, verbose: int = 2) -> dict:
     xcv = _stack([cl_shards[s] for s in split.validation], cl.tile_size)
     yc, ycv = targets(split.train), targets(split.validation)
     heads = {t: len(LABEL_VALUES[t]) for t in CLS_TASKS}
-    clf = build_classifier(cl.tile_size, heads, base_filters=cl.base_filters, blocks=cl.depth, name="molecular")
-    clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss={t: categorical_crossentropy for t in CLS_TASKS})
     xcv_norm = normalize(xcv, cfg.normalization)
-    clf.fit(
-        normalize(xc, cfg.normalization),
-        yc,
-        batch_size=cl.batch_size,
-        epochs=cl.epochs,
-        shuffle=True,
-        validation_data=(xcv_norm, ycv) if len(xcv) else None,
-        verbose=verbose,
-        callbacks=_callbacks(run_dir, "molecular", cl, xcv_norm, np.argmax(ycv["subtype"], -1), "subtype", heads["subtype"]),
-    )
+    fit = {
+        "x": normalize(xc, cfg.normalization),
+        "y": yc,
+        "batch_size": cl.batch_size,
+        "shuffle": True,
+        "validation_data": (xcv_norm, ycv) if len(xcv) else None,
+        "verbose": verbose,
+    }
+    callbacks = _callbacks(run_dir, "molecular", cl, xcv_norm, np.argmax(ycv["subtype"], -1), "subtype", heads["subtype"])
+    losses = {t: categorical_crossentropy for t in CLS_TASKS}
+    if cl.backbone == "vgg16":
+        from training.networks import build_vgg16_classifier, set_trainable
+
+        clf = build_vgg16_classifier(cl.tile_size, heads, weights=cl.weights, name="molecular")
+        if cl.frozen_epochs:
+            set_trainable(clf, "frozen")
+            clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss=losses)
+            clf.fit(**fit, epochs=cl.frozen_epochs, callbacks=callbacks)
+        set_trainable(clf, "fine_tune", cl.fine_tune_blocks)
+        clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate / 10), loss=losses)
+        clf.fit(**fit, epochs=cl.frozen_epochs + cl.epochs, initial_epoch=cl.frozen_epochs, callbacks=callbacks)
+    else:
+        clf = build_classifier(cl.tile_size, heads, base_filters=cl.base_filters, blocks=cl.depth, name="molecular", bn_momentum=cl.bn_momentum)
+        clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss=losses)
+        clf.fit(**fit, epochs=cl.epochs, callbacks=callbacks)
     if len(xcv):
         probs = clf.predict(xcv_norm, batch_size=32, verbose=0)
         offsets = np.cumsum([0] + [len(cl_shards[s].images) for s in split.validation])
