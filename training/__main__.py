@@ -59,6 +59,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synthetic(args: argparse.Namespace) -> int:
+    from training.synthetic_dataset import write_synthetic_dataset
+
+    write_synthetic_dataset(args.dataset, patients=args.patients, seed=args.seed)
+    print(f"wrote {args.patients} synthetic patient(s) to {args.dataset} (synthetic textures, not tissue)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", type=Path, required=True)
     t.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
     t.set_defaults(func=_train)
+    y = sub.add_parser("synthetic", help="write a synthetic dataset in the documented format (tests, examples)")
+    y.add_argument("dataset", type=Path)
+    y.add_argument("--patients", type=int, default=32)
+    y.add_argument("--seed", type=int, default=0)
+    y.set_defaults(func=_synthetic)
     args = parser.parse_args(argv)
     return args.func(args)
 
