@@ -50,7 +50,7 @@ def _split(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from training.run import train
 
-    metrics = train(args.config, verbose=args.verbose)
+    metrics = train(args.config, verbose=args.verbose, model_card_dir=args.model_card_dir)
     for task, m in metrics.items():
         if "mean_dice" in m:
             print(f"{task}: pixel accuracy {m['accuracy']:.3f}, mean Dice {m['mean_dice']:.3f}")
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train, evaluate and export a bundle as a run config says")
     t.add_argument("--config", type=Path, required=True)
     t.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
+    t.add_argument("--model-card-dir", type=Path, default=None, help="also write NAME.md and its plots here, e.g. docs/model-cards")
     t.set_defaults(func=_train)
     y = sub.add_parser("synthetic", help="write a synthetic dataset in the documented format (tests, examples)")
     y.add_argument("dataset", type=Path)

@@ -128,29 +128,36 @@ def _git_commit() -> str:
     return _git_revision()
 
 
-class _EpochConfusion:
-    """Keras callback: confusion matrix (CSV) on the validation tiles after every epoch."""
+class _EpochReport:
+    """Keras callback after every epoch: the confusion matrix on the validation tiles (CSV per
+    epoch, PNG of the latest) and the metric curves so far (PNG)."""
 
     def __new__(cls, *args, **kwargs):
         import keras
 
+        from training.plots import plot_confusion, plot_history
+
         class Callback(keras.callbacks.Callback):
-            def __init__(self, x, y_true, task, n_classes, out: Path):
+            def __init__(self, x, y_true, task, classes, net, out: Path):
                 super().__init__()
-                self.x, self.y_true, self.task, self.n, self.out = x, y_true, task, n_classes, out
+                self.x, self.y_true, self.task, self.classes, self.net, self.out = x, y_true, task, tuple(classes), net, out
+                self.history: dict[str, list[float]] = {}
 
             def on_epoch_end(self, epoch, logs=None):
+                for k, v in (logs or {}).items():
+                    self.history.setdefault(k, []).append(float(v))
+                plot_history(self.history, f"{self.net}: loss per epoch", self.out / f"metrics-{self.net}.png")
                 if len(self.x) == 0:
                     return
                 pred = self.model.predict(self.x, batch_size=16, verbose=0)[self.task]
-                cm = confusion_matrix(self.y_true, np.argmax(pred, axis=-1), self.n)
-                path = self.out / f"confusion-{self.task}-epoch{epoch + 1:03d}.csv"
-                np.savetxt(path, cm, fmt="%d", delimiter=",")
+                cm = confusion_matrix(self.y_true, np.argmax(pred, axis=-1), len(self.classes))
+                np.savetxt(self.out / f"confusion-{self.task}-epoch{epoch + 1:03d}.csv", cm, fmt="%d", delimiter=",")
+                plot_confusion(cm, self.classes, f"{self.task}, validation tiles, epoch {epoch + 1}", self.out / f"confusion-{self.task}-latest.png")
 
         return Callback(*args, **kwargs)
 
 
-def _callbacks(run_dir: Path, net: str, cfg: NetConfig, x_val, y_val, task, n_classes):
+def _callbacks(run_dir: Path, net: str, cfg: NetConfig, x_val, y_val, task, classes):
     import keras
 
     monitor = "val_loss" if len(x_val) else "loss"
@@ -159,7 +166,7 @@ def _callbacks(run_dir: Path, net: str, cfg: NetConfig, x_val, y_val, task, n_cl
         keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, patience=max(1, cfg.patience // 2), factor=0.5),
         keras.callbacks.CSVLogger(run_dir / f"metrics-{net}.csv", append=True),  # vgg16 fits twice
-        _EpochConfusion(x_val, y_val, task, n_classes, run_dir),
+        _EpochReport(x_val, y_val, task, classes, net, run_dir),
     ]
 
 
@@ -190,7 +197,7 @@ def _one_hot_or_zero(values: list[str | None], classes: tuple[str, ...]) -> np.n
     return out
 
 
-def train(config_path: Path, verbose: int = 2) -> dict:
+def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = None) -> dict:
     """Run the config at ``config_path``; return the final metrics.  Writes the run folder and
     the bundle; raises DatasetError / ValueError with what to fix."""
     import keras
@@ -236,7 +243,7 @@ def train(config_path: Path, verbose: int = 2) -> dict:
         validation_data=val_ds.map(lambda x, y: (x, {"segmentation": y})) if val_ds else None,
         epochs=seg.epochs,
         verbose=verbose,
-        callbacks=_callbacks(run_dir, "regions", seg, xv_norm, yv, "segmentation", n_regions),
+        callbacks=_callbacks(run_dir, "regions", seg, xv_norm, yv, "segmentation", REGION_NAMES),
     )
     if len(xv):
         pred = np.argmax(unet.predict(xv_norm, batch_size=8, verbose=0)["segmentation"], axis=-1)
@@ -267,7 +274,7 @@ def train(config_path: Path, verbose: int = 2) -> dict:
         "validation_data": (xcv_norm, ycv) if len(xcv) else None,
         "verbose": verbose,
     }
-    callbacks = _callbacks(run_dir, "molecular", cl, xcv_norm, np.argmax(ycv["subtype"], -1), "subtype", heads["subtype"])
+    callbacks = _callbacks(run_dir, "molecular", cl, xcv_norm, np.argmax(ycv["subtype"], -1), "subtype", LABEL_VALUES["subtype"])
     losses = {t: categorical_crossentropy for t in CLS_TASKS}
     if cl.backbone == "vgg16":
         from training.networks import build_vgg16_classifier, set_trainable
@@ -299,13 +306,13 @@ def train(config_path: Path, verbose: int = 2) -> dict:
 
     bundle = export_bundle(cfg, unet, clf, metrics, commit, config_path)
     (run_dir / "bundle.txt").write_text(str(bundle) + "\n")
-    (run_dir / "model-card.md").write_text(model_card(cfg, metrics, commit, split))
+    write_model_card(run_dir, cfg, metrics, commit, split, model_card_dir)
     return metrics
 
 
-def model_card(cfg: RunConfig, metrics: dict, commit: str, split) -> str:
+def model_card(cfg: RunConfig, metrics: dict, commit: str, split, images: list[str] = (), prefix: str = "") -> str:
     """A Markdown model card for docs/model-cards/<name>.md: what it is for, what it was trained
-    on, and its validation metrics per class.  (No plots yet: matplotlib is not a dependency.)"""
+    on, its validation metrics per class, and its plots (``images``, file names under ``prefix``)."""
     lines = [
         f"# Model card: {cfg.name} {cfg.version}",
         "",
@@ -325,14 +332,41 @@ def model_card(cfg: RunConfig, metrics: dict, commit: str, split) -> str:
         for name, vals in rep["per_class"].items():
             lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in keys) + " |")
         lines.append("")
+    if images:
+        lines += ["## Plots", "", "Loss per epoch (training and validation) and final confusion matrices on the validation patients.", ""]
+        lines += [f"![{name}]({prefix}{name})" for name in images] + [""]
     return "\n".join(lines)
 
 
 def _write_confusion_csvs(run_dir: Path, metrics: dict) -> None:
+    """confusion-<task>-final.csv and .png: regions per pixel, molecular tasks per tile."""
+    from training.plots import plot_confusion
+
     for task, m in metrics.items():
         cm = m["confusion_matrix"] if "confusion_matrix" in m else m["tile"]["confusion_matrix"]
         with (run_dir / f"confusion-{task}-final.csv").open("w", newline="") as f:
             csv.writer(f).writerows(cm)
+        classes = REGION_NAMES if task == "regions" else LABEL_VALUES[task]
+        unit = "pixels" if task == "regions" else "tiles"
+        plot_confusion(np.asarray(cm), classes, f"{task}, validation {unit}", run_dir / f"confusion-{task}-final.png")
+
+
+def _card_images(run_dir: Path, metrics: dict) -> list[str]:
+    names = [f"metrics-{net}.png" for net in ("regions", "molecular")] + [f"confusion-{task}-final.png" for task in metrics]
+    return [n for n in names if (run_dir / n).is_file()]
+
+
+def write_model_card(run_dir: Path, cfg: RunConfig, metrics: dict, commit: str, split, card_dir: Path | None) -> None:
+    """model-card.md in the run folder (plots beside it); with ``card_dir`` (e.g. docs/model-cards)
+    also ``card_dir/<name>.md`` with its plots copied to ``card_dir/<name>/``.  Only when asked,
+    so test runs never write into the checkout."""
+    images = _card_images(run_dir, metrics)
+    (run_dir / "model-card.md").write_text(model_card(cfg, metrics, commit, split, images, prefix=""))
+    if card_dir is not None:
+        (card_dir / cfg.name).mkdir(parents=True, exist_ok=True)
+        for name in images:
+            shutil.copy(run_dir / name, card_dir / cfg.name / name)
+        (card_dir / f"{cfg.name}.md").write_text(model_card(cfg, metrics, commit, split, images, prefix=f"{cfg.name}/"))
 
 
 def _summary(metrics: dict) -> dict[str, float]:
