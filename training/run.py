@@ -5,10 +5,11 @@ shards, the worker's tiling) -> train the region UNet -> train the molecular cla
 both on the validation patients (pixel level, tile level and slide level as the worker calls) ->
 write the run folder -> export the bundle.  The run folder holds everything needed to repeat
 it: the config as given, the seed, the git commit, per-epoch metrics (CSV) and confusion
-matrices (CSV), the best checkpoints and the final metrics (JSON).
+matrices (CSV, and PNG with the loss curves), the best checkpoints, the final metrics (JSON) and a
+model card.
 
-Not built yet (see docs/training.md, Status): PNG plots (matplotlib is not installed here), a
-progress bar beyond Keras' own, VGG16 in the run config, k-fold / leave-one-patient-out runs.
+Not built yet (see docs/training.md, Status): a progress bar beyond Keras' own, running every
+fold of a k-fold split in one command, leave-one-patient-out runs.
 """
 
 from __future__ import annotations

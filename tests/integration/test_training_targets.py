@@ -6,10 +6,9 @@ training/configs/synthetic-ci.toml, and the run's metrics on the held-out patien
 
 - molecular classifier (subtype, MGMT, EGFR): every held-out slide called right (slide level, as
   the worker aggregates), and tile accuracy >= 0.95 for subtype and MGMT, >= 0.90 for EGFR;
-- regions UNet: mean Dice >= 0.80.  The issue asks 0.9; this CI-sized run (30 epochs, about two
-  minutes on 2 cores) measured 0.839, so 0.80 is what it reliably reaches.  docs/training.md
-  gives the longer run for 0.9.
+- regions UNet: mean Dice >= 0.90 (measured 0.960 with 50 epochs; 30 epochs gave only 0.839).
 
+The whole test took 4 minutes on this project's 2 shared cores (about 3.6 of them training).
 Then the exported bundle passes `glio-node models verify` and `glio-node analyze` runs with it.
 Seeds are fixed (dataset and run), so the numbers repeat up to float round-off.
 """
@@ -19,6 +18,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,10 +37,12 @@ def test_a_short_training_on_synthetic_slides_meets_the_targets_on_held_out_pati
     assert made.returncode == 0, made.stderr[-3000:]
     (tmp_path / "run.toml").write_text((ROOT / "training" / "configs" / "synthetic-ci.toml").read_text())
 
+    started = time.monotonic()
     trained = _run(["-m", "training", "train", "--config", str(tmp_path / "run.toml"), "--verbose", "0"], env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    print(f"trained in {time.monotonic() - started:.0f} s:", json.dumps({t: metrics[t]["tile"]["accuracy"] for t in ("subtype", "mgmt", "egfr")}), "regions mean Dice", metrics["regions"]["mean_dice"])
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["validation"]) == 8 and not set(split["train"]) & set(split["validation"])
 
@@ -48,7 +50,7 @@ def test_a_short_training_on_synthetic_slides_meets_the_targets_on_held_out_pati
         assert metrics[task]["slide"]["n"] == 8
         assert metrics[task]["slide"]["accuracy"] == 1.0, (task, metrics[task]["slide"])
         assert metrics[task]["tile"]["accuracy"] >= tile_target, (task, metrics[task]["tile"]["accuracy"])
-    assert metrics["regions"]["mean_dice"] >= 0.80, metrics["regions"]["mean_dice"]
+    assert metrics["regions"]["mean_dice"] >= 0.90, metrics["regions"]["mean_dice"]
 
     bundle = tmp_path / "models" / "glio-synthetic-ci"
     verify = _run(["-m", "glio_node.cli", "models", "verify", str(bundle)], env, 300)
