@@ -50,12 +50,20 @@ def _split(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from training.run import train
 
-    metrics = train(args.config, verbose=args.verbose)
+    metrics = train(args.config, verbose=args.verbose, model_card_dir=args.model_card_dir)
     for task, m in metrics.items():
         if "mean_dice" in m:
             print(f"{task}: pixel accuracy {m['accuracy']:.3f}, mean Dice {m['mean_dice']:.3f}")
         else:
             print(f"{task}: tile accuracy {m['tile']['accuracy']:.3f}, slide accuracy {m['slide']['accuracy']:.3f}")
+    return 0
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    from training.synthetic_dataset import write_synthetic_dataset
+
+    write_synthetic_dataset(args.dataset, patients=args.patients, seed=args.seed)
+    print(f"wrote {args.patients} synthetic patient(s) to {args.dataset} (synthetic textures, not tissue)")
     return 0
 
 
@@ -83,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train, evaluate and export a bundle as a run config says")
     t.add_argument("--config", type=Path, required=True)
     t.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
+    t.add_argument("--model-card-dir", type=Path, default=None, help="also write NAME.md and its plots here, e.g. docs/model-cards")
     t.set_defaults(func=_train)
+    y = sub.add_parser("synthetic", help="write a synthetic dataset in the documented format (tests, examples)")
+    y.add_argument("dataset", type=Path)
+    y.add_argument("--patients", type=int, default=32)
+    y.add_argument("--seed", type=int, default=0)
+    y.set_defaults(func=_synthetic)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -5,10 +5,11 @@ shards, the worker's tiling) -> train the region UNet -> train the molecular cla
 both on the validation patients (pixel level, tile level and slide level as the worker calls) ->
 write the run folder -> export the bundle.  The run folder holds everything needed to repeat
 it: the config as given, the seed, the git commit, per-epoch metrics (CSV) and confusion
-matrices (CSV), the best checkpoints and the final metrics (JSON).
+matrices (CSV, and PNG with the loss curves), the best checkpoints, the final metrics (JSON) and a
+model card.
 
-Not built yet (see docs/training.md, Status): PNG plots (matplotlib is not installed here), a
-progress bar beyond Keras' own, VGG16 in the run config, k-fold / leave-one-patient-out runs.
+Not built yet (see docs/training.md, Status): a progress bar beyond Keras' own, running every
+fold of a k-fold split in one command, leave-one-patient-out runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import math
 import shutil
 import tomllib
 import uuid
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,6 +58,13 @@ class NetConfig:
     overlap: int = 0  # segmentation only: the worker's stitching overlap, recorded in the manifest
     min_tissue: float = 0.5
     patience: int = 5
+    # classifier only:
+    max_tiles_per_slide: int | None = None  # random subset per slide (seeded); None: all tiles
+    bn_momentum: float = 0.9  # 0.99 (Keras' default) lags the weights in short runs: validation at chance
+    backbone: str = "small"  # "small": glio_node's VGG-shaped build_classifier; "vgg16": keras VGG16
+    weights: str | None = None  # vgg16 only: local weights file (no top), relative to the config file
+    frozen_epochs: int = 0  # vgg16 only: epochs with the backbone frozen before fine-tuning
+    fine_tune_blocks: int = 2  # vgg16 only: last VGG blocks opened for fine-tuning
 
 
 @dataclass(frozen=True)
@@ -75,12 +84,23 @@ class RunConfig:
     intended_use: str = "Research use only. Not for diagnosis."
     is_demo: bool = False
     augmentation: dict = field(default_factory=dict)
+    split_method: str = "fixed"  # or "kfold" (then split_k folds, this run validates on fold split_fold)
+    split_k: int = 5
+    split_fold: int = 0
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
         data = tomllib.loads(Path(path).read_text())
         base = Path(path).resolve().parent
+        split = data.get("split", {})
         try:
+            classifier = dict(data["classifier"])
+            if classifier.get("weights"):
+                classifier["weights"] = str((base / classifier["weights"]).resolve())
+            if split.get("method", "fixed") not in ("fixed", "kfold"):
+                raise ValueError(f"split.method {split.get('method')!r} is not 'fixed' or 'kfold'")
+            if classifier.get("backbone", "small") not in ("small", "vgg16"):
+                raise ValueError(f"classifier.backbone {classifier.get('backbone')!r} is not 'small' or 'vgg16'")
             return cls(
                 name=data["name"],
                 version=data["version"],
@@ -90,11 +110,14 @@ class RunConfig:
                 seed=int(data.get("seed", 0)),
                 validation_fraction=float(data.get("validation_fraction", 0.25)),
                 segmentation=NetConfig(**data["segmentation"]),
-                classifier=NetConfig(**data["classifier"]),
+                classifier=NetConfig(**classifier),
                 normalization=data.get("normalization", "scale_0_1"),
                 intended_use=data.get("intended_use", "Research use only. Not for diagnosis."),
                 is_demo=bool(data.get("is_demo", False)),
                 augmentation=data.get("augmentation", {}),
+                split_method=split.get("method", "fixed"),
+                split_k=int(split.get("k", 5)),
+                split_fold=int(split.get("fold", 0)),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"run config {path}: {exc}; see docs/training.md for the keys") from exc
@@ -106,29 +129,36 @@ def _git_commit() -> str:
     return _git_revision()
 
 
-class _EpochConfusion:
-    """Keras callback: confusion matrix (CSV) on the validation tiles after every epoch."""
+class _EpochReport:
+    """Keras callback after every epoch: the confusion matrix on the validation tiles (CSV per
+    epoch, PNG of the latest) and the metric curves so far (PNG)."""
 
     def __new__(cls, *args, **kwargs):
         import keras
 
+        from training.plots import plot_confusion, plot_history
+
         class Callback(keras.callbacks.Callback):
-            def __init__(self, x, y_true, task, n_classes, out: Path):
+            def __init__(self, x, y_true, task, classes, net, out: Path):
                 super().__init__()
-                self.x, self.y_true, self.task, self.n, self.out = x, y_true, task, n_classes, out
+                self.x, self.y_true, self.task, self.classes, self.net, self.out = x, y_true, task, tuple(classes), net, out
+                self.history: dict[str, list[float]] = {}
 
             def on_epoch_end(self, epoch, logs=None):
+                for k, v in (logs or {}).items():
+                    self.history.setdefault(k, []).append(float(v))
+                plot_history(self.history, f"{self.net}: loss per epoch", self.out / f"metrics-{self.net}.png")
                 if len(self.x) == 0:
                     return
                 pred = self.model.predict(self.x, batch_size=16, verbose=0)[self.task]
-                cm = confusion_matrix(self.y_true, np.argmax(pred, axis=-1), self.n)
-                path = self.out / f"confusion-{self.task}-epoch{epoch + 1:03d}.csv"
-                np.savetxt(path, cm, fmt="%d", delimiter=",")
+                cm = confusion_matrix(self.y_true, np.argmax(pred, axis=-1), len(self.classes))
+                np.savetxt(self.out / f"confusion-{self.task}-epoch{epoch + 1:03d}.csv", cm, fmt="%d", delimiter=",")
+                plot_confusion(cm, self.classes, f"{self.task}, validation tiles, epoch {epoch + 1}", self.out / f"confusion-{self.task}-latest.png")
 
         return Callback(*args, **kwargs)
 
 
-def _callbacks(run_dir: Path, net: str, cfg: NetConfig, x_val, y_val, task, n_classes):
+def _callbacks(run_dir: Path, net: str, cfg: NetConfig, x_val, y_val, task, classes):
     import keras
 
     monitor = "val_loss" if len(x_val) else "loss"
@@ -136,8 +166,8 @@ def _callbacks(run_dir: Path, net: str, cfg: NetConfig, x_val, y_val, task, n_cl
         keras.callbacks.ModelCheckpoint(run_dir / f"best-{net}.keras", monitor=monitor, save_best_only=True),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, patience=max(1, cfg.patience // 2), factor=0.5),
-        keras.callbacks.CSVLogger(run_dir / f"metrics-{net}.csv"),
-        _EpochConfusion(x_val, y_val, task, n_classes, run_dir),
+        keras.callbacks.CSVLogger(run_dir / f"metrics-{net}.csv", append=True),  # vgg16 fits twice
+        _EpochReport(x_val, y_val, task, classes, net, run_dir),
     ]
 
 
@@ -145,6 +175,18 @@ def _stack(shards: list[Shard], ts: int):
     if not shards or not sum(len(s.images) for s in shards):
         return np.zeros((0, ts, ts, 3), np.uint8)
     return np.concatenate([s.images for s in shards])
+
+
+def _subsample(shard: Shard, max_tiles: int | None, seed: int) -> Shard:
+    """At most ``max_tiles`` of a slide's tiles, drawn at random (seeded by the run and the slide):
+    slide-level labels are learnt from many slides, not from many tiles of a few, and one large
+    slide should not outweigh the rest."""
+    if max_tiles is None or len(shard.images) <= max_tiles:
+        return shard
+    rng = np.random.default_rng([seed, zlib.crc32(shard.slide_id.encode())])
+    keep = np.sort(rng.choice(len(shard.images), max_tiles, replace=False))
+    labels = None if shard.labels is None else shard.labels[keep]
+    return replace(shard, images=shard.images[keep], labels=labels, cells=shard.cells[keep])
 
 
 def _one_hot_or_zero(values: list[str | None], classes: tuple[str, ...]) -> np.ndarray:
@@ -156,7 +198,7 @@ def _one_hot_or_zero(values: list[str | None], classes: tuple[str, ...]) -> np.n
     return out
 
 
-def train(config_path: Path, verbose: int = 2) -> dict:
+def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = None) -> dict:
     """Run the config at ``config_path``; return the final metrics.  Writes the run folder and
     the bundle; raises DatasetError / ValueError with what to fix."""
     import keras
@@ -173,7 +215,10 @@ def train(config_path: Path, verbose: int = 2) -> dict:
     (run_dir / "run.json").write_text(json.dumps({"seed": cfg.seed, "git": commit, "keras": keras.__version__, "backend": keras.backend.backend()}, indent=2))
 
     records = load_dataset(cfg.dataset)
-    split = make_splits(records, "fixed", cfg.seed, cfg.validation_fraction)[0]
+    splits = make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k)
+    if not 0 <= cfg.split_fold < len(splits):
+        raise ValueError(f"split.fold {cfg.split_fold} outside 0..{len(splits) - 1} ({cfg.split_method}, k={cfg.split_k})")
+    split = splits[cfg.split_fold]
     (run_dir / "split.json").write_text(json.dumps({"train": split.train, "validation": split.validation}, indent=2))
     by_id = {r.slide_id: r for r in records}
     cache = cfg.dataset / ".tiles"
@@ -199,7 +244,7 @@ def train(config_path: Path, verbose: int = 2) -> dict:
         validation_data=val_ds.map(lambda x, y: (x, {"segmentation": y})) if val_ds else None,
         epochs=seg.epochs,
         verbose=verbose,
-        callbacks=_callbacks(run_dir, "regions", seg, xv_norm, yv, "segmentation", n_regions),
+        callbacks=_callbacks(run_dir, "regions", seg, xv_norm, yv, "segmentation", REGION_NAMES),
     )
     if len(xv):
         pred = np.argmax(unet.predict(xv_norm, batch_size=8, verbose=0)["segmentation"], axis=-1)
@@ -208,7 +253,7 @@ def train(config_path: Path, verbose: int = 2) -> dict:
     # --- molecular (multi-head classifier) ---
     cl = cfg.classifier
     cl_spec = TileSpec(cl.um_per_px, cl.tile_size, cl.min_tissue)
-    cl_shards = {sid: load_or_extract(by_id[sid], cl_spec, cfg.dataset, cache) for sid in by_id}
+    cl_shards = {sid: _subsample(load_or_extract(by_id[sid], cl_spec, cfg.dataset, cache), cl.max_tiles_per_slide, cfg.seed) for sid in by_id}
 
     def targets(ids):
         out = {}
@@ -221,19 +266,32 @@ def train(config_path: Path, verbose: int = 2) -> dict:
     xcv = _stack([cl_shards[s] for s in split.validation], cl.tile_size)
     yc, ycv = targets(split.train), targets(split.validation)
     heads = {t: len(LABEL_VALUES[t]) for t in CLS_TASKS}
-    clf = build_classifier(cl.tile_size, heads, base_filters=cl.base_filters, blocks=cl.depth, name="molecular")
-    clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss={t: categorical_crossentropy for t in CLS_TASKS})
     xcv_norm = normalize(xcv, cfg.normalization)
-    clf.fit(
-        normalize(xc, cfg.normalization),
-        yc,
-        batch_size=cl.batch_size,
-        epochs=cl.epochs,
-        shuffle=True,
-        validation_data=(xcv_norm, ycv) if len(xcv) else None,
-        verbose=verbose,
-        callbacks=_callbacks(run_dir, "molecular", cl, xcv_norm, np.argmax(ycv["subtype"], -1), "subtype", heads["subtype"]),
-    )
+    fit = {
+        "x": normalize(xc, cfg.normalization),
+        "y": yc,
+        "batch_size": cl.batch_size,
+        "shuffle": True,
+        "validation_data": (xcv_norm, ycv) if len(xcv) else None,
+        "verbose": verbose,
+    }
+    callbacks = _callbacks(run_dir, "molecular", cl, xcv_norm, np.argmax(ycv["subtype"], -1), "subtype", LABEL_VALUES["subtype"])
+    losses = {t: categorical_crossentropy for t in CLS_TASKS}
+    if cl.backbone == "vgg16":
+        from training.networks import build_vgg16_classifier, set_trainable
+
+        clf = build_vgg16_classifier(cl.tile_size, heads, weights=cl.weights, name="molecular")
+        if cl.frozen_epochs:
+            set_trainable(clf, "frozen")
+            clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss=losses)
+            clf.fit(**fit, epochs=cl.frozen_epochs, callbacks=callbacks)
+        set_trainable(clf, "fine_tune", cl.fine_tune_blocks)
+        clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate / 10), loss=losses)
+        clf.fit(**fit, epochs=cl.frozen_epochs + cl.epochs, initial_epoch=cl.frozen_epochs, callbacks=callbacks)
+    else:
+        clf = build_classifier(cl.tile_size, heads, base_filters=cl.base_filters, blocks=cl.depth, name="molecular", bn_momentum=cl.bn_momentum)
+        clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss=losses)
+        clf.fit(**fit, epochs=cl.epochs, callbacks=callbacks)
     if len(xcv):
         probs = clf.predict(xcv_norm, batch_size=32, verbose=0)
         offsets = np.cumsum([0] + [len(cl_shards[s].images) for s in split.validation])
@@ -249,13 +307,13 @@ def train(config_path: Path, verbose: int = 2) -> dict:
 
     bundle = export_bundle(cfg, unet, clf, metrics, commit, config_path)
     (run_dir / "bundle.txt").write_text(str(bundle) + "\n")
-    (run_dir / "model-card.md").write_text(model_card(cfg, metrics, commit, split))
+    write_model_card(run_dir, cfg, metrics, commit, split, model_card_dir)
     return metrics
 
 
-def model_card(cfg: RunConfig, metrics: dict, commit: str, split) -> str:
+def model_card(cfg: RunConfig, metrics: dict, commit: str, split, images: list[str] = (), prefix: str = "") -> str:
     """A Markdown model card for docs/model-cards/<name>.md: what it is for, what it was trained
-    on, and its validation metrics per class.  (No plots yet: matplotlib is not a dependency.)"""
+    on, its validation metrics per class, and its plots (``images``, file names under ``prefix``)."""
     lines = [
         f"# Model card: {cfg.name} {cfg.version}",
         "",
@@ -275,14 +333,41 @@ def model_card(cfg: RunConfig, metrics: dict, commit: str, split) -> str:
         for name, vals in rep["per_class"].items():
             lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in keys) + " |")
         lines.append("")
+    if images:
+        lines += ["## Plots", "", "Loss per epoch (training and validation) and final confusion matrices on the validation patients.", ""]
+        lines += [f"![{name}]({prefix}{name})" for name in images] + [""]
     return "\n".join(lines)
 
 
 def _write_confusion_csvs(run_dir: Path, metrics: dict) -> None:
+    """confusion-<task>-final.csv and .png: regions per pixel, molecular tasks per tile."""
+    from training.plots import plot_confusion
+
     for task, m in metrics.items():
         cm = m["confusion_matrix"] if "confusion_matrix" in m else m["tile"]["confusion_matrix"]
         with (run_dir / f"confusion-{task}-final.csv").open("w", newline="") as f:
             csv.writer(f).writerows(cm)
+        classes = REGION_NAMES if task == "regions" else LABEL_VALUES[task]
+        unit = "pixels" if task == "regions" else "tiles"
+        plot_confusion(np.asarray(cm), classes, f"{task}, validation {unit}", run_dir / f"confusion-{task}-final.png")
+
+
+def _card_images(run_dir: Path, metrics: dict) -> list[str]:
+    names = [f"metrics-{net}.png" for net in ("regions", "molecular")] + [f"confusion-{task}-final.png" for task in metrics]
+    return [n for n in names if (run_dir / n).is_file()]
+
+
+def write_model_card(run_dir: Path, cfg: RunConfig, metrics: dict, commit: str, split, card_dir: Path | None) -> None:
+    """model-card.md in the run folder (plots beside it); with ``card_dir`` (e.g. docs/model-cards)
+    also ``card_dir/<name>.md`` with its plots copied to ``card_dir/<name>/``.  Only when asked,
+    so test runs never write into the checkout."""
+    images = _card_images(run_dir, metrics)
+    (run_dir / "model-card.md").write_text(model_card(cfg, metrics, commit, split, images, prefix=""))
+    if card_dir is not None:
+        (card_dir / cfg.name).mkdir(parents=True, exist_ok=True)
+        for name in images:
+            shutil.copy(run_dir / name, card_dir / cfg.name / name)
+        (card_dir / f"{cfg.name}.md").write_text(model_card(cfg, metrics, commit, split, images, prefix=f"{cfg.name}/"))
 
 
 def _summary(metrics: dict) -> dict[str, float]:

@@ -24,15 +24,20 @@ def write_synthetic_dataset(
 ) -> Path:
     """Write ``patients`` x ``slides_per_patient`` slides with integer masks and labels.csv.
 
-    Patient ``i`` has subtype ``i % 4``, MGMT methylated when ``i // 4`` is even, EGFR amplified
-    when ``i`` is odd; every slide of a patient carries its patient's labels.
+    Each task's labels are drawn independently at random (seeded by ``seed``), balanced: a shuffled
+    ``0, 1, .., k-1, 0, 1, ..`` over the patients, so every class has ``patients // k`` or one more
+    patients and no task's label can be predicted from another's (an earlier version derived
+    them all from the patient index, so EGFR amplified meant an odd subtype index).  Every slide
+    of a patient carries its patient's labels.
     """
     base = base or SlideSpec(width_px=1024, height_px=768, levels=2, context_images=False)
     root = Path(root)
     (root / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 5])
+    subtypes, mgmt, egfr = (rng.permutation(np.arange(patients) % k) for k in (len(SUBTYPES), 2, 2))
     rows = []
     for p in range(patients):
-        sig = Signature(subtype=p % len(SUBTYPES), mgmt_methylated=(p // len(SUBTYPES)) % 2 == 0, egfr_amplified=p % 2 == 1)
+        sig = Signature(subtype=int(subtypes[p]), mgmt_methylated=bool(mgmt[p] == 0), egfr_amplified=bool(egfr[p] == 0))
         for s in range(slides_per_patient):
             slide_id = f"P{p:03d}-S{s}"
             spec = replace(base, signature=sig, seed=seed * 1000 + p * 10 + s)

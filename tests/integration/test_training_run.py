@@ -20,7 +20,7 @@ dataset = "dataset"
 runs_dir = "runs"
 models_dir = "models"
 seed = 1
-validation_fraction = 0.25
+split = {method = "kfold", k = 2, fold = 1}
 augmentation = {crop = 48, hue = 0.0}
 
 [segmentation]
@@ -36,10 +36,11 @@ min_tissue = 0.0
 [classifier]
 um_per_px = 2.0
 tile_size = 32
-epochs = 2
+epochs = 1
 batch_size = 16
-depth = 2
-base_filters = 4
+backbone = "vgg16"       # random initialisation (no weights file): one frozen, one fine-tune epoch
+frozen_epochs = 1
+max_tiles_per_slide = 16
 """
 
 
@@ -49,13 +50,17 @@ def test_train_writes_a_run_folder_and_a_bundle_the_worker_analyses_with(tmp_pat
     (tmp_path / "run.toml").write_text(CONFIG)
     env_path = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "training", "train", "--config", str(tmp_path / "run.toml"), "--verbose", "0"], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "training", "train", "--config", str(tmp_path / "run.toml"), "--verbose", "0", "--model-card-dir", str(tmp_path / "cards")], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "regions: pixel accuracy" in done.stdout and "subtype: tile accuracy" in done.stdout
 
     (run_dir,) = (tmp_path / "runs").iterdir()
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.toml", "run.json", "split.json", "metrics.json", "metrics-regions.csv", "metrics-molecular.csv", "best-regions.keras", "confusion-regions-final.csv", "confusion-segmentation-epoch002.csv", "model-card.md"} <= names
+    assert {"metrics-regions.png", "metrics-molecular.png", "confusion-segmentation-latest.png", "confusion-subtype-final.png"} <= names
+    assert (run_dir / "metrics-molecular.csv").read_text().count("\n") == 3, "header, the frozen epoch and the fine-tune epoch"
+    card = (tmp_path / "cards" / "glio-ci.md").read_text()
+    assert "![metrics-regions.png](glio-ci/metrics-regions.png)" in card and (tmp_path / "cards" / "glio-ci" / "metrics-regions.png").is_file()
     assert json.loads((run_dir / "run.json").read_text())["seed"] == 1
     assert "commit" in json.loads((run_dir / "run.json").read_text())["git"] or "unknown" in json.loads((run_dir / "run.json").read_text())["git"]
     split = json.loads((run_dir / "split.json").read_text())

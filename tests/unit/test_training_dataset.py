@@ -31,7 +31,9 @@ def test_a_synthetic_dataset_in_the_documented_format_is_valid(dataset):
     records = load_dataset(dataset)
     assert [r.slide_id for r in records] == ["P000-S0", "P001-S0", "P002-S0"]
     assert all(r.is_dicom and r.mask_path is not None for r in records)
-    assert records[1].labels == {"subtype": "mesenchymal", "mgmt": "methylated", "egfr": "amplified"}
+    rows = list(csv.DictReader((dataset / "labels.csv").open()))
+    assert [r.labels for r in records] == [{k: row[k] for k in ("subtype", "mgmt", "egfr")} for row in rows]
+    assert len({r.labels["subtype"] for r in records}) == 3, "balanced: three patients, three subtypes"
 
 
 def test_every_problem_is_reported_at_once(dataset, tmp_path):
