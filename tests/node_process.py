@@ -24,11 +24,13 @@ from sqlalchemy import select
 
 from glio_node.store.db import make_engine, make_sessions
 from glio_node.store.models import AuditEvent, Delivery, DeliveryState, Job
-from glio_node.synthetic.slide import SyntheticSlide
+from glio_node.synthetic.slide import SlideSpec, SyntheticSlide
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "models" / "glio-demo"
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+# The slide the end-to-end tests send: small (12 base frames, 3 levels), seconds to analyse.
+SERVE_SPEC = SlideSpec(width_px=1024, height_px=768, tile_size=256, levels=3, context_images=False)
 
 @dataclass
 class Node:

@@ -6,10 +6,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from node_process import Node, node_config
+from node_process import SERVE_SPEC, Node, node_config
 from orthanc_peer import Orthanc, free_port
 
 from glio_node.store.db import upgrade
+from glio_node.synthetic.slide import SyntheticSlide, write_synthetic_slide
+
+
+@pytest.fixture(scope="session")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlide:
+    """The slide most end-to-end tests send (``SERVE_SPEC``), written once per session."""
+    return write_synthetic_slide(SERVE_SPEC, tmp_path_factory.mktemp("serve-slide"))
 
 
 @pytest.fixture

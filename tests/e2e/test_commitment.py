@@ -20,21 +20,12 @@ from node_process import wait_for
 from orthanc_peer import Orthanc, free_port, have_orthanc
 
 from glio_node.store.models import DeliveryState
-from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
     pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
 ]
-
-SPEC = SlideSpec(width_px=1024, height_px=768, tile_size=256, levels=3, context_images=False)
-
-
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlide:
-    return write_synthetic_slide(SPEC, tmp_path_factory.mktemp("commit-slide"))
-
 
 def spooled_files(folder: Path) -> list[Path]:
     return [p for p in (folder / "spool" / "instances").rglob("*") if p.is_file()]

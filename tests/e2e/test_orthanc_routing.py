@@ -24,7 +24,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from glio_node.store.models import JobState
-from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,14 +32,6 @@ pytestmark = [
 ]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "adapters" / "orthanc" / "glio-node-routing.lua"
-SPEC = SlideSpec(width_px=1024, height_px=768, tile_size=256, levels=3, context_images=False)
-
-
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlide:
-    return write_synthetic_slide(SPEC, tmp_path_factory.mktemp("routing-slide"))
-
-
 def routing_pacs(folder: Path, node_port: int, script: Path = SCRIPT) -> Orthanc:
     """An Orthanc configured as adapters/orthanc/README.md tells an administrator to."""
     return Orthanc(folder, free_port(), free_port(), extra={

@@ -18,21 +18,13 @@ from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, free_port, have_orthanc
 from sqlalchemy import select
 
 from glio_node.store.models import JobState, PullSource
-from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
+from glio_node.synthetic.slide import SyntheticSlide
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
     pytest.mark.skipif(not DICOMWEB_PLUGIN.is_file(), reason="Orthanc's DICOMweb plugin not installed"),
 ]
-
-SPEC = SlideSpec(width_px=1024, height_px=768, tile_size=256, levels=3, context_images=False)
-
-
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlide:
-    return write_synthetic_slide(SPEC, tmp_path_factory.mktemp("pull-slide"))
-
 
 def put_into_orthanc(orthanc: Orthanc, slide: SyntheticSlide) -> None:
     for path in slide.files:

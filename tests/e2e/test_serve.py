@@ -13,26 +13,18 @@ import time
 from collections import Counter
 
 import pytest
-from node_process import assert_results_in_orthanc, successful_sends, wait_for
+from node_process import SERVE_SPEC, assert_results_in_orthanc, successful_sends, wait_for
 from orthanc_peer import Orthanc, free_port, have_orthanc
 
 from glio_node.store.db import upgrade
 from glio_node.store.models import JobState
-from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
+from glio_node.synthetic.slide import SyntheticSlide, write_synthetic_slide
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
     pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
 ]
-
-SPEC = SlideSpec(width_px=1024, height_px=768, tile_size=256, levels=3, context_images=False)
-
-
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlide:
-    return write_synthetic_slide(SPEC, tmp_path_factory.mktemp("serve-slide"))
-
 
 def test_a_slide_sent_by_storescu_comes_back_to_orthanc_and_a_resend_makes_no_second_job(
     orthanc, make_node, slide
@@ -120,7 +112,7 @@ def six_slides(tmp_path_factory: pytest.TempPathFactory) -> list[SyntheticSlide]
     from dataclasses import replace
 
     root = tmp_path_factory.mktemp("six-slides")
-    return [write_synthetic_slide(replace(SPEC, seed=10 + i), root / str(i)) for i in range(6)]
+    return [write_synthetic_slide(replace(SERVE_SPEC, seed=10 + i), root / str(i)) for i in range(6)]
 
 
 def test_two_nodes_on_one_postgresql_queue_analyse_each_of_six_series_once(
