@@ -11,8 +11,9 @@ answers 0xA700 while intake is paused).  An action that does not apply raises
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session
 
 from glio_node.errors import GlioError
@@ -63,16 +64,10 @@ def set_intake_paused(
 
 def retry_job(session: Session, job_id: int, now: datetime, *, by: str, address: str | None) -> None:
     """Queue a failed job again with a fresh set of attempts; audit ``job_retry_requested``."""
-    row = session.execute(
-        select(Job.state, Job.last_error, Series.study_instance_uid, Series.series_instance_uid)
-        .join(Series, Series.id == Job.series_id)
-        .where(Job.id == job_id)
-    ).one_or_none()
-    if row is None:
-        raise ActionRefused(f"job {job_id} does not exist")
+    row = _job(session, job_id)
     if JobState(row.state) != JobState.FAILED:
         raise ActionRefused(f"job {job_id} is {JobState(row.state).value}: only a failed job can be retried")
-    if session.scalar(select(Job.purged_at).where(Job.id == job_id)) is not None:
+    if row.purged_at is not None:
         raise ActionRefused(f"job {job_id}'s slide was removed from the spool: ask the PACS to send it again")
     changed = session.execute(
         update(Job)
@@ -103,13 +98,7 @@ def resend_job(session: Session, job_id: int, now: datetime, *, by: str, address
     Every delivery of the job becomes ``pending`` with its attempts reset, due now; audit
     ``resend_requested``.  Refused while the job is not done, or once its results were purged.
     """
-    row = session.execute(
-        select(Job.state, Job.purged_at, Series.study_instance_uid, Series.series_instance_uid)
-        .join(Series, Series.id == Job.series_id)
-        .where(Job.id == job_id)
-    ).one_or_none()
-    if row is None:
-        raise ActionRefused(f"job {job_id} does not exist")
+    row = _job(session, job_id)
     if JobState(row.state) != JobState.DONE:
         raise ActionRefused(f"job {job_id} is {JobState(row.state).value}: only a finished job's results can be re-sent")
     if row.purged_at is not None:
@@ -136,3 +125,16 @@ def resend_job(session: Session, job_id: int, now: datetime, *, by: str, address
         details={"by": by, "objects": count},
     )
     return count
+
+
+def _job(session: Session, job_id: int) -> Row[Any]:
+    """The job's state, last error, purge time and UIDs, for an action to check and audit."""
+    row = session.execute(
+        select(Job.state, Job.last_error, Job.purged_at, Series.study_instance_uid,
+               Series.series_instance_uid)
+        .join(Series, Series.id == Job.series_id)
+        .where(Job.id == job_id)
+    ).one_or_none()
+    if row is None:
+        raise ActionRefused(f"job {job_id} does not exist")
+    return row
