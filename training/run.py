@@ -15,13 +15,15 @@ fold of a k-fold split in one command, leave-one-patient-out runs.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import shutil
+import subprocess
 import tomllib
 import uuid
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from training.metrics import (
     slide_level_report,
 )
 from training.splits import make_splits
+from training.synthetic_dataset import SyntheticParameters
 from training.tiles import Shard, TileSpec, load_or_extract
 
 CLS_TASKS = ("subtype", "mgmt", "egfr")
@@ -87,10 +90,11 @@ class RunConfig:
     split_method: str = "fixed"  # or "kfold" (then split_k folds, this run validates on fold split_fold)
     split_k: int = 5
     split_fold: int = 0
+    synthetic: SyntheticParameters | None = None  # write the dataset with these when it is missing
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
-        data = tomllib.loads(Path(path).read_text())
+        data = read_config(Path(path))
         base = Path(path).resolve().parent
         split = data.get("split", {})
         try:
@@ -118,15 +122,66 @@ class RunConfig:
                 split_method=split.get("method", "fixed"),
                 split_k=int(split.get("k", 5)),
                 split_fold=int(split.get("fold", 0)),
+                synthetic=SyntheticParameters.from_table(data["synthetic"]) if "synthetic" in data else None,
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"run config {path}: {exc}; see docs/training.md for the keys") from exc
 
 
-def _git_commit() -> str:
-    from training.demo import _git_revision
+def read_config(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A run config's tables, after ``extends = "other.toml"`` (relative to the file): the other
+    file's tables, with this file's keys laid over them table by table.  A smoke-test config
+    extends the real one and changes only sizes, so CI trains what the real run trains."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"run config {path}: 'extends' loops back to itself")
+    data = tomllib.loads(path.read_text())
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    merged = read_config(path.parent / parent, (*_seen, path))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
-    return _git_revision()
+
+def _git_commit() -> str:
+    """The checkout's commit, marked when the tree has uncommitted changes (read-only git calls)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit (no git checkout)"
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+
+
+def ensure_dataset(cfg: RunConfig) -> None:
+    """Write the config's synthetic dataset when it is missing; refuse one written differently.
+
+    Only for configs with a ``[synthetic]`` table (the demo bundle and the tests): a real dataset
+    is the data scientist's folder and is never written here."""
+    if cfg.synthetic is None:
+        return
+    from training.synthetic_dataset import PARAMETERS_FILE, write_synthetic_dataset
+
+    marker = cfg.dataset / PARAMETERS_FILE
+    if marker.is_file():
+        if json.loads(marker.read_text()) != asdict(cfg.synthetic):
+            raise ValueError(
+                f"{cfg.dataset} was written with other [synthetic] parameters than the config's "
+                f"({marker}); delete the folder to have it written again"
+            )
+        return
+    if cfg.dataset.exists() and any(cfg.dataset.iterdir()):
+        raise ValueError(f"{cfg.dataset} exists but is no synthetic dataset of this config (no {PARAMETERS_FILE}); move it away or point `dataset` elsewhere")
+    write_synthetic_dataset(cfg.dataset, params=cfg.synthetic)
 
 
 class _EpochReport:
@@ -211,9 +266,11 @@ def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = Non
     run_dir = cfg.runs_dir / f"{cfg.name}-{stamp}"
     run_dir.mkdir(parents=True)
     shutil.copy(config_path, run_dir / "config.toml")
+    (run_dir / "config-effective.json").write_text(json.dumps(read_config(config_path), indent=2, default=str) + "\n")  # with `extends` resolved
     commit = _git_commit()
     (run_dir / "run.json").write_text(json.dumps({"seed": cfg.seed, "git": commit, "keras": keras.__version__, "backend": keras.backend.backend()}, indent=2))
 
+    ensure_dataset(cfg)
     records = load_dataset(cfg.dataset)
     splits = make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k)
     if not 0 <= cfg.split_fold < len(splits):
@@ -382,6 +439,32 @@ def _summary(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if not math.isnan(v)}
 
 
+def config_digest(config_path: Path) -> str:
+    """SHA-256 of the effective config (``extends`` resolved, canonical JSON): a bundle's
+    provenance carries it, so a test can tell when a shipped bundle no longer matches its config."""
+    canonical = json.dumps(read_config(config_path), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def provenance(cfg: RunConfig, config_path: Path, commit: str, framework: str) -> str:
+    """The manifest's provenance: the command, the code, the data (synthetic said so) and the config's digest."""
+    config_path = Path(config_path).resolve()
+    root = Path(__file__).resolve().parent.parent
+    shown = config_path.relative_to(root) if config_path.is_relative_to(root) else config_path.name
+    if cfg.synthetic is not None:
+        data = (
+            f"synthetic slides only, written by `python -m training synthetic` from the config's [synthetic] table "
+            f"({cfg.synthetic.patients} patients; procedurally rendered textures of glio_node.synthetic, "
+            "no patient data, nothing resembling real tissue)"
+        )
+    else:
+        data = f"the dataset {cfg.dataset.name}"
+    return (
+        f"Trained by `python -m training train --config {shown}` at {commit} with {framework} on {data}; "
+        f"seed {cfg.seed}, validation on held-out patients; config SHA-256 {config_digest(config_path)}."
+    )
+
+
 def export_bundle(cfg: RunConfig, unet, clf, metrics: dict, commit: str, config_path: Path) -> Path:
     """Write models/<name>/ with the manifest of docs/model-bundle.md."""
     import keras
@@ -404,10 +487,7 @@ def export_bundle(cfg: RunConfig, unet, clf, metrics: dict, commit: str, config_
         uid=f"2.25.{uuid.uuid4().int}",
         intended_use=cfg.intended_use,
         is_demo=cfg.is_demo,
-        provenance=(
-            f"Trained by `python -m training train --config {config_path.name}` at {commit} with Keras {keras.__version__} "
-            f"({keras.backend.backend()} backend) on the dataset {cfg.dataset.name} (seed {cfg.seed}, validation by patient)."
-        ),
+        provenance=provenance(cfg, config_path, commit, f"Keras {keras.__version__} ({keras.backend.backend()} backend)"),
         created=datetime.now(UTC).replace(microsecond=0),
         networks=networks,
         validation=_summary(metrics),
