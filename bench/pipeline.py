@@ -1095,9 +1095,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes {args.sizes}: every size must be at least {2 * SLIDE_TILE} px")
     if not (args.bundle / "manifest.toml").is_file():
         parser.error(
-            f"--bundle {args.bundle}: no manifest.toml there; train the demo bundle "
-            "(.venv/bin/python -m training.demo) or pass another bundle, e.g. one made with "
-            "`.venv/bin/python -m training.demo --fast --out /tmp/fastbundle`"
+            f"--bundle {args.bundle}: no manifest.toml there; pass another bundle, e.g. the token "
+            "bundle of the demo's shapes made in a minute by `.venv/bin/python -m training train "
+            "--config training/configs/glio-demo-smoke.toml` (build/models/glio-demo-smoke)"
         )
 
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Run from a checkout (training/ is not installed with glio-node and glio_node never imports it).
 ``train --config run.toml`` trains, evaluates and exports a bundle (training/run.py); the demo
-bundle is still built by ``python -m training.demo`` (see docs/training.md, "Status").
+bundle models/glio-demo is ``train --config training/configs/glio-demo.toml``.
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from training.synthetic_dataset import write_synthetic_dataset
+    from training.synthetic_dataset import SyntheticParameters, write_synthetic_dataset
 
-    write_synthetic_dataset(args.dataset, patients=args.patients, seed=args.seed)
+    params = SyntheticParameters(patients=args.patients, seed=args.seed, width_px=args.width_px, height_px=args.height_px, variety=args.variety)
+    write_synthetic_dataset(args.dataset, params=params)
     print(f"wrote {args.patients} synthetic patient(s) to {args.dataset} (synthetic textures, not tissue)")
     return 0
 
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     y.add_argument("dataset", type=Path)
     y.add_argument("--patients", type=int, default=32)
     y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--width-px", type=int, default=1024, help="slide width at 0.5 µm/px (default 1024)")
+    y.add_argument("--height-px", type=int, default=768, help="slide height at 0.5 µm/px (default 768)")
+    y.add_argument("--variety", action="store_true", help="vary spacing, pyramid, compression and blob size per slide as sites' scans do (the demo bundle's dataset)")
     y.set_defaults(func=_synthetic)
     args = parser.parse_args(argv)
     return args.func(args)
