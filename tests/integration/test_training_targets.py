@@ -5,10 +5,11 @@ textures, labels drawn at random per task), trains with the CI-sized config
 training/configs/synthetic-ci.toml, and the run's metrics on the held-out patients must reach:
 
 - molecular classifier (subtype, MGMT, EGFR): every held-out slide called right (slide level, as
-  the worker aggregates), and tile accuracy >= 0.95 for subtype and MGMT, >= 0.90 for EGFR;
+  the worker aggregates), and tile accuracy >= 0.95 for each (measured 0.977 / 0.994 / 0.983 with
+  96-px tiles; with 64-px tiles EGFR's fine speckles gave only 0.948);
 - regions UNet: mean Dice >= 0.90 (measured 0.960 with 50 epochs; 30 epochs gave only 0.839).
 
-The whole test took 4 minutes on this project's 2 shared cores (about 3.6 of them training).
+The whole test took 4 minutes on this project's 2 shared cores (3.5 of them training).
 Then the exported bundle passes `glio-node models verify` and `glio-node analyze` runs with it.
 Seeds are fixed (dataset and run), so the numbers repeat up to float round-off.
 """
@@ -46,7 +47,7 @@ def test_a_short_training_on_synthetic_slides_meets_the_targets_on_held_out_pati
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["validation"]) == 8 and not set(split["train"]) & set(split["validation"])
 
-    for task, tile_target in (("subtype", 0.95), ("mgmt", 0.95), ("egfr", 0.90)):
+    for task, tile_target in (("subtype", 0.95), ("mgmt", 0.95), ("egfr", 0.95)):
         assert metrics[task]["slide"]["n"] == 8
         assert metrics[task]["slide"]["accuracy"] == 1.0, (task, metrics[task]["slide"])
         assert metrics[task]["tile"]["accuracy"] >= tile_target, (task, metrics[task]["tile"]["accuracy"])
