@@ -39,23 +39,32 @@ LABEL_VALUES: Mapping[str, tuple[str, ...]] = {
 REQUIRED_COLUMNS = ("slide_id", "patient_id")
 TIFF_SUFFIXES = (".tif", ".tiff")
 
-# Default colour key of Ivy GAP anatomic annotations.  NOT verified against the Allen Institute's
-# published key from this machine (no network): check it against your export and put the right
-# colours in colours.json if they differ.  White is unlabelled (glass or not annotated): not scored.
+# Default colour key of the Ivy GAP anatomic annotation images ("annotated" H&E of the Allen
+# Institute's Ivy Glioblastoma Atlas).  Not read from the Allen Institute here (no network): it is
+# the key two independent public Ivy GAP loaders agree on, one listing these RGB triples, the
+# other OpenCV hue ranges that each of them falls in (docs/training.md).  "other" is glio-node's
+# own class (Ivy GAP has none): mid grey.  White is unlabelled (glass or not annotated): not scored.
 UNLABELLED = 255
 UNLABELLED_RGB = (255, 255, 255)
 IVY_GAP_COLOURS: Mapping[str, tuple[int, int, int]] = {
     "other": (128, 128, 128),
-    "leading_edge": (33, 143, 166),
-    "infiltrating_tumor": (210, 5, 208),
+    "leading_edge": (33, 143, 165),
+    "infiltrating_tumor": (209, 4, 208),
     "cellular_tumor": (5, 208, 4),
-    "necrosis": (5, 5, 5),
-    "pseudopalisading_cells_around_necrosis": (37, 209, 247),
-    "pseudopalisading_cells_no_visible_necrosis": (6, 208, 170),
-    "perinecrotic_zone": (255, 102, 0),
+    "necrosis": (6, 5, 5),
+    "pseudopalisading_cells_around_necrosis": (5, 208, 170),
+    "pseudopalisading_cells_no_visible_necrosis": (5, 4, 208),
+    "perinecrotic_zone": (67, 209, 248),
     "microvascular_proliferation": (255, 51, 0),
-    "hyperplastic_blood_vessels": (255, 0, 0),
+    "hyperplastic_blood_vessels": (255, 102, 0),
 }
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+# Ivy GAP distributes its annotation images as JPEG: there a pixel takes the key colour nearest to
+# it within this many levels per channel (the closest two key colours are 51 apart), and pixels
+# near no key colour (blends along region borders) become unlabelled, up to MAX_UNMATCHED of the
+# mask.  Lossless masks (PNG, TIFF) must match the key exactly.
+JPEG_TOLERANCE = 24
+MAX_UNMATCHED = 0.05
 
 # A mask whose aspect ratio differs from the slide's by more than this is for another slide.
 ASPECT_TOLERANCE = 0.02
@@ -110,10 +119,13 @@ def load_colour_map(root: Path) -> dict[tuple[int, int, int], int]:
     return {UNLABELLED_RGB: UNLABELLED, **colours}
 
 
-def mask_to_labels(mask: np.ndarray, colours: Mapping[tuple[int, int, int], int]) -> np.ndarray:
+def mask_to_labels(mask: np.ndarray, colours: Mapping[tuple[int, int, int], int], tolerance: int = 0) -> np.ndarray:
     """A uint8 label map (255 = unlabelled) from an RGB colour mask or an integer mask.
 
-    Raises ValueError naming the first unknown colours or label values.
+    With ``tolerance`` 0 every colour must be in the key; above 0 (JPEG masks) a pixel within
+    ``tolerance`` of a key colour in every channel takes it, and the rest become unlabelled as
+    long as they are at most MAX_UNMATCHED of the mask.  Raises ValueError naming the first
+    unknown colours or label values.
     """
     if mask.ndim == 2:
         bad_values = (mask >= len(REGION_NAMES)) & (mask != UNLABELLED)
@@ -122,31 +134,35 @@ def mask_to_labels(mask: np.ndarray, colours: Mapping[tuple[int, int, int], int]
             raise ValueError(f"label values {bad} are neither region classes 0..{len(REGION_NAMES) - 1} nor 255 (unlabelled)")
         return mask.astype(np.uint8)
     if mask.ndim == 3 and mask.shape[2] in (3, 4):
-        rgb = mask[..., :3].astype(np.uint32)
-        packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-        out = np.full(packed.shape, UNLABELLED, dtype=np.uint8)
-        known = np.zeros(packed.shape, dtype=bool)
+        rgb = mask[..., :3].astype(np.int16)
+        out = np.full(rgb.shape[:2], UNLABELLED, dtype=np.uint8)
+        known = np.zeros(rgb.shape[:2], dtype=bool)
         for colour, value in colours.items():
-            hit = packed == ((colour[0] << 16) | (colour[1] << 8) | colour[2])
-            out[hit] = value
+            hit = np.abs(rgb - np.asarray(colour, np.int16)).max(axis=-1) <= tolerance
+            out[hit & ~known] = value
             known |= hit
-        if not known.all():
-            unknown = np.unique(packed[~known])[:5]
-            named = [((int(v) >> 16) & 255, (int(v) >> 8) & 255, int(v) & 255) for v in unknown]
-            raise ValueError(f"colours {named} are not in the colour map (colours.json or the Ivy GAP default)")
+        unmatched = ~known
+        if unmatched.any() and (tolerance == 0 or unmatched.mean() > MAX_UNMATCHED):
+            packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2].astype(np.uint32)
+            values, counts = np.unique(packed[unmatched], return_counts=True)
+            common = values[np.argsort(counts)[::-1][:5]]
+            named = [((int(v) >> 16) & 255, (int(v) >> 8) & 255, int(v) & 255) for v in common]
+            share = f" ({unmatched.mean():.0%} of the mask, more than {MAX_UNMATCHED:.0%} allowed)" if tolerance else ""
+            raise ValueError(f"colours {named} are not in the colour map (colours.json or the Ivy GAP default){share}")
         return out
     raise ValueError(f"mask of shape {mask.shape} is neither an integer mask (H, W) nor RGB (H, W, 3)")
 
 
 def read_mask(path: Path, colours: Mapping[tuple[int, int, int], int]) -> np.ndarray:
-    """The label map stored at ``path`` (PNG or TIFF)."""
+    """The label map stored at ``path`` (PNG, TIFF or JPEG; JPEG matched within JPEG_TOLERANCE)."""
     from PIL import Image
 
     with Image.open(path) as im:
         if im.mode == "P":
             im = im.convert("RGB")
         arr = np.asarray(im)
-    return mask_to_labels(arr, colours)
+    lossy = Path(path).suffix.lower() in (".jpg", ".jpeg")
+    return mask_to_labels(arr, colours, JPEG_TOLERANCE if lossy else 0)
 
 
 def slide_size(path: Path) -> tuple[int, int]:
@@ -173,7 +189,7 @@ def _find_slide(root: Path, slide_id: str) -> Path | None:
 
 
 def _find_mask(root: Path, slide_id: str) -> Path | None:
-    for suffix in (".png", ".tif", ".tiff"):
+    for suffix in MASK_SUFFIXES:
         if (root / "masks" / f"{slide_id}{suffix}").is_file():
             return root / "masks" / f"{slide_id}{suffix}"
     return None

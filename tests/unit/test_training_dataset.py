@@ -112,3 +112,30 @@ def test_the_command_line_validator_exits_non_zero_on_problems(dataset, tmp_path
     assert "PROBLEM labels.csv: missing" in capsys.readouterr().out
     assert main(["split", str(dataset), "--method", "lopo"]) == 0
     assert "lopo-P001: train 2 slide(s), validation P001-S0" in capsys.readouterr().out
+
+
+def test_ivy_gap_annotation_images_saved_as_jpeg_are_read_to_the_right_classes(tmp_path):
+    """Ivy GAP's annotation images are JPEGs: colours drift a few levels and blend at borders."""
+    from training.dataset import JPEG_TOLERANCE, read_mask
+
+    names = [n for n in REGION_NAMES]
+    truth = np.repeat(np.repeat(np.arange(len(names), dtype=np.uint8).reshape(2, 5), 40, axis=0), 40, axis=1)
+    rgb = np.array([IVY_GAP_COLOURS[n] for n in names], np.uint8)[truth]
+    Image.fromarray(rgb).save(tmp_path / "m.jpg", quality=75)
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    got = read_mask(tmp_path / "m.jpg", load_colour_map(tmp_path))
+    labelled = got != 255
+    assert labelled.mean() > 0.95  # only border blends are left unlabelled
+    assert (got[labelled] == truth[labelled]).all()  # and nothing is given a wrong class
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png", load_colour_map(tmp_path)), truth)
+    keys = np.array(list(IVY_GAP_COLOURS.values()), np.int16)
+    gaps = np.abs(keys[:, None] - keys[None]).max(-1) + np.eye(len(keys), dtype=np.int16) * 999
+    assert gaps.min() > 2 * JPEG_TOLERANCE  # a pixel is never within tolerance of two classes
+
+
+def test_a_jpeg_mask_in_another_colour_key_is_refused_not_read_as_unlabelled(tmp_path):
+    from training.dataset import read_mask
+
+    Image.fromarray(np.full((50, 50, 3), (120, 60, 200), np.uint8)).save(tmp_path / "m.jpg")
+    with pytest.raises(ValueError, match=r"not in the colour map.*100% of the mask"):
+        read_mask(tmp_path / "m.jpg", load_colour_map(tmp_path))
