@@ -2,7 +2,8 @@
 
 Run from a checkout (training/ is not installed with glio-node and glio_node never imports it).
 ``train --config run.toml`` trains, evaluates and exports a bundle (training/run.py); the demo
-bundle models/glio-demo is ``train --config training/configs/glio-demo.toml``.
+bundle models/glio-demo is ``train --config training/configs/glio-demo.toml``.  ``crossval
+--config run.toml`` trains every fold of a k-fold or leave-one-patient-out split and summarises.
 """
 
 from __future__ import annotations
@@ -50,13 +51,31 @@ def _split(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from training.run import train
 
-    metrics = train(args.config, verbose=args.verbose, model_card_dir=args.model_card_dir)
+    metrics = train(args.config, verbose=_verbosity(args.verbose), model_card_dir=args.model_card_dir)
     for task, m in metrics.items():
         if "mean_dice" in m:
             print(f"{task}: pixel accuracy {m['accuracy']:.3f}, mean Dice {m['mean_dice']:.3f}")
         else:
             print(f"{task}: tile accuracy {m['tile']['accuracy']:.3f}, slide accuracy {m['slide']['accuracy']:.3f}")
     return 0
+
+
+def _crossval(args: argparse.Namespace) -> int:
+    from training.run import crossval
+
+    summary = crossval(args.config, verbose=_verbosity(args.verbose))
+    for key, st in summary["metrics"].items():
+        sd = "" if st["sd"] is None else f" ± {st['sd']:.3f}"
+        print(f"{key}: {st['mean']:.3f}{sd} over {st['n']} fold(s)")
+    return 0
+
+
+def _verbosity(asked: int | None) -> int:
+    """Keras' progress bar on a terminal, one line per epoch in a log file (a bar redraws itself
+    with carriage returns that make a log unreadable)."""
+    if asked is not None:
+        return asked
+    return 1 if sys.stdout.isatty() else 2
 
 
 def _synthetic(args: argparse.Namespace) -> int:
@@ -91,9 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=_split)
     t = sub.add_parser("train", help="train, evaluate and export a bundle as a run config says")
     t.add_argument("--config", type=Path, required=True)
-    t.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
+    verbose_help = "0 silent, 1 progress bar per epoch, 2 one line per epoch (default: 1 on a terminal, 2 otherwise)"
+    t.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help=verbose_help)
     t.add_argument("--model-card-dir", type=Path, default=None, help="also write NAME.md and its plots here, e.g. docs/model-cards")
     t.set_defaults(func=_train)
+    c = sub.add_parser("crossval", help="train and score every fold of a kfold or lopo split (no bundle); cv-summary.json/.md")
+    c.add_argument("--config", type=Path, required=True)
+    c.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help=verbose_help)
+    c.set_defaults(func=_crossval)
     y = sub.add_parser("synthetic", help="write a synthetic dataset in the documented format (tests, examples)")
     y.add_argument("dataset", type=Path)
     y.add_argument("--patients", type=int, default=32)

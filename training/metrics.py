@@ -95,7 +95,13 @@ def classification_report(y_true: np.ndarray, probabilities: np.ndarray, class_n
 
 def segmentation_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
     """Pixel-level report of a segmentation (label maps; 255 = not scored)."""
-    cm = confusion_matrix(y_true, y_pred, len(class_names))
+    return segmentation_report_from_confusion(confusion_matrix(y_true, y_pred, len(class_names)), class_names)
+
+
+def segmentation_report_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict:
+    """:func:`segmentation_report` of a pixel confusion matrix: cross-validation pools the folds'
+    matrices (every pixel is validated once) and scores the sum."""
+    cm = np.asarray(cm, dtype=np.int64)
     per_class = per_class_metrics(cm)
     present = cm.sum(axis=1) > 0
     dice = per_class["dice"]
@@ -124,4 +130,7 @@ def slide_level_report(
         probs.append(mean)
     report = classification_report(np.array(truth), np.array(probs).reshape(len(probs), len(class_names)), class_names)
     report["slides_without_tiles"] = empty
+    # Each slide's truth and mean probabilities: cross-validation pools them over folds (ROC AUC
+    # cannot be pooled from confusion matrices).  Slide ids only, no patient data.
+    report["slides"] = {i: {"truth": int(t), "probabilities": [float(v) for v in p]} for i, t, p in zip(ids, truth, probs)}
     return report

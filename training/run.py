@@ -8,8 +8,8 @@ it: the config as given, the seed, the git commit, per-epoch metrics (CSV) and c
 matrices (CSV, and PNG with the loss curves), the best checkpoints, the final metrics (JSON) and a
 model card.
 
-Not built yet (see docs/training.md, Status): a progress bar beyond Keras' own, running every
-fold of a k-fold split in one command, leave-one-patient-out runs.
+``python -m training crossval --config run.toml`` trains every fold of a k-fold or
+leave-one-patient-out split instead (:func:`crossval`) and summarises them; it exports nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from training.metrics import (
     classification_report,
     confusion_matrix,
     segmentation_report,
+    segmentation_report_from_confusion,
     slide_level_report,
 )
 from training.splits import make_splits
@@ -87,7 +88,7 @@ class RunConfig:
     intended_use: str = "Research use only. Not for diagnosis."
     is_demo: bool = False
     augmentation: dict = field(default_factory=dict)
-    split_method: str = "fixed"  # or "kfold" (then split_k folds, this run validates on fold split_fold)
+    split_method: str = "fixed"  # "kfold" (split_k folds) or "lopo" (one per patient): `train` validates on fold split_fold, `crossval` on each
     split_k: int = 5
     split_fold: int = 0
     synthetic: SyntheticParameters | None = None  # write the dataset with these when it is missing
@@ -101,8 +102,8 @@ class RunConfig:
             classifier = dict(data["classifier"])
             if classifier.get("weights"):
                 classifier["weights"] = str((base / classifier["weights"]).resolve())
-            if split.get("method", "fixed") not in ("fixed", "kfold"):
-                raise ValueError(f"split.method {split.get('method')!r} is not 'fixed' or 'kfold'")
+            if split.get("method", "fixed") not in ("fixed", "kfold", "lopo"):
+                raise ValueError(f"split.method {split.get('method')!r} is not 'fixed', 'kfold' or 'lopo'")
             if classifier.get("backbone", "small") not in ("small", "vgg16"):
                 raise ValueError(f"classifier.backbone {classifier.get('backbone')!r} is not 'small' or 'vgg16'")
             return cls(
@@ -253,39 +254,120 @@ def _one_hot_or_zero(values: list[str | None], classes: tuple[str, ...]) -> np.n
     return out
 
 
-def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = None) -> dict:
-    """Run the config at ``config_path``; return the final metrics.  Writes the run folder and
-    the bundle; raises DatasetError / ValueError with what to fix."""
-    import keras
+@dataclass
+class FoldResult:
+    """One split trained and scored: the validation metrics and the two trained networks."""
 
-    from glio_node.runtime.networks import build_classifier, build_unet
+    metrics: dict
+    unet: object
+    classifier: object
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Every slide's shards, read once per run (cross-validation trains many folds on them)."""
+
+    segmentation: dict[str, Shard]  # slides with a region mask only
+    classifier: dict[str, Shard]
+
+
+def _start_run(config_path: Path, kind: str = "") -> tuple[RunConfig, Path, str, list]:
+    """Load the config, make the run folder (``runs/<name><kind>-<stamp>/``) with the config as
+    given and resolved, the seed and the git commit; write the synthetic dataset if the config
+    has one; return the validated dataset's records."""
+    import keras
 
     cfg = RunConfig.load(config_path)
     keras.utils.set_random_seed(cfg.seed)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = cfg.runs_dir / f"{cfg.name}-{stamp}"
+    run_dir = cfg.runs_dir / f"{cfg.name}{kind}-{stamp}"
     run_dir.mkdir(parents=True)
     shutil.copy(config_path, run_dir / "config.toml")
     (run_dir / "config-effective.json").write_text(json.dumps(read_config(config_path), indent=2, default=str) + "\n")  # with `extends` resolved
     commit = _git_commit()
     (run_dir / "run.json").write_text(json.dumps({"seed": cfg.seed, "git": commit, "keras": keras.__version__, "backend": keras.backend.backend()}, indent=2))
-
     ensure_dataset(cfg)
-    records = load_dataset(cfg.dataset)
+    return cfg, run_dir, commit, load_dataset(cfg.dataset)
+
+
+def _load_tiles(cfg: RunConfig, records) -> _Tiles:
+    cache = cfg.dataset / ".tiles"
+    seg, cl = cfg.segmentation, cfg.classifier
+    seg_spec = TileSpec(seg.um_per_px, seg.tile_size, seg.min_tissue)
+    cl_spec = TileSpec(cl.um_per_px, cl.tile_size, cl.min_tissue)
+    return _Tiles(
+        segmentation={r.slide_id: load_or_extract(r, seg_spec, cfg.dataset, cache) for r in records if r.mask_path},
+        classifier={r.slide_id: _subsample(load_or_extract(r, cl_spec, cfg.dataset, cache), cl.max_tiles_per_slide, cfg.seed) for r in records},
+    )
+
+
+def _write_split(out: Path, split) -> None:
+    (out / "split.json").write_text(json.dumps({"name": split.name, "train": split.train, "validation": split.validation}, indent=2))
+
+
+def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = None) -> dict:
+    """Run the config at ``config_path`` on its one split (``split.fold`` of a k-fold or
+    leave-one-patient-out split); return the final metrics.  Writes the run folder and the
+    bundle; raises DatasetError / ValueError with what to fix."""
+    cfg, run_dir, commit, records = _start_run(config_path)
     splits = make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k)
     if not 0 <= cfg.split_fold < len(splits):
         raise ValueError(f"split.fold {cfg.split_fold} outside 0..{len(splits) - 1} ({cfg.split_method}, k={cfg.split_k})")
     split = splits[cfg.split_fold]
-    (run_dir / "split.json").write_text(json.dumps({"train": split.train, "validation": split.validation}, indent=2))
+    _write_split(run_dir, split)
+    result = train_split(cfg, records, split, _load_tiles(cfg, records), run_dir, verbose)
+    bundle = export_bundle(cfg, result.unet, result.classifier, result.metrics, commit, config_path)
+    (run_dir / "bundle.txt").write_text(str(bundle) + "\n")
+    write_model_card(run_dir, cfg, result.metrics, commit, split, model_card_dir)
+    return result.metrics
+
+
+def crossval(config_path: Path, verbose: int = 2) -> dict:
+    """Train and score every fold of the config's k-fold or leave-one-patient-out split, each in
+    ``runs/<name>-cv-<stamp>/fold-NN/`` (its split, metrics, plots, checkpoints), and write
+    ``cv-summary.json`` and ``cv-summary.md``: each metric's mean and standard deviation over the
+    folds, and the folds' validation results pooled (every slide is validated exactly once).
+    Exports no bundle: cross-validation estimates how well the config trains; the bundle comes
+    from ``train`` on the chosen split.  Returns the summary."""
+    import keras
+
+    cfg, run_dir, _, records = _start_run(config_path, kind="-cv")
+    if cfg.split_method == "fixed":
+        raise ValueError(f"run config {config_path}: cross-validation needs split.method \"kfold\" or \"lopo\", not \"fixed\"")
+    splits = make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k)
+    tiles = _load_tiles(cfg, records)
+    folds = []
+    for i, split in enumerate(splits):
+        fold_dir = run_dir / f"fold-{i:02d}"
+        fold_dir.mkdir()
+        _write_split(fold_dir, split)
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(cfg.seed)  # each fold starts as a `train` run of that fold would
+        if verbose:
+            print(f"fold {i + 1}/{len(splits)} ({split.name}): {len(split.train)} training slide(s), validation {' '.join(split.validation)}", flush=True)
+        result = train_split(cfg, records, split, tiles, fold_dir, verbose)
+        folds.append((split.name, result.metrics))
+    summary = summarise_folds(folds)
+    summary["split"] = {"method": cfg.split_method, "k": len(splits), "seed": cfg.seed}
+    (run_dir / "cv-summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    (run_dir / "cv-summary.md").write_text(cv_summary_markdown(cfg, summary))
+    return summary
+
+
+def train_split(cfg: RunConfig, records, split, tiles: _Tiles, run_dir: Path, verbose: int) -> FoldResult:
+    """Train both networks on ``split.train`` and score them on ``split.validation``; per-epoch
+    CSVs, plots, checkpoints, metrics.json and the final confusion matrices go to ``run_dir``."""
+    import keras
+
+    from glio_node.runtime.networks import build_classifier, build_unet
+
     by_id = {r.slide_id: r for r in records}
-    cache = cfg.dataset / ".tiles"
     aug = Augmentation(**cfg.augmentation)
     metrics: dict = {}
 
     # --- regions (UNet) ---
     seg = cfg.segmentation
-    seg_spec = TileSpec(seg.um_per_px, seg.tile_size, seg.min_tissue)
-    seg_shards = {sid: load_or_extract(by_id[sid], seg_spec, cfg.dataset, cache) for sid in by_id if by_id[sid].mask_path}
+    seg_shards = tiles.segmentation
     tr = [seg_shards[s] for s in split.train if s in seg_shards]
     va = [seg_shards[s] for s in split.validation if s in seg_shards]
     xs, ys = _stack(tr, seg.tile_size), np.concatenate([s.labels for s in tr]) if tr else None
@@ -309,8 +391,7 @@ def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = Non
 
     # --- molecular (multi-head classifier) ---
     cl = cfg.classifier
-    cl_spec = TileSpec(cl.um_per_px, cl.tile_size, cl.min_tissue)
-    cl_shards = {sid: _subsample(load_or_extract(by_id[sid], cl_spec, cfg.dataset, cache), cl.max_tiles_per_slide, cfg.seed) for sid in by_id}
+    cl_shards = tiles.classifier
 
     def targets(ids):
         out = {}
@@ -361,11 +442,71 @@ def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = Non
                 metrics[task] = {"tile": tile, "slide": slide_level_report(per_slide, truth, LABEL_VALUES[task])}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     _write_confusion_csvs(run_dir, metrics)
+    return FoldResult(metrics, unet, clf)
 
-    bundle = export_bundle(cfg, unet, clf, metrics, commit, config_path)
-    (run_dir / "bundle.txt").write_text(str(bundle) + "\n")
-    write_model_card(run_dir, cfg, metrics, commit, split, model_card_dir)
-    return metrics
+
+def summarise_folds(folds: list[tuple[str, dict]]) -> dict:
+    """Cross-validation summary of ``(fold name, metrics)`` pairs (pure).
+
+    ``metrics``: each headline number (the manifest's validation keys) as mean, sample standard
+    deviation (``sd``, None for one fold) and the number of folds that had it (a fold whose
+    validation patients lack a label has no number for that task).  ``pooled``: the folds'
+    validation results taken together, each slide counted once: region pixels from the summed
+    confusion matrices; per task the slide calls re-scored from every slide's mean probabilities
+    (so ROC AUC is pooled too) and the summed tile confusion matrix.
+    """
+    per_fold = [{"fold": name, **_summary(m)} for name, m in folds]
+    keys = sorted({k for row in per_fold for k in row if k != "fold"})
+    stats = {}
+    for key in keys:
+        values = np.array([row[key] for row in per_fold if key in row], dtype=np.float64)
+        stats[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None, "n": len(values)}
+    pooled: dict = {}
+    region_cms = [np.asarray(m["regions"]["confusion_matrix"]) for _, m in folds if "regions" in m]
+    if region_cms:
+        report = segmentation_report_from_confusion(sum(region_cms), REGION_NAMES)
+        pooled["regions"] = report
+    for task in CLS_TASKS:
+        slides = {sid: s for _, m in folds if task in m for sid, s in m[task]["slide"].get("slides", {}).items()}
+        tile_cms = [np.asarray(m[task]["tile"]["confusion_matrix"]) for _, m in folds if task in m]
+        if not tile_cms:
+            continue
+        tile_cm = sum(tile_cms)
+        entry = {"tile": {"n": int(tile_cm.sum()), "accuracy": float(np.trace(tile_cm) / tile_cm.sum()) if tile_cm.sum() else float("nan"), "confusion_matrix": tile_cm.tolist()}}
+        if slides:
+            ids = sorted(slides)
+            truth = np.array([slides[i]["truth"] for i in ids])
+            probs = np.array([slides[i]["probabilities"] for i in ids], dtype=np.float64)
+            entry["slide"] = classification_report(truth, probs, LABEL_VALUES[task])
+        pooled[task] = entry
+    return {"folds": per_fold, "metrics": stats, "pooled": pooled}
+
+
+def cv_summary_markdown(cfg: RunConfig, summary: dict) -> str:
+    """cv-summary.md: the table a data scientist reads first."""
+    folds = summary["folds"]
+    lines = [
+        f"# Cross-validation: {cfg.name} {cfg.version}",
+        "",
+        f"{len(folds)} fold(s), split by patient ({cfg.split_method}), seed {cfg.seed}. Mean and sample standard deviation over folds; each fold's value in order.",
+        "",
+        "| metric | mean | sd | folds | " + " | ".join(f["fold"] for f in folds) + " |",
+        "|---" * (4 + len(folds)) + "|",
+    ]
+    for key, st in summary["metrics"].items():
+        sd = "–" if st["sd"] is None else f"{st['sd']:.3f}"
+        values = " | ".join(f"{f[key]:.3f}" if key in f else "–" for f in folds)
+        lines.append(f"| {key} | {st['mean']:.3f} | {sd} | {st['n']} | {values} |")
+    lines += ["", "## Pooled over folds (each slide validated once)", ""]
+    pooled = summary["pooled"]
+    if "regions" in pooled:
+        lines.append(f"- regions: pixel accuracy {pooled['regions']['accuracy']:.3f}, mean Dice {pooled['regions']['mean_dice']:.3f} ({pooled['regions']['n']} pixels)")
+    for task in CLS_TASKS:
+        if task in pooled and "slide" in pooled[task]:
+            sl = pooled[task]["slide"]
+            lines.append(f"- {task}: slide accuracy {sl['accuracy']:.3f} on {sl['n']} slide(s); tile accuracy {pooled[task]['tile']['accuracy']:.3f}")
+            lines.append(f"  slide confusion (rows truth, columns call; {', '.join(LABEL_VALUES[task])}): {sl['confusion_matrix']}")
+    return "\n".join(lines) + "\n"
 
 
 def model_card(cfg: RunConfig, metrics: dict, commit: str, split, images: list[str] = (), prefix: str = "") -> str:

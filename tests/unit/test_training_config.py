@@ -38,6 +38,11 @@ def test_vgg16_with_a_weights_file_relative_to_the_config_and_a_kfold_fold(tmp_p
     assert (cfg.split_method, cfg.split_k, cfg.split_fold) == ("kfold", 4, 2)
 
 
+def test_leave_one_patient_out_is_a_split_method(tmp_path):
+    cfg = _load(tmp_path, top='split = {method = "lopo", fold = 3}')
+    assert (cfg.split_method, cfg.split_fold) == ("lopo", 3)
+
+
 @pytest.mark.parametrize(("top", "classifier", "words"), [
     ('split = {method = "random"}', "", "split.method"),
     ("", 'backbone = "resnet"', "classifier.backbone"),
