@@ -43,7 +43,7 @@ MANIFEST_NAME = "manifest.toml"
 TASKS = ("segmentation", "subtype", "mgmt", "egfr")
 CLASSIFIER_TASKS = ("subtype", "mgmt", "egfr")
 ACTIVATIONS = ("softmax",)
-NORMALIZATIONS = ("scale_0_1", "imagenet", "reinhard")
+NORMALIZATIONS = ("scale_0_1", "imagenet", "reinhard", "macenko")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -538,14 +538,16 @@ def normalize(tiles: np.ndarray, normalization: str) -> np.ndarray:
 
     - ``scale_0_1``: x / 255;
     - ``imagenet``: (x / 255 - mean) / std with the ImageNet RGB mean and standard deviation;
-    - ``reinhard``: Reinhard stain normalisation to glio_node.pipeline.stain's reference, then x / 255.
+    - ``reinhard``: Reinhard stain normalisation to glio_node.pipeline.stain's reference, then x / 255;
+    - ``macenko``: Macenko stain normalisation to glio_node.pipeline.stain's reference H&E stain
+      vectors and concentrations, then x / 255.
     """
-    if normalization == "reinhard":
-        from glio_node.pipeline.stain import reinhard  # noqa: PLC0415 - pipeline imports bundle
+    if normalization in ("reinhard", "macenko"):
+        from glio_node.pipeline.stain import macenko, reinhard  # noqa: PLC0415 - pipeline imports bundle
 
-        tiles = reinhard(tiles)
+        tiles = reinhard(tiles) if normalization == "reinhard" else macenko(tiles)
     x = np.asarray(tiles, dtype=np.float32) / np.float32(255.0)
-    if normalization in ("scale_0_1", "reinhard"):
+    if normalization in ("scale_0_1", "reinhard", "macenko"):
         return x
     if normalization == "imagenet":
         return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
