@@ -3,7 +3,8 @@
 A dataset is a folder::
 
     dataset/
-      labels.csv            one row per slide: slide_id, patient_id, subtype, mgmt, egfr
+      labels.csv            one row per slide: slide_id, patient_id, subtype, mgmt, egfr, and
+                            optionally um_per_px (a TIFF's spacing when the file has none)
       slides/<slide_id>/    a DICOM WSI series (any file names), or
       slides/<slide_id>.tif a plain (pyramidal or flat) TIFF, for research collections
       masks/<slide_id>.png  region labels over the whole slide, at any resolution with the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,10 @@ class SlideRecord:
     slide_path: Path  # a DICOM folder or a TIFF file
     mask_path: Path | None
     labels: Mapping[str, str | None] = field(default_factory=dict)
+    # µm/px of a TIFF's full-resolution level from labels.csv's optional um_per_px column, which
+    # overrides what the file says; None: read from the file.  A value on a DICOM slide's row is a
+    # validation problem: its PixelSpacing is required and checked (glio_node.runtime.slide_reader).
+    um_per_px: float | None = None
 
     @property
     def is_dicom(self) -> bool:
@@ -165,17 +171,24 @@ def read_mask(path: Path, colours: Mapping[tuple[int, int, int], int]) -> np.nda
     return mask_to_labels(arr, colours, JPEG_TOLERANCE if lossy else 0)
 
 
-def slide_size(path: Path) -> tuple[int, int]:
-    """(rows, cols) of the slide's full-resolution image; raises on an unreadable slide."""
+def slide_size(path: Path, um_per_px: float | None = None) -> tuple[int, int]:
+    """(rows, cols) of the slide's full-resolution image; raises on an unreadable slide.
+
+    A TIFF is opened as tile extraction opens it (training.tiff_slide), so a TIFF that is
+    readable here is readable there; it raises UnknownSpacingError when neither the file nor
+    ``um_per_px`` gives its spacing.
+    """
     if path.is_dir():
         from glio_node.runtime.slide_reader import DicomSlide
 
         with DicomSlide.open([path]) as slide:
             base = slide.levels[0]
             return base.rows, base.cols
-    with tifffile.TiffFile(path) as tif:
-        shape = tif.series[0].levels[0].shape
-        return int(shape[0]), int(shape[1])
+    from training.tiff_slide import TiffSlide
+
+    with TiffSlide.open(path, um_per_px) as slide:
+        base = slide.levels[0]
+        return base.rows, base.cols
 
 
 def _find_slide(root: Path, slide_id: str) -> Path | None:
@@ -193,6 +206,21 @@ def _find_mask(root: Path, slide_id: str) -> Path | None:
         if (root / "masks" / f"{slide_id}{suffix}").is_file():
             return root / "masks" / f"{slide_id}{suffix}"
     return None
+
+
+def _read_um_per_px(value: str | None, where: str, problems: list[Problem]) -> float | None:
+    """The optional um_per_px cell: empty is None, anything but a positive number is a problem."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    try:
+        um = float(text)
+    except ValueError:
+        um = math.nan
+    if not (math.isfinite(um) and um > 0):
+        problems.append(Problem(where, f"um_per_px {text!r} must be a positive number of micrometres per pixel (or empty to read it from the slide)"))
+        return None
+    return um
 
 
 def read_labels(root: Path, problems: list[Problem]) -> list[SlideRecord]:
@@ -232,11 +260,15 @@ def read_labels(root: Path, problems: list[Problem]) -> list[SlideRecord]:
                     problems.append(Problem(where, f"{task} {value!r} is not one of {list(allowed)} (leave empty if unknown)"))
                     value = None
                 labels[task] = value
+            um_per_px = _read_um_per_px(row.get("um_per_px"), where, problems)
             slide_path = _find_slide(root, slide_id)
             if slide_path is None:
                 problems.append(Problem(where, f"no slide slides/{slide_id}/ (DICOM) or slides/{slide_id}.tif"))
                 continue
-            records.append(SlideRecord(slide_id, patient_id, slide_path, _find_mask(root, slide_id), labels))
+            if um_per_px is not None and slide_path.is_dir():
+                problems.append(Problem(where, "um_per_px is for TIFF slides only: a DICOM slide's spacing is its PixelSpacing; leave the cell empty"))
+                um_per_px = None
+            records.append(SlideRecord(slide_id, patient_id, slide_path, _find_mask(root, slide_id), labels, um_per_px))
     return records
 
 
@@ -244,8 +276,11 @@ def validate_dataset(root: Path, check_images: bool = True) -> tuple[list[SlideR
     """Every record of the dataset at ``root`` and every problem found in it.
 
     With ``check_images`` each slide is opened and each mask decoded: masks must use known colours
-    or label values and have the slide's aspect ratio.
+    or label values and have the slide's aspect ratio, and a TIFF slide must have a spacing (in
+    the file or in the um_per_px column).
     """
+    from training.tiff_slide import UnknownSpacingError
+
     root = Path(root)
     problems: list[Problem] = []
     if not root.is_dir():
@@ -268,10 +303,14 @@ def validate_dataset(root: Path, check_images: bool = True) -> tuple[list[SlideR
                 problems.append(Problem(f"slides/{entry.name}", "is not listed in labels.csv"))
     if check_images:
         for rec in records:
+            where = str(rec.slide_path.relative_to(root))
             try:
-                rows, cols = slide_size(rec.slide_path)
+                rows, cols = slide_size(rec.slide_path, rec.um_per_px)
+            except UnknownSpacingError as exc:
+                problems.append(Problem(where, exc.detail))
+                rows, cols = slide_size(rec.slide_path, 1.0)  # the size is known; go on to check the mask
             except (GlioError, OSError, ValueError, tifffile.TiffFileError) as exc:
-                problems.append(Problem(str(rec.slide_path.relative_to(root)), f"cannot be read as a slide ({type(exc).__name__}: {exc})"))
+                problems.append(Problem(where, f"cannot be read as a slide ({type(exc).__name__}: {exc})"))
                 continue
             if rec.mask_path is None:
                 continue

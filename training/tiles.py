@@ -1,13 +1,15 @@
 """Tile extraction through the worker's own tiling, cached as one shard per slide and network shape.
 
-Training and serving must cut tiles the same way: same level choice (``choose_level``), same grid
+Training and serving must cut tiles the same way, from a DICOM WSI (``DicomSlide``) or a plain
+TIFF (``training.tiff_slide.TiffSlide``, which offers the same levels and frames): same level choice (``choose_level``), same grid
 (``TileGrid``), same tissue detection (``find_tissue`` + ``cells_with_tissue``), same window
 reading and resizing (``FramePlan`` + ``iter_tiles``).  So this module only plans with those
 functions and adds the region labels of each tile, sampled from the dataset's mask.
 
 Decoding slides is the slow part of training.  A shard (``.npz``) holds a slide's tiles and
 labels for one (µm/px, tile size, tissue threshold); its name carries a hash of the slide's files
-(names, sizes, modification times), the mask's bytes and those parameters, so a second run reads
+(names, sizes, modification times), the mask's bytes, those parameters and the slide's spacing
+from labels.csv (``um_per_px``, when given), so a second run reads
 the shard and decodes nothing, and any change to the inputs makes a new shard.
 """
 
@@ -25,6 +27,7 @@ from glio_node.pipeline.frames import FramePlan, LevelGeometry, TileRequest, ite
 from glio_node.pipeline.tiling import TileGrid, level_window
 from glio_node.runtime.slide_reader import DicomSlide, choose_level
 from training.dataset import UNLABELLED, SlideRecord, load_colour_map, read_mask
+from training.tiff_slide import TiffSlide
 
 SHARD_FORMAT = 1  # bump when the shard layout or the extraction changes
 
@@ -62,6 +65,8 @@ class Shard:
 
 def _inputs_hash(record: SlideRecord, spec: TileSpec) -> str:
     h = hashlib.sha256(f"{SHARD_FORMAT}|{spec.um_per_px}|{spec.tile_size}|{spec.min_tissue}".encode())
+    if record.um_per_px is not None:  # only when given, so shards of slides without it stay valid
+        h.update(f"|um_per_px={record.um_per_px!r}".encode())
     files = sorted(record.slide_path.rglob("*")) if record.slide_path.is_dir() else [record.slide_path]
     for f in files:
         if f.is_file():
@@ -86,38 +91,44 @@ def _tile_labels(mask: np.ndarray, grid: TileGrid, row: int, col: int, raster_um
 
 
 def extract_slide(record: SlideRecord, spec: TileSpec, dataset_root: Path) -> Shard:
-    """Decode ``record``'s slide and cut its tissue tiles as the worker would."""
-    if not record.is_dicom:
-        raise NotImplementedError(
-            f"{record.slide_path.name}: tile extraction reads DICOM WSI only for now; convert the TIFF "
-            "with wsidicomizer (pip install wsidicomizer) and put the series in slides/<slide_id>/"
-        )
+    """Decode ``record``'s slide (DICOM folder or TIFF file) and cut its tissue tiles as the worker would.
+
+    A TIFF's spacing comes from ``record.um_per_px`` when given, else from the file
+    (training.tiff_slide; UnknownSpacingError when neither has it).
+    """
     mask = read_mask(record.mask_path, load_colour_map(dataset_root)) if record.mask_path else None
-    with DicomSlide.open([record.slide_path]) as slide:
-        tissue, _ = find_tissue(slide)
-        slide.decodes.clear()
-        level, scale = choose_level(slide.levels, spec.um_per_px)
-        grid = TileGrid(math.ceil(level.rows / scale), math.ceil(level.cols / scale), spec.tile_size, 0)
-        raster_um = level.um_per_px * scale
-        cells = grid.cells_with_tissue(tissue.mask, tissue.mm_per_px, raster_um / 1000.0, spec.min_tissue)
-        requests = [
-            TileRequest(0, int(r), int(c), level.index, level_window(grid, int(r), int(c), scale), spec.tile_size)
-            for r, c in zip(*np.nonzero(cells))
-        ]
-        base = slide.levels[0]
-        slide_um = (base.rows * base.um_per_px, base.cols * base.um_per_px)
-        images, labels, where = [], [], []
-        if requests:
-            plan = FramePlan(requests, {level.index: LevelGeometry((level.rows, level.cols), (level.frame_rows, level.frame_cols))})
-            for req, tile in iter_tiles(plan, slide.read_frame, threads=1):
-                images.append(tile)
-                where.append((req.row, req.col))
-                if mask is not None:
-                    labels.append(_tile_labels(mask, grid, req.row, req.col, raster_um, slide_um))
-        decoded = sum(slide.decodes.values())
+    opened = DicomSlide.open([record.slide_path]) if record.is_dicom else TiffSlide.open(record.slide_path, record.um_per_px)
+    with opened as slide:
+        return cut_tiles(slide, record.slide_id, spec, mask)
+
+
+def cut_tiles(slide: DicomSlide | TiffSlide, slide_id: str, spec: TileSpec, mask: np.ndarray | None) -> Shard:
+    """The tissue tiles of an opened slide, planned by the worker's own functions, with region
+    labels sampled from ``mask`` (covering the whole slide) when given."""
+    tissue, _ = find_tissue(slide)  # typed DicomSlide; uses only .levels and .read_frame
+    slide.decodes.clear()
+    level, scale = choose_level(slide.levels, spec.um_per_px)
+    grid = TileGrid(math.ceil(level.rows / scale), math.ceil(level.cols / scale), spec.tile_size, 0)
+    raster_um = level.um_per_px * scale
+    cells = grid.cells_with_tissue(tissue.mask, tissue.mm_per_px, raster_um / 1000.0, spec.min_tissue)
+    requests = [
+        TileRequest(0, int(r), int(c), level.index, level_window(grid, int(r), int(c), scale), spec.tile_size)
+        for r, c in zip(*np.nonzero(cells))
+    ]
+    base = slide.levels[0]
+    slide_um = (base.rows * base.um_per_px, base.cols * base.um_per_px)
+    images, labels, where = [], [], []
+    if requests:
+        plan = FramePlan(requests, {level.index: LevelGeometry((level.rows, level.cols), (level.frame_rows, level.frame_cols))})
+        for req, tile in iter_tiles(plan, slide.read_frame, threads=1):
+            images.append(tile)
+            where.append((req.row, req.col))
+            if mask is not None:
+                labels.append(_tile_labels(mask, grid, req.row, req.col, raster_um, slide_um))
+    decoded = sum(slide.decodes.values())
     ts = spec.tile_size
     return Shard(
-        slide_id=record.slide_id,
+        slide_id=slide_id,
         images=np.stack(images) if images else np.zeros((0, ts, ts, 3), np.uint8),
         labels=(np.stack(labels) if labels else np.zeros((0, ts, ts), np.uint8)) if mask is not None else None,
         cells=np.array(where, dtype=np.int64).reshape(-1, 2),

@@ -86,7 +86,7 @@ def test_research_collections_may_give_plain_tiff_and_colour_masks(tmp_path):
     colour[:] = IVY_GAP_COLOURS["necrosis"]
     colour[:, :10] = (255, 255, 255)  # unlabelled
     Image.fromarray(colour).save(root / "masks" / "A.png")
-    (root / "labels.csv").write_text("slide_id,patient_id,subtype,mgmt,egfr\nA,PA,,,\n")
+    (root / "labels.csv").write_text("slide_id,patient_id,subtype,mgmt,egfr,um_per_px\nA,PA,,,,0.5\n")
     records = load_dataset(root)
     assert records[0].slide_path.name == "A.tif"
     labels = mask_to_labels(np.asarray(Image.open(records[0].mask_path)), load_colour_map(root))
