@@ -138,6 +138,18 @@ def test_only_cells_with_tissue_are_selected():
     assert grid.cells_with_tissue(tissue, 0.010, 0.002, 0.5).sum() == 0
 
 
+def test_float_noise_in_a_converters_spacing_selects_the_same_cells():
+    """OrthancWSIDicomizer stores 0.5 µm/px as 0.000500000024 mm (float32): the tiles chosen must
+    not move by a mask pixel because of it."""
+    rng = np.random.default_rng(2)
+    tissue = rng.random((128, 128)) < 0.5  # 8 µm/px mask of a 2048-px slide at 0.5 µm/px
+    grid = TileGrid(raster_rows=2048, raster_cols=2048, tile_size=256, overlap=0)
+    exact = grid.cells_with_tissue(tissue, 0.008, 0.0005, 0.5)
+    noisy = grid.cells_with_tissue(tissue, 0.00800000036, 0.000500000024, 0.5)
+    assert 0 < exact.sum() < exact.size
+    np.testing.assert_array_equal(noisy, exact)
+
+
 def test_tissue_is_found_and_glass_is_not():
     rng = np.random.default_rng(4)
     img = np.full((200, 300, 3), 242, np.uint8) + rng.integers(0, 4, (200, 300, 3), dtype=np.uint8)
