@@ -43,7 +43,12 @@ def _split(args: argparse.Namespace) -> int:
     if problems:
         print(f"the dataset has {len(problems)} problem(s); run `python -m training validate {args.dataset}`", file=sys.stderr)
         return 1
-    for split in make_splits(records, args.method, args.seed, args.validation_fraction, args.k):
+    try:
+        splits = make_splits(records, args.method, args.seed, args.validation_fraction, args.k)
+    except ValueError as exc:  # k above the number of patients, one patient only
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for split in splits:
         print(f"{split.name}: train {len(split.train)} slide(s), validation {' '.join(split.validation)}")
     return 0
 
@@ -127,7 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     y.add_argument("--variety", action="store_true", help="vary spacing, pyramid, compression and blob size per slide as sites' scans do (the demo bundle's dataset)")
     y.set_defaults(func=_synthetic)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from glio_node.errors import GlioError
+    from training.dataset import DatasetError
+    from training.errors import ConfigError
+
+    try:
+        return args.func(args)
+    except (DatasetError, ConfigError, GlioError) as exc:
+        # The operator's mistake or bad input, with what to fix: the message, not a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from glio_node import coding
 from glio_node.bundle import HeadSpec, Manifest, NetworkSpec, normalize, write_bundle
 from training.augment import Augmentation, make_dataset
 from training.dataset import LABEL_VALUES, REGION_NAMES, load_dataset
+from training.errors import ConfigError
 from training.losses import categorical_crossentropy, get_loss
 from training.metrics import (
     classification_report,
@@ -46,6 +47,7 @@ from training.synthetic_dataset import SyntheticParameters
 from training.tiles import Shard, TileSpec, load_or_extract
 
 CLS_TASKS = ("subtype", "mgmt", "egfr")
+
 INDETERMINATE_BELOW = {"subtype": 0.5, "mgmt": 0.6, "egfr": 0.6}
 
 
@@ -103,9 +105,9 @@ class RunConfig:
             if classifier.get("weights"):
                 classifier["weights"] = str((base / classifier["weights"]).resolve())
             if split.get("method", "fixed") not in ("fixed", "kfold", "lopo"):
-                raise ValueError(f"split.method {split.get('method')!r} is not 'fixed', 'kfold' or 'lopo'")
+                raise ConfigError(f"split.method {split.get('method')!r} is not 'fixed', 'kfold' or 'lopo'")
             if classifier.get("backbone", "small") not in ("small", "vgg16"):
-                raise ValueError(f"classifier.backbone {classifier.get('backbone')!r} is not 'small' or 'vgg16'")
+                raise ConfigError(f"classifier.backbone {classifier.get('backbone')!r} is not 'small' or 'vgg16'")
             return cls(
                 name=data["name"],
                 version=data["version"],
@@ -126,7 +128,7 @@ class RunConfig:
                 synthetic=SyntheticParameters.from_table(data["synthetic"]) if "synthetic" in data else None,
             )
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"run config {path}: {exc}; see docs/training.md for the keys") from exc
+            raise ConfigError(f"run config {path}: {exc}; see docs/training.md for the keys") from exc
 
 
 def read_config(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -135,7 +137,7 @@ def read_config(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     extends the real one and changes only sizes, so CI trains what the real run trains."""
     path = Path(path).resolve()
     if path in _seen:
-        raise ValueError(f"run config {path}: 'extends' loops back to itself")
+        raise ConfigError(f"run config {path}: 'extends' loops back to itself")
     data = tomllib.loads(path.read_text())
     parent = data.pop("extends", None)
     if parent is None:
@@ -175,13 +177,13 @@ def ensure_dataset(cfg: RunConfig) -> None:
     marker = cfg.dataset / PARAMETERS_FILE
     if marker.is_file():
         if json.loads(marker.read_text()) != asdict(cfg.synthetic):
-            raise ValueError(
+            raise ConfigError(
                 f"{cfg.dataset} was written with other [synthetic] parameters than the config's "
                 f"({marker}); delete the folder to have it written again"
             )
         return
     if cfg.dataset.exists() and any(cfg.dataset.iterdir()):
-        raise ValueError(f"{cfg.dataset} exists but is no synthetic dataset of this config (no {PARAMETERS_FILE}); move it away or point `dataset` elsewhere")
+        raise ConfigError(f"{cfg.dataset} exists but is no synthetic dataset of this config (no {PARAMETERS_FILE}); move it away or point `dataset` elsewhere")
     write_synthetic_dataset(cfg.dataset, params=cfg.synthetic)
 
 
@@ -301,6 +303,15 @@ def _load_tiles(cfg: RunConfig, records) -> _Tiles:
     )
 
 
+def _splits(cfg: RunConfig, records, config_path: Path) -> list:
+    """The config's patient splits of the dataset; a split the dataset cannot give (k above the
+    number of patients, one patient only) is the config's mistake."""
+    try:
+        return make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k)
+    except ValueError as exc:
+        raise ConfigError(f"run config {config_path}: {exc}") from exc
+
+
 def _write_split(out: Path, split) -> None:
     (out / "split.json").write_text(json.dumps({"name": split.name, "train": split.train, "validation": split.validation}, indent=2))
 
@@ -308,11 +319,11 @@ def _write_split(out: Path, split) -> None:
 def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = None) -> dict:
     """Run the config at ``config_path`` on its one split (``split.fold`` of a k-fold or
     leave-one-patient-out split); return the final metrics.  Writes the run folder and the
-    bundle; raises DatasetError / ValueError with what to fix."""
+    bundle; raises DatasetError / ConfigError with what to fix."""
     cfg, run_dir, commit, records = _start_run(config_path)
-    splits = make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k)
+    splits = _splits(cfg, records, config_path)
     if not 0 <= cfg.split_fold < len(splits):
-        raise ValueError(f"split.fold {cfg.split_fold} outside 0..{len(splits) - 1} ({cfg.split_method}, k={cfg.split_k})")
+        raise ConfigError(f"split.fold {cfg.split_fold} outside 0..{len(splits) - 1} ({cfg.split_method}, k={cfg.split_k})")
     split = splits[cfg.split_fold]
     _write_split(run_dir, split)
     result = train_split(cfg, records, split, _load_tiles(cfg, records), run_dir, verbose)
@@ -333,8 +344,8 @@ def crossval(config_path: Path, verbose: int = 2) -> dict:
 
     cfg, run_dir, _, records = _start_run(config_path, kind="-cv")
     if cfg.split_method == "fixed":
-        raise ValueError(f"run config {config_path}: cross-validation needs split.method \"kfold\" or \"lopo\", not \"fixed\"")
-    splits = make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k)
+        raise ConfigError(f"run config {config_path}: cross-validation needs split.method \"kfold\" or \"lopo\", not \"fixed\"")
+    splits = _splits(cfg, records, config_path)
     tiles = _load_tiles(cfg, records)
     folds = []
     for i, split in enumerate(splits):

@@ -30,7 +30,7 @@ the size ratio.  Writers that copy the base level's tags to every level exist, a
 physical extent is what a pyramid means.  SVS levels repeat the base MPP in their description, so
 MPP is read from the base level only.  No spacing at all raises :class:`UnknownSpacingError`.
 
-Pixels: 8-bit unsigned only (``ValueError`` otherwise).  Greyscale (MINISBLACK, MINISWHITE),
+Pixels: 8-bit unsigned only (``TiffSlideError`` otherwise).  Greyscale (MINISBLACK, MINISWHITE),
 RGB, YCbCr in JPEG, with or without an alpha channel, interleaved or planar, become RGB uint8;
 alpha is composited over white glass.
 """
@@ -48,6 +48,7 @@ import numpy as np
 import tifffile
 from tifffile import EXTRASAMPLE, PHOTOMETRIC, RESUNIT
 
+from glio_node.errors import BadInput
 from glio_node.runtime.slide_reader import LevelInfo
 
 FLAT_FRAME = 512  # px: virtual frame size of an untiled (strip) level
@@ -58,7 +59,12 @@ _MPP = re.compile(r"(?:^|\|)\s*MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 _ALPHA = {EXTRASAMPLE.ASSOCALPHA, EXTRASAMPLE.UNASSALPHA}
 
 
-class UnknownSpacingError(ValueError):
+class TiffSlideError(BadInput, ValueError):
+    """The TIFF cannot be read as a slide; the message names the file and the fix.  A BadInput,
+    as DicomSlide's errors are, so ``python -m training`` reports both the same way."""
+
+
+class UnknownSpacingError(TiffSlideError):
     """The TIFF records no pixel spacing and none was given; ``detail`` says what to do."""
 
     def __init__(self, path: Path, detail: str):
@@ -114,7 +120,7 @@ def _first_page(level: tifffile.TiffPageSeries) -> tifffile.TiffPage:
 def _level_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
     """The first page of each pyramid level, largest first (rules in the module docstring)."""
     if not tif.series:
-        raise ValueError(f"{tif.filehandle.path}: the TIFF holds no image")
+        raise TiffSlideError(f"{tif.filehandle.path}: the TIFF holds no image")
     first = tif.series[0]
     pages = [_first_page(level) for level in first.levels]
     if len(pages) == 1:
@@ -135,9 +141,9 @@ def _level_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage]:
 
 
 def _check_pixels(path: Path, page: tifffile.TiffPage) -> None:
-    """Raise ValueError naming the file unless the page's pixels can be made RGB uint8."""
+    """Raise TiffSlideError naming the file unless the page's pixels can be made RGB uint8."""
     if page.dtype != np.uint8:
-        raise ValueError(
+        raise TiffSlideError(
             f"{path}: samples are {page.bitspersample}-bit {page.dtype} (SampleFormat {page.sampleformat}); "
             "only 8-bit RGB or greyscale slides are read: convert it (e.g. vips cast uchar)"
         )
@@ -145,9 +151,9 @@ def _check_pixels(path: Path, page: tifffile.TiffPage) -> None:
     colour = photometric in (PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR)
     grey = photometric in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.MINISWHITE)
     if photometric == PHOTOMETRIC.YCBCR and page.compression != tifffile.COMPRESSION.JPEG:
-        raise ValueError(f"{path}: YCbCr pixels are read only JPEG-compressed (this is {page.compression.name}); convert it to RGB")
+        raise TiffSlideError(f"{path}: YCbCr pixels are read only JPEG-compressed (this is {page.compression.name}); convert it to RGB")
     if not (colour and page.samplesperpixel >= 3) and not (grey and page.samplesperpixel >= 1):
-        raise ValueError(
+        raise TiffSlideError(
             f"{path}: photometric {PHOTOMETRIC(photometric).name} with {page.samplesperpixel} sample(s) per pixel "
             "is not read; give RGB, YCbCr (JPEG) or greyscale pixels"
         )
@@ -191,7 +197,7 @@ class TiffSlide:
 
     def __init__(self, path: Path, tif: tifffile.TiffFile, um_per_px: float | None = None):
         """``tif`` opened on ``path``; it is closed by close().  Raises UnknownSpacingError when no
-        spacing is known, ValueError for pixels that cannot be made RGB uint8."""
+        spacing is known, TiffSlideError for pixels that cannot be made RGB uint8."""
         self.path = Path(path)
         self._tif = tif
         self._lock = threading.Lock()
@@ -285,7 +291,7 @@ class TiffSlide:
             try:
                 segment, _, _ = page.decode(data, i, jpegtables=page.jpegtables)
             except Exception as exc:  # codecs raise their own types; all mean a bad tile here
-                raise ValueError(
+                raise TiffSlideError(
                     f"{self.path}: tile {i} (row {frame_row}, column {frame_col}) of the "
                     f"{page.imagewidth}x{page.imagelength} px level cannot be decoded ({type(exc).__name__}: {exc})"
                 ) from exc
