@@ -306,7 +306,7 @@ def expected_work(slide, networks) -> tuple[list[Expected], int, int]:
     out from the tile geometry in docs/architecture.md (tile i starts at i * stride - overlap / 2).
     """
     from glio_node.pipeline.analyze import CLASSIFIER_MIN_TISSUE, find_tissue
-    from glio_node.pipeline.tiling import TileGrid
+    from glio_node.pipeline.tiling import TileGrid, raster_shape
     from glio_node.pipeline.tissue import resample_mask
     from glio_node.runtime.slide_reader import choose_level
 
@@ -316,7 +316,7 @@ def expected_work(slide, networks) -> tuple[list[Expected], int, int]:
     out = []
     for net in networks:
         level, scale = choose_level(slide.levels, net.um_per_px)
-        rows, cols = math.ceil(level.rows / scale), math.ceil(level.cols / scale)
+        rows, cols = raster_shape(level.rows, level.cols, scale)
         grid = TileGrid(raster_rows=rows, raster_cols=cols, tile_size=net.tile_size, overlap=net.overlap)
         s = grid.stride
         is_seg = any(h.task == "segmentation" for h in net.heads)
@@ -1179,14 +1179,14 @@ def planned_cells(slide, networks) -> dict[str, frozenset[tuple[int, int]]]:
     """The cells the pipeline's own planner keeps (``TileGrid.cells_with_tissue`` via the grid the
     pipeline builds), to name the cells where it and the independent count disagree."""
     from glio_node.pipeline.analyze import CLASSIFIER_MIN_TISSUE, find_tissue
-    from glio_node.pipeline.tiling import TileGrid
+    from glio_node.pipeline.tiling import TileGrid, raster_shape
     from glio_node.runtime.slide_reader import choose_level
 
     tissue, _ = find_tissue(slide)
     out = {}
     for net in networks:
         level, scale = choose_level(slide.levels, net.um_per_px)
-        grid = TileGrid(math.ceil(level.rows / scale), math.ceil(level.cols / scale), net.tile_size, net.overlap)
+        grid = TileGrid(*raster_shape(level.rows, level.cols, scale), net.tile_size, net.overlap)
         is_seg = any(h.task == "segmentation" for h in net.heads)
         cells = grid.cells_with_tissue(tissue.mask, tissue.mm_per_px, level.mm_per_px * scale, 0.0 if is_seg else CLASSIFIER_MIN_TISSUE)
         out[net.name] = frozenset((int(r), int(c)) for r, c in zip(*np.nonzero(cells)))

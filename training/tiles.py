@@ -16,7 +16,6 @@ the shard and decodes nothing, and any change to the inputs makes a new shard.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from glio_node.pipeline.analyze import CLASSIFIER_MIN_TISSUE, find_tissue
 from glio_node.pipeline.frames import FramePlan, LevelGeometry, TileRequest, iter_tiles
-from glio_node.pipeline.tiling import TileGrid, level_window
+from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.runtime.slide_reader import DicomSlide, choose_level
 from training.dataset import UNLABELLED, SlideRecord, load_colour_map, read_mask
 from training.tiff_slide import TiffSlide
@@ -108,7 +107,7 @@ def cut_tiles(slide: DicomSlide | TiffSlide, slide_id: str, spec: TileSpec, mask
     tissue, _ = find_tissue(slide)  # typed DicomSlide; uses only .levels and .read_frame
     slide.decodes.clear()
     level, scale = choose_level(slide.levels, spec.um_per_px)
-    grid = TileGrid(math.ceil(level.rows / scale), math.ceil(level.cols / scale), spec.tile_size, 0)
+    grid = TileGrid(*raster_shape(level.rows, level.cols, scale), spec.tile_size, 0)
     raster_um = level.um_per_px * scale
     cells = grid.cells_with_tissue(tissue.mask, tissue.mm_per_px, raster_um / 1000.0, spec.min_tissue)
     requests = [

@@ -25,7 +25,7 @@ from PIL import Image
 from glio_node.errors import BadInput
 from glio_node.pipeline.frames import FramePlan, LevelGeometry, TileRequest, iter_tiles
 from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, region_fractions, slide_call
-from glio_node.pipeline.tiling import TileGrid, level_window
+from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.pipeline.tissue import TISSUE_UM_PER_PX, TissueMask, detect_tissue, resample_mask
 from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, CodedClass, Heatmap, Raster
 from glio_node.runtime.slide_reader import DicomSlide, LevelInfo, choose_level
@@ -137,9 +137,10 @@ def find_tissue(slide: DicomSlide) -> tuple[TissueMask, int]:
 
 def _plan_network(network: Network, slide: DicomSlide, tissue: TissueMask, index: int) -> tuple[_Use, list[TileRequest]]:
     level, scale = choose_level(slide.levels, network.um_per_px)
+    rows, cols = raster_shape(level.rows, level.cols, scale)
     grid = TileGrid(
-        raster_rows=math.ceil(level.rows / scale),
-        raster_cols=math.ceil(level.cols / scale),
+        raster_rows=rows,
+        raster_cols=cols,
         tile_size=network.tile_size,
         overlap=network.overlap,
     )

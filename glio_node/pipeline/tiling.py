@@ -22,7 +22,23 @@ from typing import Iterator
 
 import numpy as np
 
-_SNAP = 1e-6  # relative: mask-pixel coordinates and areas this close to an integer are that integer (float noise in spacings)
+_SNAP = 1e-6  # relative: pixel coordinates and areas this close to an integer are that integer (float noise in spacings)
+
+
+def _snap(v: float) -> float:
+    """``v`` rounded when it is within ``_SNAP`` (relative) of an integer.  Converters store
+    spacings with float noise (OrthancWSIDicomizer: 0.000500000024 mm for 0.5 µm/px), so an edge
+    or a size that is an integer in exact arithmetic computes as 15.99999999 or 512.00002; floor
+    and ceil would then move it by a whole pixel."""
+    r = round(v)
+    return float(r) if abs(v - r) < _SNAP * max(1.0, abs(v)) else v
+
+
+def raster_shape(level_rows: int, level_cols: int, scale: float) -> tuple[int, int]:
+    """(rows, cols) of a network's raster: a level of ``level_rows`` x ``level_cols`` px read at
+    ``scale`` level px per raster px (``choose_level``).  2048 px at 2.0 / 0.500000024 is 512
+    raster px, not 513."""
+    return math.ceil(_snap(level_rows / scale)), math.ceil(_snap(level_cols / scale))
 
 
 @dataclass(frozen=True)
@@ -80,10 +96,8 @@ class TileGrid:
         ``min_fraction`` of it is tissue.  Parts of a region beyond the mask count as glass.
         """
         f = raster_mm_per_px / tissue_mm_per_px  # mask px per raster px
-        # Converters store spacings with float noise (OrthancWSIDicomizer: 0.000500000024 mm), so
-        # a tile edge that lies on a mask pixel edge computes as 15.99999999 or 16.00000001; snap
-        # within _SNAP, or the same slide's tiles would be scored on windows one mask pixel apart.
-        snap = lambda v: round(v) if abs(v - round(v)) < _SNAP * max(1.0, abs(v)) else v  # noqa: E731
+        # A tile edge on a mask pixel edge must not move by a mask pixel with the spacing's float
+        # noise (_snap), or the same slide's tiles would be scored on different windows.
         mh, mw = tissue.shape
         out = np.zeros((self.rows, self.cols), dtype=bool)
         # Summed-area table: one pass over the mask, O(1) per tile.
@@ -91,11 +105,11 @@ class TileGrid:
         for r in range(self.rows):
             for c in range(self.cols):
                 y0, x0, y1, x1 = self.kept_region(r, c)
-                my0, mx0 = min(int(snap(y0 * f)), mh - 1), min(int(snap(x0 * f)), mw - 1)
-                my1 = max(my0 + 1, min(mh, math.ceil(snap(y1 * f))))
-                mx1 = max(mx0 + 1, min(mw, math.ceil(snap(x1 * f))))
+                my0, mx0 = min(int(_snap(y0 * f)), mh - 1), min(int(_snap(x0 * f)), mw - 1)
+                my1 = max(my0 + 1, min(mh, math.ceil(_snap(y1 * f))))
+                mx1 = max(mx0 + 1, min(mw, math.ceil(_snap(x1 * f))))
                 n = sat[my1, mx1] - sat[my0, mx1] - sat[my1, mx0] + sat[my0, mx0]
-                area = max(1.0, snap((y1 - y0) * (x1 - x0) * f * f))
+                area = max(1.0, _snap((y1 - y0) * (x1 - x0) * f * f))
                 out[r, c] = n > 0 if min_fraction <= 0 else n / area >= min_fraction
         return out
 

@@ -127,6 +127,21 @@ def test_slides_from_third_party_converters_are_analysed_as_well(request, demo, 
         assert_valid(path)
 
 
+def test_a_converter_pyramid_without_the_model_spacing_gives_a_label_map_of_the_slides_size(orthanc_slide, demo, tmp_path):
+    """OrthancWSIDicomizer stores 0.5 µm/px as 0.000500000024 mm.  Without its 2 µm/px level the
+    regions are read from the 1 µm/px level at scale 1.99999990: the label map must still cover
+    the slide's 1024 µm with 512 px of 2 µm (it had 513 before the raster size was snapped)."""
+    kept = tmp_path / "no-2um-level"
+    kept.mkdir()
+    for f in orthanc_slide.files:
+        if pydicom.dcmread(f, stop_before_pixels=True).TotalPixelMatrixRows != 512:
+            shutil.copy(f, kept / f.name)
+    result, _, _ = _analyse(demo, [kept])
+    assert result.label_map.mm_per_px == pytest.approx(0.002, rel=1e-6)
+    assert result.label_map.array.shape[:2] == (512, 512)
+    assert _region_accuracy(result, orthanc_slide.truth_labels) >= 0.8
+
+
 REFUSALS = {
     "non_wsi": "not a VL Whole Slide Microscopy image",
     "mixed_series": "belong to 2 series",

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from glio_node.pipeline.frames import GLASS, FramePlan, LevelGeometry, TileRequest, iter_tiles
 from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, region_fractions, slide_call
-from glio_node.pipeline.tiling import TileGrid, level_window
+from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.pipeline.tissue import TissueMask, detect_tissue, resample_mask
 from glio_node.results import NOT_TISSUE, CodedClass
 
@@ -148,6 +148,14 @@ def test_float_noise_in_a_converters_spacing_selects_the_same_cells():
     noisy = grid.cells_with_tissue(tissue, 0.00800000036, 0.000500000024, 0.5)
     assert 0 < exact.sum() < exact.size
     np.testing.assert_array_equal(noisy, exact)
+
+
+def test_a_raster_is_not_a_pixel_larger_because_of_float_noise_in_the_spacing():
+    # 2.0 µm/px read from a 0.5 µm/px level that a converter stored as 0.000500000024 mm
+    assert raster_shape(2048, 1536, 2.0 / 0.500000024) == (512, 384)
+    assert raster_shape(2048, 1536, 2.0 / 0.5) == (512, 384)
+    assert raster_shape(1000, 999, 2.8) == (358, 357)  # a real fraction still rounds up
+    assert raster_shape(2049, 2048, 4.0) == (513, 512)  # and a real remainder too
 
 
 def test_tissue_is_found_and_glass_is_not():
