@@ -353,7 +353,7 @@ def crossval(config_path: Path, verbose: int = 2) -> dict:
         fold_dir.mkdir()
         _write_split(fold_dir, split)
         keras.backend.clear_session()
-        keras.utils.set_random_seed(cfg.seed)  # each fold starts as a `train` run of that fold would
+        keras.utils.set_random_seed(cfg.seed)  # every fold starts from the config's seed, not from where the last fold left it
         if verbose:
             print(f"fold {i + 1}/{len(splits)} ({split.name}): {len(split.train)} training slide(s), validation {' '.join(split.validation)}", flush=True)
         result = train_split(cfg, records, split, tiles, fold_dir, verbose)
