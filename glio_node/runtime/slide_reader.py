@@ -6,10 +6,10 @@ This is the only module that imports wsidicom.  It does two things:
    ``BadInput``, what cannot be analysed: non-DICOM files, other IODs, several series, levels
    without pixel spacing, TILED_FULL levels or concatenations with frames missing.  wsidicom
    itself silently skips files it does not like; a hospital needs to be told instead.
-2. ``DicomSlide`` opens the checked files with wsidicom and decodes single frames by their
-   (row, column) on a level, exactly once per call, counting every decode.  The pipeline's frame
-   plan decides which frames to decode and when, so the count is the decode amplification the
-   benchmark reports.
+2. ``DicomSlide`` (a :class:`glio_node.ports.SlideReader`) opens the checked files with wsidicom
+   and decodes single frames by their (row, column) on a level, exactly once per call, counting
+   every decode.  The pipeline's frame plan decides which frames to decode and when, and counts
+   its own reads; the contract tests check that this reader decodes no more than it is asked.
 
 Frames are returned as RGB uint8 arrays of the full frame size (edge frames included), so a
 caller can paste them into a tile without special cases.
