@@ -35,8 +35,10 @@ class SlideReader(Protocol):
     reader need not count.
 
     Adapters that subclass this protocol inherit the defaults below: ``read_frames`` loops over
-    ``read_frame``; ``gaps`` / ``missing_frames_read`` describe a whole slide; ``close`` does
-    nothing.
+    ``read_frame`` (the pipeline reads the tissue level through it); ``gaps`` /
+    ``missing_frames_read`` describe a whole slide and ``close`` does nothing; those three are
+    for ``job.run_job`` (the notes of an incomplete slide, and releasing the files), the
+    pipeline never uses them.
     """
 
     levels: tuple[LevelInfo, ...]
