@@ -93,7 +93,7 @@ def timed(into: dict[str, float], key: str) -> Iterator[None]:
 
 class DecodeCounter:
     """Counts every frame wsidicom's decoders decode while installed, independently of glio_node's
-    own counter (``DicomSlide.decodes``, which the pipeline resets after tissue detection)."""
+    own count (``AnalysisStats.frames_decoded``: the frames the pipeline read during inference)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -308,7 +308,7 @@ def expected_work(slide, networks) -> tuple[list[Expected], int, int]:
     from glio_node.pipeline.analyze import CLASSIFIER_MIN_TISSUE, find_tissue
     from glio_node.pipeline.tiling import TileGrid, raster_shape
     from glio_node.pipeline.tissue import resample_mask
-    from glio_node.runtime.slide_reader import choose_level
+    from glio_node.pipeline.levels import choose_level
 
     tissue, tissue_level = find_tissue(slide)
     lvl_t = slide.levels[tissue_level]
@@ -1180,7 +1180,7 @@ def planned_cells(slide, networks) -> dict[str, frozenset[tuple[int, int]]]:
     pipeline builds), to name the cells where it and the independent count disagree."""
     from glio_node.pipeline.analyze import CLASSIFIER_MIN_TISSUE, find_tissue
     from glio_node.pipeline.tiling import TileGrid, raster_shape
-    from glio_node.runtime.slide_reader import choose_level
+    from glio_node.pipeline.levels import choose_level
 
     tissue, _ = find_tissue(slide)
     out = {}

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from glio_node.pipeline.analyze import AnalysisOptions, AnalysisStats, analyze
-from glio_node.results import AnalysisResult
+from glio_node.ports import ModelRunner, SlideReader
+from glio_node.results import Algorithm, AnalysisResult
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,40 @@ class BundleCache:
             return cached[1]
 
 
+@dataclass(frozen=True)
+class Models:
+    """A bundle ready to run: how outputs name it, its networks, and the device they run on."""
+
+    algorithm: Algorithm
+    runners: tuple[ModelRunner, ...]
+    device: str  # what was used: "cpu" or "gpu:N"
+
+
+# The job's two seams (the defaults below are the real adapters; glio_node.testing has fakes):
+# open the series' files as a reader (paths, allow_gaps), and load the bundle's networks
+# (bundle_dir, device asked for, batch size, the worker's cache or None).
+OpenSlide = Callable[[Sequence[Path], bool], SlideReader]
+LoadModels = Callable[[Path, str, int, BundleCache | None], Models]
+
+
+def open_dicom_slide(paths: Sequence[Path], allow_gaps: bool) -> SlideReader:
+    """The real reader: check the files, then open them with wsidicom."""
+    from glio_node.runtime.slide_reader import DicomSlide
+
+    return DicomSlide.open(paths, allow_gaps=allow_gaps)
+
+
+def load_keras_models(bundle_dir: Path, device: str, batch_size: int, bundles: BundleCache | None) -> Models:
+    """The real networks: choose the device first (before Keras makes tensors), then load the
+    verified bundle (from the worker's cache when given) and wrap each network for the pipeline."""
+    from glio_node.bundle import load_bundle
+    from glio_node.runtime.keras_runner import bundle_networks, select_device
+
+    used_device = select_device(device)  # type: ignore[arg-type]
+    bundle = bundles.get(bundle_dir) if bundles is not None else load_bundle(bundle_dir)
+    return Models(bundle.algorithm, tuple(bundle_networks(bundle, batch_size)), used_device)
+
+
 def run_job(
     paths: Sequence[Path],
     out_dir: Path,
@@ -88,6 +123,8 @@ def run_job(
     progress: Callable[[int, int], None] | None = None,
     bundles: BundleCache | None = None,
     allow_gaps: bool = False,
+    open_slide: OpenSlide = open_dicom_slide,
+    load_models: LoadModels = load_keras_models,
 ) -> JobSummary:
     """Analyse the slide in ``paths`` with the bundle in ``bundle_dir``; write results to ``out_dir``.
 
@@ -96,27 +133,24 @@ def run_job(
     ``bundles`` cache so the models load once, not per job.  ``allow_gaps``: analyse a slide
     with missing frames (the worker, once a series stayed incomplete past its wait); what is
     missing is read as glass and the outputs say the source was incomplete.
+    ``open_slide`` and ``load_models`` are the seams to the slide reader and the model runtime
+    (the tests run the whole job on ``glio_node.testing``'s fakes).
     """
-    from glio_node.bundle import load_bundle
-    from glio_node.runtime.keras_runner import bundle_networks, select_device
-    from glio_node.runtime.slide_reader import DicomSlide
     from glio_node.writers import write_results
 
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
-    slide = DicomSlide.open(paths, allow_gaps=allow_gaps)
+    slide = open_slide(paths, allow_gaps)
     stages["open"] = time.perf_counter() - t0
-    with slide:
+    try:
         t0 = time.perf_counter()
-        used_device = select_device(device)  # type: ignore[arg-type]
-        bundle = bundles.get(bundle_dir) if bundles is not None else load_bundle(bundle_dir)
-        networks = bundle_networks(bundle, options.batch_size)
+        models = load_models(Path(bundle_dir), device, options.batch_size, bundles)
         stages["load_models"] = time.perf_counter() - t0
 
-        result, stats, seg_level = analyze(slide, networks, bundle.algorithm, options, progress)
+        result, stats, seg_level = analyze(slide, models.runners, models.algorithm, options, progress)
         stages.update(stats.stage_seconds)
         if slide.gaps:  # only with allow_gaps; said even when no missing frame was needed
-            missing = sum(slide.missing_reads.values())
+            missing = slide.missing_frames_read
             result = replace(
                 result,
                 source_gaps=slide.gaps,
@@ -131,14 +165,16 @@ def run_job(
         out_dir.mkdir(parents=True, exist_ok=True)
         written = write_results(list(seg_level.headers), result, out_dir)
         stages["write"] = time.perf_counter() - t0
+    finally:
+        slide.close()
 
     calls, probs = _calls(result)
     return JobSummary(
         series_instance_uid=str(seg_level.headers[0].SeriesInstanceUID),
-        bundle_name=bundle.algorithm.name,
-        bundle_version=bundle.algorithm.version,
-        bundle_sha256=bundle.algorithm.sha256,
-        device=used_device,
+        bundle_name=models.algorithm.name,
+        bundle_version=models.algorithm.version,
+        bundle_sha256=models.algorithm.sha256,
+        device=models.device,
         stats=stats,
         calls=calls,
         probabilities=probs,

@@ -2,8 +2,8 @@
 
 Research collections (TCGA's SVS files, Ivy GAP's converted scans, exports of image analysis
 tools) come as TIFF rather than DICOM.  Training must cut their tiles exactly as the worker cuts a
-DICOM slide's, so :class:`TiffSlide` offers what the worker's tiling uses of
-:class:`glio_node.runtime.slide_reader.DicomSlide` (``levels``, ``read_frame``, ``decodes``) and
+DICOM slide's, so :class:`TiffSlide` is a :class:`glio_node.ports.SlideReader` like the worker's
+:class:`glio_node.runtime.slide_reader.DicomSlide` (``levels``, ``read_frame``; ``decodes`` too) and
 the worker's own functions (``find_tissue``, ``choose_level``, ``TileGrid``, ``FramePlan``,
 ``iter_tiles``) run on it unchanged.
 
@@ -49,7 +49,8 @@ import tifffile
 from tifffile import EXTRASAMPLE, PHOTOMETRIC, RESUNIT
 
 from glio_node.errors import BadInput
-from glio_node.runtime.slide_reader import LevelInfo
+from glio_node.pipeline.levels import LevelInfo
+from glio_node.ports import SlideReader
 
 FLAT_FRAME = 512  # px: virtual frame size of an untiled (strip) level
 DEFAULT_DPI = (72.0, 96.0)  # dpi that image editors write when they know nothing
@@ -184,7 +185,7 @@ def to_rgb(pixels: np.ndarray, page: tifffile.TiffPage) -> np.ndarray:
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
-class TiffSlide:
+class TiffSlide(SlideReader):
     """An opened plain TIFF slide; decodes frames one at a time (thread-safe).
 
     A tiled level's frames are its TIFF tiles, each decoded on its own when asked for.  An

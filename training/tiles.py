@@ -24,7 +24,8 @@ import numpy as np
 from glio_node.pipeline.analyze import CLASSIFIER_MIN_TISSUE, find_tissue
 from glio_node.pipeline.frames import FramePlan, LevelGeometry, TileRequest, iter_tiles
 from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
-from glio_node.runtime.slide_reader import DicomSlide, choose_level
+from glio_node.pipeline.levels import choose_level
+from glio_node.runtime.slide_reader import DicomSlide
 from training.dataset import UNLABELLED, SlideRecord, load_colour_map, read_mask
 from training.tiff_slide import TiffSlide
 
@@ -104,7 +105,7 @@ def extract_slide(record: SlideRecord, spec: TileSpec, dataset_root: Path) -> Sh
 def cut_tiles(slide: DicomSlide | TiffSlide, slide_id: str, spec: TileSpec, mask: np.ndarray | None) -> Shard:
     """The tissue tiles of an opened slide, planned by the worker's own functions, with region
     labels sampled from ``mask`` (covering the whole slide) when given."""
-    tissue, _ = find_tissue(slide)  # typed DicomSlide; uses only .levels and .read_frame
+    tissue, _ = find_tissue(slide)
     slide.decodes.clear()
     level, scale = choose_level(slide.levels, spec.um_per_px)
     grid = TileGrid(*raster_shape(level.rows, level.cols, scale), spec.tile_size, 0)

@@ -15,42 +15,27 @@ pixel) and, band by band, the tissue mask at that resolution.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from glio_node.errors import BadInput
 from glio_node.pipeline.frames import FramePlan, LevelGeometry, TileRequest, iter_tiles
+from glio_node.pipeline.levels import LevelInfo, choose_level
 from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, region_fractions, slide_call
 from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.pipeline.tissue import TISSUE_UM_PER_PX, TissueMask, detect_tissue, resample_mask
-from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, CodedClass, Heatmap, Raster
-from glio_node.runtime.slide_reader import DicomSlide, LevelInfo, choose_level
+from glio_node.ports import ModelRunner, SlideReader
+from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, Raster
 
 # A classifier tile is analysed only when at least this fraction of it is tissue: a tile that is
 # mostly glass says little about the tumour's molecular state.
 CLASSIFIER_MIN_TISSUE = 0.5
-
-
-class Head(Protocol):
-    task: str
-    classes: tuple[CodedClass, ...]
-    indeterminate_below: float
-
-
-class Network(Protocol):
-    """What the pipeline needs of a network: its geometry, its heads and a predict function."""
-
-    name: str
-    tile_size: int
-    um_per_px: float
-    overlap: int
-    heads: tuple[Head, ...]
-
-    def predict(self, tiles: np.ndarray) -> Mapping[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +63,7 @@ class AnalysisStats:
     networks: tuple[NetworkStats, ...]
     tissue_level: int
     tissue_fraction: float  # of the slide's area
-    frames_decoded: int  # during inference
+    frames_decoded: int  # frames read from the slide during inference (counted by the pipeline)
     frames_needed: int  # distinct frames the inferred tiles overlap
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -91,7 +76,7 @@ class AnalysisStats:
 class _Use:
     """A network as used on this slide (mutable while tiles are running)."""
 
-    network: Network
+    network: ModelRunner
     level: LevelInfo
     scale: float
     grid: TileGrid
@@ -107,11 +92,11 @@ class _Use:
         return self.level.mm_per_px * self.scale
 
 
-def _tissue_level(slide: DicomSlide) -> LevelInfo:
+def _tissue_level(slide: SlideReader) -> LevelInfo:
     return min(slide.levels, key=lambda lvl: abs(math.log(lvl.um_per_px / TISSUE_UM_PER_PX)))
 
 
-def find_tissue(slide: DicomSlide) -> tuple[TissueMask, int]:
+def find_tissue(slide: SlideReader) -> tuple[TissueMask, int]:
     """Tissue mask from the level nearest 8 µm/px, each frame reduced by a power of two that
     divides the frame size (so a single-level slide still gives a small image)."""
     level = _tissue_level(slide)
@@ -126,8 +111,7 @@ def find_tissue(slide: DicomSlide) -> tuple[TissueMask, int]:
     n_fr, n_fc = math.ceil(level.rows / level.frame_rows), math.ceil(level.cols / level.frame_cols)
     image = np.empty((n_fr * fh, n_fc * fw, 3), dtype=np.uint8)
     for fr in range(n_fr):
-        for fc in range(n_fc):
-            frame = slide.read_frame(level.index, fr, fc)
+        for fc, frame in enumerate(slide.read_frames(level.index, [(fr, fc) for fc in range(n_fc)])):
             if k > 1:
                 frame = np.asarray(Image.fromarray(frame).reduce(k))
             image[fr * fh : (fr + 1) * fh, fc * fw : (fc + 1) * fw] = frame
@@ -135,7 +119,7 @@ def find_tissue(slide: DicomSlide) -> tuple[TissueMask, int]:
     return detect_tissue(image, level.mm_per_px * k), level.index
 
 
-def _plan_network(network: Network, slide: DicomSlide, tissue: TissueMask, index: int) -> tuple[_Use, list[TileRequest]]:
+def _plan_network(network: ModelRunner, slide: SlideReader, tissue: TissueMask, index: int) -> tuple[_Use, list[TileRequest]]:
     level, scale = choose_level(slide.levels, network.um_per_px)
     rows, cols = raster_shape(level.rows, level.cols, scale)
     grid = TileGrid(
@@ -161,6 +145,29 @@ def _plan_network(network: Network, slide: DicomSlide, tissue: TissueMask, index
     return use, requests
 
 
+class _CountingReads:
+    """``slide.read_frame``, counting each (level, row, column) read: the decode accounting.
+
+    Counted here rather than trusted to each reader, so every reader (and the fakes) is measured
+    the same way; from the decode pool's threads, hence the lock.
+    """
+
+    def __init__(self, slide: SlideReader):
+        self._read = slide.read_frame
+        self._lock = threading.Lock()
+        self.counts: Counter[tuple[int, int, int]] = Counter()
+
+    def __call__(self, level: int, frame_row: int, frame_col: int) -> np.ndarray:
+        frame = self._read(level, frame_row, frame_col)
+        with self._lock:
+            self.counts[level, frame_row, frame_col] += 1
+        return frame
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
 def _run_batch(use: _Use) -> None:
     tiles = np.stack([t for _, t in use.pending])
     t0 = time.perf_counter()
@@ -184,8 +191,8 @@ def _mask_label_map(label_map: np.ndarray, tissue: TissueMask, mm_per_px: float,
 
 
 def analyze(
-    slide: DicomSlide,
-    networks: Sequence[Network],
+    slide: SlideReader,
+    networks: Sequence[ModelRunner],
     algorithm: Algorithm,
     options: AnalysisOptions = AnalysisOptions(),
     progress: Callable[[int, int], None] | None = None,
@@ -195,7 +202,6 @@ def analyze(
     t0 = time.perf_counter()
     tissue, tissue_level = find_tissue(slide)
     stages["tissue"] = time.perf_counter() - t0
-    slide.decodes.clear()
 
     t0 = time.perf_counter()
     uses: list[_Use] = []
@@ -218,7 +224,8 @@ def analyze(
     total = len(plan.requests)
     done = 0
     batch = options.batch_size
-    for req, tile in iter_tiles(plan, slide.read_frame, options.decode_threads, options.lookahead):
+    reads = _CountingReads(slide)
+    for req, tile in iter_tiles(plan, reads, options.decode_threads, options.lookahead):
         use = uses[req.network]
         use.pending.append((req, tile))
         if len(use.pending) == batch:
@@ -279,7 +286,7 @@ def analyze(
         ),
         tissue_level=tissue_level,
         tissue_fraction=tissue.fraction,
-        frames_decoded=sum(slide.decodes.values()),
+        frames_decoded=reads.total,
         frames_needed=plan.distinct_frames,
         stage_seconds=stages,
     )

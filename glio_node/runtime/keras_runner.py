@@ -84,7 +84,8 @@ def _select_device(device: Device) -> str:
 
 @dataclass
 class KerasNetwork:
-    """One bundle network as the pipeline uses it: geometry, heads, and ``predict``.
+    """One bundle network as the pipeline uses it (a :class:`glio_node.ports.ModelRunner`):
+    geometry, heads, and ``predict``.
 
     Segmentation heads return class indices per pixel (uint8, argmax of the softmax), so the full
     probability volume never leaves this class; classifier heads return probabilities.  Batches

@@ -6,10 +6,10 @@ This is the only module that imports wsidicom.  It does two things:
    ``BadInput``, what cannot be analysed: non-DICOM files, other IODs, several series, levels
    without pixel spacing, TILED_FULL levels or concatenations with frames missing.  wsidicom
    itself silently skips files it does not like; a hospital needs to be told instead.
-2. ``DicomSlide`` opens the checked files with wsidicom and decodes single frames by their
-   (row, column) on a level, exactly once per call, counting every decode.  The pipeline's frame
-   plan decides which frames to decode and when, so the count is the decode amplification the
-   benchmark reports.
+2. ``DicomSlide`` (a :class:`glio_node.ports.SlideReader`) opens the checked files with wsidicom
+   and decodes single frames by their (row, column) on a level, exactly once per call, counting
+   every decode.  The pipeline's frame plan decides which frames to decode and when, and counts
+   its own reads; the contract tests check that this reader decodes no more than it is asked.
 
 Frames are returned as RGB uint8 arrays of the full frame size (edge frames included), so a
 caller can paste them into a tile without special cases.
@@ -29,7 +29,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from glio_node.errors import BadInput
+from glio_node.pipeline.levels import LevelInfo
 from glio_node.pipeline.series import series_gaps
+from glio_node.ports import SlideReader
 
 VL_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 _CONTEXT_TYPES = {"LABEL", "OVERVIEW", "THUMBNAIL"}
@@ -47,23 +49,6 @@ class SlideFile:
         """Third value of ImageType: VOLUME, LABEL, OVERVIEW or THUMBNAIL."""
         image_type = list(self.header.get("ImageType", []))
         return str(image_type[2]).upper() if len(image_type) > 2 else "VOLUME"
-
-
-@dataclass(frozen=True)
-class LevelInfo:
-    """A pyramid level as the pipeline sees it (index 0 = finest)."""
-
-    index: int
-    rows: int  # TotalPixelMatrixRows
-    cols: int  # TotalPixelMatrixColumns
-    frame_rows: int
-    frame_cols: int
-    mm_per_px: float  # square pixels assumed; the larger of row/column spacing if they differ
-    headers: tuple[pydicom.Dataset, ...]  # the level's instance headers (several for a concatenation)
-
-    @property
-    def um_per_px(self) -> float:
-        return self.mm_per_px * 1000.0
 
 
 def _is_dicom(path: Path) -> bool:
@@ -176,8 +161,12 @@ def _absent_frames(info: LevelInfo) -> frozenset[tuple[int, int]]:
     )
 
 
-class DicomSlide:
-    """An opened, checked slide; decodes frames one at a time (thread-safe)."""
+class DicomSlide(SlideReader):
+    """An opened, checked slide; decodes frames one at a time (thread-safe).
+
+    The pipeline's :class:`glio_node.ports.SlideReader`; ``decodes`` counts what wsidicom
+    really decoded (the tests check the pipeline's own count against it).
+    """
 
     def __init__(self, files: list[SlideFile]):
         """``files`` as checked by :func:`inspect_files`.
@@ -234,6 +223,10 @@ class DicomSlide:
         return cls(inspect_files(paths, allow_gaps=allow_gaps))
 
     @property
+    def missing_frames_read(self) -> int:
+        return sum(self.missing_reads.values())
+
+    @property
     def context_files(self) -> list[SlideFile]:
         """LABEL / OVERVIEW / THUMBNAIL images: kept with the slide, never analysed."""
         return [f for f in self.files if f.image_flavor in _CONTEXT_TYPES]
@@ -276,23 +269,3 @@ class DicomSlide:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def choose_level(levels: tuple[LevelInfo, ...], target_um_per_px: float, tolerance: float = 0.10) -> tuple[LevelInfo, float]:
-    """The level to read for a network that wants ``target_um_per_px``, and the downsampling scale.
-
-    The level nearest the target is used as it is when within ``tolerance`` (10 %); otherwise the
-    coarsest level that is still finer than the target is read and downsampled by
-    ``target / level spacing``.  Raises ``BadInput`` when every level is coarser than that.
-    """
-    nearest = min(levels, key=lambda lvl: abs(math.log(lvl.um_per_px / target_um_per_px)))
-    if abs(nearest.um_per_px - target_um_per_px) <= tolerance * target_um_per_px:
-        return nearest, 1.0
-    finer = [lvl for lvl in levels if lvl.um_per_px < target_um_per_px]
-    if not finer:
-        finest = min(lvl.um_per_px for lvl in levels)
-        raise BadInput(
-            f"the slide's finest level is {finest:.3g} µm/px but the model needs {target_um_per_px:.3g} µm/px; "
-            "scan or convert the slide at a higher resolution"
-        )
-    level = max(finer, key=lambda lvl: lvl.um_per_px)
-    return level, target_um_per_px / level.um_per_px

@@ -13,7 +13,8 @@ import pytest
 from slides import SMALL
 
 from glio_node.errors import BadInput
-from glio_node.runtime.slide_reader import DicomSlide, LevelInfo, choose_level, inspect_files
+from glio_node.pipeline.levels import LevelInfo, choose_level
+from glio_node.runtime.slide_reader import DicomSlide, inspect_files
 
 VARIANTS = {
     "jpeg-full": SMALL,

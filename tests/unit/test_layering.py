@@ -1,0 +1,69 @@
+"""The layering of docs/architecture.md holds: import-linter's contracts (pyproject.toml) pass.
+
+Each contract forbids a dependency, indirect chains included: the pipeline is pure (it reads
+slides and runs models only through ``glio_node.ports``), the status page reads the store and
+opens no receiver or runtime, the service never imports ``training``, and wsidicom and Keras
+stay in their one corner.  The second test breaks a copy of the tree on purpose, so a
+contract that no longer checks anything shows up as a failure too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("lint-imports")
+    if not exe.exists():
+        pytest.fail(f"import-linter is not installed next to {sys.executable}: pip install -e '.[test]'")
+    return subprocess.run(
+        [str(exe), "--no-cache", "--config", str(root / "pyproject.toml")],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},  # this tree's packages, not an installed copy
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _contracts() -> list[dict]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+def test_every_import_contract_of_the_architecture_is_kept():
+    result = _lint(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    kept = re.search(r"Contracts: (\d+) kept, 0 broken\.", result.stdout)
+    assert kept and int(kept.group(1)) == len(_contracts()) >= 5, result.stdout
+
+
+def test_docs_architecture_names_every_contract():
+    docs = " ".join((REPO / "docs" / "architecture.md").read_text().split())
+    missing = [c["name"] for c in _contracts() if c["name"] not in docs]
+    assert missing == [], f"docs/architecture.md's Contracts section lacks {missing}"
+
+
+def test_a_pipeline_module_importing_the_store_or_runtime_is_caught(tmp_path: Path):
+    for name in ("glio_node", "training"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    with (tmp_path / "glio_node" / "pipeline" / "stitch.py").open("a") as f:
+        f.write("\nfrom glio_node.store import queue  # noqa\n")
+    with (tmp_path / "glio_node" / "web" / "chart.py").open("a") as f:
+        f.write("\ndef _late():\n    from glio_node.runtime import keras_runner  # noqa\n")
+
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "glio_node.pipeline is not allowed to import glio_node.store" in result.stdout
+    assert "glio_node.web is not allowed to import glio_node.runtime" in result.stdout
+    assert "Contracts: 3 kept, 2 broken." in result.stdout, result.stdout
