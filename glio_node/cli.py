@@ -196,6 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
     from glio_node.bundle import verify_bundle
     from glio_node.config import load_settings
     from glio_node.receive import Spool, start_receiver
+    from glio_node.redact import UidRedactor
     from glio_node.scheduler import NodeScheduler
     from glio_node.store.db import make_engine, make_sessions
 
@@ -204,6 +205,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     for noisy in ("pynetdicom", "apscheduler", "alembic", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # the libraries' lines too (pynetdicom, uvicorn)
+        handler.addFilter(UidRedactor())
     log = logging.getLogger("glio_node.serve")
 
     settings = load_settings(args.config)

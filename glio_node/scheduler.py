@@ -31,7 +31,6 @@ Log lines name jobs by id and series by a short hash of the UID, never patient d
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import socket
@@ -55,13 +54,13 @@ from glio_node.job import BundleCache
 from glio_node.pipeline.series import series_gaps
 from glio_node.pull.poller import SourcePoller
 from glio_node.receive.spool import Spool
-from glio_node.redact import without_uids
+from glio_node.redact import redacted_logger, without_uids
 from glio_node.send import ResultSender, SendResult, make_sender
 from glio_node.store import audit, commitments, deliveries, nodes, queue
 from glio_node.store.audit import Event
 from glio_node.store.models import Instance, Series, SeriesState
 
-log = logging.getLogger(__name__)
+log = redacted_logger(__name__)
 
 Sessions = sessionmaker[Session]
 RunJob = Callable[..., Any]  # glio_node.job.run_job's signature

@@ -43,12 +43,15 @@ from training.metrics import (
     slide_level_report,
 )
 from training.splits import make_splits
-from training.synthetic_dataset import SyntheticParameters
+from training.synthetic_dataset import PARAMETERS_FILE, SyntheticParameters
 from training.tiles import Shard, TileSpec, load_or_extract
 
 CLS_TASKS = ("subtype", "mgmt", "egfr")
 
 INDETERMINATE_BELOW = {"subtype": 0.5, "mgmt": 0.6, "egfr": 0.6}
+
+INTENDED_USE = "Research use only. Not for diagnosis."
+DEMO_INTENDED_USE = "DEMO model trained on synthetic slides only. Research use only. Not for diagnosis."
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,8 @@ class RunConfig:
     segmentation: NetConfig
     classifier: NetConfig
     normalization: str = "scale_0_1"
-    intended_use: str = "Research use only. Not for diagnosis."
-    is_demo: bool = False
+    intended_use: str = INTENDED_USE
+    is_demo: bool = False  # RunConfig.load: true whenever the data is synthetic (demo_flag)
     augmentation: dict = field(default_factory=dict)
     split_method: str = "fixed"  # "kfold" (split_k folds) or "lopo" (one per patient): `train` validates on fold split_fold, `crossval` on each
     split_k: int = 5
@@ -108,10 +111,18 @@ class RunConfig:
                 raise ConfigError(f"split.method {split.get('method')!r} is not 'fixed', 'kfold' or 'lopo'")
             if classifier.get("backbone", "small") not in ("small", "vgg16"):
                 raise ConfigError(f"classifier.backbone {classifier.get('backbone')!r} is not 'small' or 'vgg16'")
+            dataset = (base / data["dataset"]).resolve()
+            is_demo = demo_flag(data.get("is_demo"), synthetic_data("synthetic" in data, dataset))
+            intended_use = data.get("intended_use", DEMO_INTENDED_USE if is_demo else INTENDED_USE)
+            if is_demo and "demo" not in intended_use.lower():
+                raise ConfigError(
+                    f"intended_use {intended_use!r} must say DEMO: the bundle is a demo "
+                    f"(trained on synthetic slides); e.g. {DEMO_INTENDED_USE!r}"
+                )
             return cls(
                 name=data["name"],
                 version=data["version"],
-                dataset=(base / data["dataset"]).resolve(),
+                dataset=dataset,
                 runs_dir=(base / data.get("runs_dir", "runs")).resolve(),
                 models_dir=(base / data.get("models_dir", "models")).resolve(),
                 seed=int(data.get("seed", 0)),
@@ -119,8 +130,8 @@ class RunConfig:
                 segmentation=NetConfig(**data["segmentation"]),
                 classifier=NetConfig(**classifier),
                 normalization=data.get("normalization", "scale_0_1"),
-                intended_use=data.get("intended_use", "Research use only. Not for diagnosis."),
-                is_demo=bool(data.get("is_demo", False)),
+                intended_use=intended_use,
+                is_demo=is_demo,
                 augmentation=data.get("augmentation", {}),
                 split_method=split.get("method", "fixed"),
                 split_k=int(split.get("k", 5)),
@@ -129,6 +140,31 @@ class RunConfig:
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"run config {path}: {exc}; see docs/training.md for the keys") from exc
+
+
+def synthetic_data(has_synthetic_table: bool, dataset: Path) -> bool:
+    """Is the run's data synthetic: the config writes it (a ``[synthetic]`` table), or the dataset
+    folder was written by ``python -m training synthetic`` (it holds ``synthetic.json``)?"""
+    return has_synthetic_table or (Path(dataset) / PARAMETERS_FILE).is_file()
+
+
+def demo_flag(given: object, synthetic: bool) -> bool:
+    """The bundle's ``is_demo``: as given, true when not given and the data is synthetic.
+
+    A model trained on synthetic slides is a demo whatever the config says (docs/model-bundle.md):
+    ``is_demo = false`` with synthetic data raises ``ConfigError``, as does a value not a boolean.
+    """
+    if given is None:
+        return synthetic
+    if not isinstance(given, bool):
+        raise ConfigError(f"is_demo must be true or false, got {given!r}")
+    if synthetic and not given:
+        raise ConfigError(
+            "is_demo = false, but the dataset is synthetic (a [synthetic] table, or synthetic.json "
+            "in the dataset folder): a bundle trained on synthetic slides is always a demo; "
+            "remove is_demo or set it to true"
+        )
+    return given
 
 
 def read_config(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -603,14 +639,19 @@ def provenance(cfg: RunConfig, config_path: Path, commit: str, framework: str) -
     config_path = Path(config_path).resolve()
     root = Path(__file__).resolve().parent.parent
     shown = config_path.relative_to(root) if config_path.is_relative_to(root) else config_path.name
+    textures = "procedurally rendered textures of glio_node.synthetic, no patient data, nothing resembling real tissue"
     if cfg.synthetic is not None:
         data = (
             f"synthetic slides only, written by `python -m training synthetic` from the config's [synthetic] table "
-            f"({cfg.synthetic.patients} patients; procedurally rendered textures of glio_node.synthetic, "
-            "no patient data, nothing resembling real tissue)"
+            f"({cfg.synthetic.patients} patients; {textures})"
+        )
+    elif synthetic_data(False, cfg.dataset):
+        data = (
+            f"synthetic slides only, written by `python -m training synthetic` "
+            f"({cfg.dataset.name}/{PARAMETERS_FILE} holds its parameters; {textures})"
         )
     else:
-        data = f"the dataset {cfg.dataset.name}"
+        data = f"the slides in {cfg.dataset.name}/"
     return (
         f"Trained by `python -m training train --config {shown}` at {commit} with {framework} on {data}; "
         f"seed {cfg.seed}, validation on held-out patients; config SHA-256 {config_digest(config_path)}."

@@ -22,7 +22,6 @@ It is logged and audited once per distinct error, not at every poll, and its end
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -46,6 +45,7 @@ from glio_node.pull.dicomweb import (
 )
 from glio_node.receive.scp import accession_number
 from glio_node.receive.spool import Spool, checked_uid
+from glio_node.redact import redacted_logger
 from glio_node.store import audit
 from glio_node.store.actions import intake_paused
 from glio_node.store.audit import Event
@@ -53,7 +53,7 @@ from glio_node.store.db import dialect_insert
 from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
 from glio_node.store.models import PullSeries, PullSource, PullState
 
-log = logging.getLogger(__name__)
+log = redacted_logger(__name__)
 
 Sessions = sessionmaker[Session]
 

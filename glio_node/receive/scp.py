@@ -21,7 +21,6 @@ audits them.  Every status comes from :mod:`glio_node.receive.statuses`.
 from __future__ import annotations
 
 import hashlib
-import logging
 import struct
 import tempfile
 import zlib
@@ -54,12 +53,13 @@ from glio_node.config import Settings
 from glio_node.errors import BadInput
 from glio_node.receive.spool import Spool, checked_uid
 from glio_node.receive.statuses import SUCCESS, InstanceRefused, Refusal
+from glio_node.redact import redacted_logger
 from glio_node.store import audit, commitments
 from glio_node.store.actions import intake_paused
 from glio_node.store.audit import Event
 from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
 
-log = logging.getLogger(__name__)
+log = redacted_logger(__name__)
 
 # What scanners and PACS send whole-slide images in.  Deflate is accepted too (rare for WSI).
 WSI_TRANSFER_SYNTAXES = (

@@ -10,6 +10,9 @@ This is the only module that imports wsidicom.  It does two things:
    and decodes single frames by their (row, column) on a level, exactly once per call, counting
    every decode.  The pipeline's frame plan decides which frames to decode and when, and counts
    its own reads; the contract tests check that this reader decodes no more than it is asked.
+   A frame whose bytes cannot be read or decoded is ``BadInput`` (re-send
+   the series); any other failure of the decoder (a bug, a missing codec, memory, the disk)
+   comes out as itself, so the worker retries it as an internal error (:func:`is_corrupt_data`).
 
 Frames are returned as RGB uint8 arrays of the full frame size (edge frames included), so a
 caller can paste them into a tile without special cases.
@@ -18,7 +21,9 @@ caller can paste them into a tile without special cases.
 from __future__ import annotations
 
 import math
+import struct
 import threading
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,9 +252,14 @@ class DicomSlide(SlideReader):
                 encoded = data.get_encoded_tile(point, data.default_z, data.default_path)
             image = data.decoder.decode(encoded)
         except Exception as exc:
+            where = f"frame (row {frame_row}, column {frame_col}) of level {level} ({info.cols}x{info.rows} px)"
+            if not is_corrupt_data(exc):
+                # A bug (ours or a decoder's), a missing codec, memory, a disk error: the job is
+                # retried and fails as an internal error, never as "re-send the series".
+                exc.add_note(f"while decoding {where}: not a data error, report it with this traceback")
+                raise
             raise BadInput(
-                f"frame (row {frame_row}, column {frame_col}) of level {level} "
-                f"({info.cols}x{info.rows} px) cannot be read or decoded ({type(exc).__name__}: {exc}); "
+                f"{where} cannot be read or decoded ({type(exc).__name__}: {exc}); "
                 "the file is truncated or corrupt, re-send the series"
             ) from exc
         self.decodes[level] += 1
@@ -268,4 +278,33 @@ class DicomSlide(SlideReader):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# What reading and decoding bad bytes raises, besides the decoding libraries' own exceptions:
+# truncated reads (EOFError, struct.error), a decoder refusing the stream (PIL: OSError with no
+# errno, UnidentifiedImageError, SyntaxError; raw frames of the wrong length: ValueError),
+# a broken deflate stream (zlib.error).
+_DATA_ERRORS = (EOFError, ValueError, SyntaxError, struct.error, zlib.error)
+# Libraries whose own exception classes mean "these bytes are not a valid frame".
+_DECODER_PACKAGES = frozenset({"PIL", "imagecodecs", "pydicom", "wsidicom", "pylibjpeg", "openjpeg", "pyjpegls", "libjpeg"})
+
+
+def is_corrupt_data(exc: BaseException) -> bool:
+    """Did reading or decoding a frame fail because of its bytes (``BadInput``: re-send), rather
+    than a bug, a missing codec, memory or the disk (retried, reported as an internal error)?
+
+    Corrupt: :data:`_DATA_ERRORS`, an ``OSError`` without errno (PIL's "image file is truncated",
+    "cannot identify image file"), or an exception class of a decoding library (imagecodecs'
+    ``Jpeg8Error``, wsidicom's file errors, ...).  Not corrupt: ``TypeError``, ``AttributeError``,
+    ``MemoryError``, any ``ImportError`` (a codec not installed), an ``OSError`` with an errno
+    (the disk or the network file system), wsidicom's out-of-bounds error (a wrong frame index).
+    """
+    if isinstance(exc, ImportError):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno is None
+    if isinstance(exc, _DATA_ERRORS):
+        return True
+    cls = type(exc)
+    return cls.__module__.split(".")[0] in _DECODER_PACKAGES and cls.__name__ != "WsiDicomOutOfBoundsError"
 

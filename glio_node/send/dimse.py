@@ -8,7 +8,6 @@ whole batch.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,9 +17,10 @@ from pynetdicom.presentation import build_context
 
 from glio_node.config import Destination
 from glio_node.errors import TransientError
+from glio_node.redact import redacted_logger
 from glio_node.send import SendResult
 
-log = logging.getLogger(__name__)
+log = redacted_logger(__name__)
 
 WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association

@@ -410,6 +410,41 @@ def content_creator_name(algorithm: Algorithm) -> str:
     return f"{MANUFACTURER}^{algorithm.name}"[:64]
 
 
+PROVENANCE_PURPOSE = codes.DCM.ProcessingEquipment  # (109102, DCM), CID 7005
+
+
+def provenance_statement(algorithm: Algorithm) -> str:
+    """What made the object, in words: the bundle's name, version and full SHA-256, the notices
+    ("DEMO (synthetic training)" first for a demo bundle, "AI-generated, research use only"),
+    then the intended use; at most 1024 characters (ContributionDescription is ST)."""
+    demo = f"{DEMO_NOTICE}. " if algorithm.is_demo else ""
+    text = (
+        f"{demo}Model bundle {algorithm.name} {algorithm.version}, SHA-256 {algorithm.sha256}; "
+        f"{AI_NOTICE}. Intended use: {' '.join(algorithm.intended_use.split())}"
+    )
+    return text if len(text) <= 1024 else text[:1021].rstrip() + "..."
+
+
+def contributing_equipment(algorithm: Algorithm) -> list[hd.ContributingEquipment]:
+    """ContributingEquipmentSequence (SOP Common, every IOD): glio-node and the bundle as
+    processing equipment, with :func:`provenance_statement`.
+
+    The one place every kind of object (SEG, Parametric Map, SR) carries the bundle's *full*
+    SHA-256: DeviceSerialNumber (LO, 64 characters) holds only its start, and a Parametric Map
+    has no Algorithm Identification as the SEG's segments and the SR's groups have.
+    """
+    return [
+        hd.ContributingEquipment(
+            manufacturer=MANUFACTURER,
+            purpose_of_reference=PROVENANCE_PURPOSE,
+            manufacturer_model_name=algorithm.name,
+            software_versions=software_versions(algorithm),
+            device_serial_number=device_serial_number(algorithm),
+            contribution_description=provenance_statement(algorithm),
+        )
+    ]
+
+
 def algorithm_parameters(algorithm: Algorithm) -> dict[str, str]:
     return {
         "bundle_sha256": algorithm.sha256,

@@ -149,6 +149,7 @@ def _write_one(
             f"P({cls.code_meaning}) {task} heatmap", short, algorithm
         ),
         coding_schemes=common.coding_schemes(),
+        contributing_equipment=common.contributing_equipment(algorithm),
         content_date=content_date,
         content_time=content_time,
         series_date=content_date,

@@ -118,6 +118,7 @@ def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> lis
             pyramid_label=f"{algorithm.name} regions"[:64],
             series_description=common.series_description("region classes", "SEG", algorithm),
             coding_schemes=common.coding_schemes(),
+            contributing_equipment=common.contributing_equipment(algorithm),
             content_date=content_date,
             content_time=content_time,
             series_date=content_date,

@@ -206,6 +206,7 @@ def write_sr(
         device_serial_number=common.device_serial_number(algorithm),
         series_description=common.series_description("measurement report", "SR", algorithm),
         coding_schemes=common.coding_schemes(),
+        contributing_equipment=common.contributing_equipment(algorithm),
         content_date=content_date,
         content_time=content_time,
         series_date=content_date,

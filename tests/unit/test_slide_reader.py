@@ -14,7 +14,7 @@ from slides import SMALL
 
 from glio_node.errors import BadInput
 from glio_node.pipeline.levels import LevelInfo, choose_level
-from glio_node.runtime.slide_reader import DicomSlide, inspect_files
+from glio_node.runtime.slide_reader import DicomSlide, inspect_files, is_corrupt_data
 
 VARIANTS = {
     "jpeg-full": SMALL,
@@ -86,6 +86,52 @@ def test_unreadable_frames_are_refused_when_read(malformed_inputs, case):
                 for r in range(-(-level.rows // level.frame_rows)):
                     for c in range(-(-level.cols // level.frame_cols)):
                         ds.read_frame(level.index, r, c)
+
+
+@pytest.mark.parametrize("bug", [TypeError("decode() got an unexpected keyword"), AttributeError("'NoneType' object has no attribute 'mode'"), MemoryError()], ids=lambda e: type(e).__name__)
+def test_a_decoder_bug_is_not_bad_input(small_slide, monkeypatch, bug):
+    """A bug in decoding good bytes must not tell the operator to re-send the series: the error
+    itself comes out (the scheduler retries it and reports it as an internal error)."""
+    with DicomSlide.open(small_slide.files) as ds:
+        decoder = type(ds._image_data[0].decoder)
+
+        def broken(self, frame):
+            raise bug
+
+        monkeypatch.setattr(decoder, "decode", broken)
+        with pytest.raises(type(bug)) as raised:
+            ds.read_frame(0, 0, 0)
+    assert not isinstance(raised.value, BadInput)
+    assert any("not a data error" in note for note in raised.value.__notes__)
+
+
+@pytest.mark.parametrize(("error", "corrupt"), [
+    (EOFError("Unexpected end of file"), True),
+    (OSError("image file is truncated (3 bytes not processed)"), True),
+    (ValueError("cannot reshape array of size 10 into shape (256,256,3)"), True),
+    (OSError(5, "Input/output error"), False),  # the disk, not the data: retried
+    (FileNotFoundError(2, "No such file or directory"), False),
+    (ImportError("no module named openjpeg"), False),  # a codec not installed
+    (TypeError("unsupported operand"), False),
+    (RuntimeError("thread pool shut down"), False),
+])
+def test_which_errors_mean_corrupt_bytes(error, corrupt):
+    assert is_corrupt_data(error) is corrupt
+
+
+def test_the_decoding_libraries_own_errors_mean_corrupt_bytes():
+    import imagecodecs
+    from PIL import Image, UnidentifiedImageError
+    from wsidicom.errors import WsiDicomFileError, WsiDicomOutOfBoundsError
+
+    for data, decode in ((b"\xff\xd8 not a jpeg", imagecodecs.jpeg8_decode), (b"not a j2k", imagecodecs.jpeg2k_decode)):
+        with pytest.raises(RuntimeError, match=".") as raised:
+            decode(data)
+        assert is_corrupt_data(raised.value)
+    assert is_corrupt_data(UnidentifiedImageError("cannot identify image file"))
+    assert is_corrupt_data(Image.DecompressionBombError("frame of 10^12 pixels"))
+    assert is_corrupt_data(WsiDicomFileError("f.dcm", "broken offset table"))
+    assert not is_corrupt_data(WsiDicomOutOfBoundsError("tile (9, 9)", "(4, 3)"))  # our wrong index
 
 
 def test_a_missing_path_is_refused(tmp_path):

@@ -7,6 +7,7 @@ fixtures exist; nothing else here depends on how the source was made.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import sys
@@ -394,6 +395,56 @@ def test_uids_are_derived_from_source_bundle_and_kind(written, tmp_path):
     assert all(len(o.sop_instance_uid) <= 64 for o in objects)
     non_demo = _read(other.of_kind("seg")[0].path).SeriesDescription
     assert "DEMO" not in non_demo and "AI-generated, research use only" in non_demo
+
+
+@pytest.mark.parametrize("is_demo", [True, False], ids=["demo bundle", "trained bundle"])
+def test_every_object_names_the_bundle_its_full_sha256_and_the_notices(tmp_path, is_demo):
+    """SEG levels, each heatmap and the SR, read back: bundle name, version and full SHA-256, "research
+    use only", and the synthetic-training notice exactly when the bundle is a demo."""
+    sha256 = hashlib.sha256(b"a bundle with no repeating digest").hexdigest()
+    algorithm = Algorithm("glio-test", "2.3.4", sha256, "Research use only. Not for diagnosis.", is_demo)
+    objects = write_results([make_source()], make_result(algorithm), tmp_path)
+    assert {o.kind for o in objects} == {"seg", "heatmap", "sr"}
+    assert len(objects.of_kind("heatmap")) == 8
+
+    def check_algorithm_item(item: Dataset) -> None:  # AlgorithmIdentificationSequence / TID 4019
+        assert (item.AlgorithmName, item.AlgorithmVersion) == ("glio-test", "2.3.4")
+        assert f"bundle_sha256={sha256}" in item.AlgorithmParameters
+
+    for written_object in objects:
+        ds = pydicom.dcmread(written_object.path)
+        what = f"{written_object.kind} {written_object.path.name}"
+        assert ds.ManufacturerModelName == "glio-test", what
+        assert "glio-test 2.3.4" in ds.SoftwareVersions, what
+        assert ds.SeriesDescription.endswith("; AI-generated, research use only"), what
+        assert ds.SeriesDescription.startswith("DEMO (synthetic training) ") == is_demo, what
+        [processing] = [
+            item for item in ds.ContributingEquipmentSequence
+            if item.Manufacturer == "glio-node" and item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        ]
+        text = processing.ContributionDescription
+        assert processing.ManufacturerModelName == "glio-test", what
+        assert f"glio-test 2.3.4, SHA-256 {sha256};" in text, what
+        assert "AI-generated, research use only" in text, what
+        assert text.startswith("DEMO (synthetic training). ") == is_demo, what
+        assert ("DEMO" in ds.SeriesDescription + text) == is_demo, what
+
+        if written_object.kind == "seg":
+            seg = hd.seg.segread(written_object.path)
+            for number in range(1, seg.number_of_segments + 1):
+                check_algorithm_item(seg.get_segment_description(number).algorithm_identification[0])
+        elif written_object.kind == "sr":
+            groups = hd.sr.srread(written_object.path).content
+            groups = groups.get_image_measurement_groups() + groups.get_volumetric_roi_measurement_groups()
+            assert groups
+            for group in groups:
+                [name] = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmName)
+                [version] = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmVersion)
+                parameters = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmParameters)
+                assert (name.TextValue, version.TextValue) == ("glio-test", "2.3.4")
+                assert f"bundle_sha256={sha256}" in [p.TextValue for p in parameters]
+        else:  # a Parametric Map: no Algorithm Identification, the equipment item above says it
+            assert hd.imread(written_object.path).ContentQualification == "RESEARCH"
 
 
 # --- missing source attributes -----------------------------------------------------------------
