@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -487,3 +488,25 @@ def test_a_holder_without_a_node_row_or_on_another_host_waits_for_its_lease(sess
         assert [j.id for j in requeue_expired(s, T0 + timedelta(seconds=61))] == [first]
     assert events(sessions, first)[-1] == "lease_expired"
     assert events(sessions, second)[-1] == "node_gone"
+
+
+def test_a_killed_process_not_yet_reaped_is_gone_and_a_foreign_key_cannot_be_judged():
+    """A zombie (killed, its parent has not waited for it yet) still has its PID and start
+    time, but runs nothing: gone.  A key from another boot or a malformed one: no verdict."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        process = nodes.process_id(child.pid)
+        assert process is not None and nodes.process_gone(child.pid, process.key) is False
+        child.kill()
+        deadline = time.monotonic() + 10
+        while nodes.process_gone(child.pid, process.key) is not True and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert nodes.process_gone(child.pid, process.key) is True
+        assert nodes.process_id(child.pid) is not None  # still a zombie: /proc shows it
+    finally:
+        child.kill()
+        child.wait()
+    assert nodes.process_gone(child.pid, process.key) is True
+    elsewhere = dataclasses.replace(process, boot_id="another-machine")
+    assert nodes.process_gone(child.pid, elsewhere.key) is None
+    assert nodes.process_gone(child.pid, "not a key") is None
