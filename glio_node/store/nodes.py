@@ -14,7 +14,7 @@ of another node as soon as it knows that node is gone, instead of waiting for th
   nodes' clocks must agree to well within that, as they must for leases);
 - a row marked stopped that still holds work (its release did not reach the database).
 
-A holder without a node row (a test, an older version) keeps its work until the lease passes.
+A holder without a node row (not a ``serve`` process) keeps its work until the lease passes.
 """
 
 from __future__ import annotations
@@ -54,11 +54,6 @@ class ProcessId:
         """What the node row stores in ``process_key``."""
         return f"{self.boot_id}/{self.pid_namespace}/{self.start_ticks}"
 
-    @property
-    def host_key(self) -> str:
-        """The part shared by every process that sees the same PIDs."""
-        return f"{self.boot_id}/{self.pid_namespace}"
-
 
 def this_process() -> ProcessId | None:
     """This process's :class:`ProcessId`, or None where there is no Linux ``/proc`` (then only
@@ -80,13 +75,17 @@ def process_id(pid: int) -> ProcessId | None:
 def process_gone(pid: int, process_key: str) -> bool | None:
     """Whether the process a node row names is gone, seen from this host.
 
-    True: it ran here (same boot and PID namespace) and its PID is free or names a process
-    started at another time.  False: it still runs.  None: it ran elsewhere, or this host cannot
-    tell (no ``/proc``, a malformed key, a process of another user hidden by ``hidepid``).
+    True: it ran here (same boot and PID namespace) and its PID is free, names a process
+    started at another time, or a zombie.  False: it still runs.  None: it ran elsewhere, or
+    this host cannot tell (no ``/proc``, a malformed key, a process of another user hidden by
+    ``hidepid``).  The host name is not compared: cloned machines and containers share names,
+    while the boot id is random per boot and the PID namespace is the container's own.
     """
     host = _host_key()
     parts = process_key.rsplit("/", 1)
     if host is None or len(parts) != 2 or parts[0] != "/".join(host) or not parts[1].isdigit():
+        return None
+    if pid <= 0:  # kill(0 or -n) would signal a process group, not ask about one process
         return None
     try:
         os.kill(pid, 0)  # ESRCH: no such process, whatever /proc shows to this user
