@@ -389,7 +389,7 @@ def requeue_expired(
             values.update(
                 state=JobState.FAILED,
                 finished_at=now,
-                last_error="the worker died or hung on each attempt (the last one too)",
+                last_error="the worker died or hung on the last attempt (its node gone or its lease expired)",
             )
         else:
             values.update(state=JobState.WAITING, not_before=None)
