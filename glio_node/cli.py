@@ -267,7 +267,8 @@ def _start_status_page(settings, sessions, spool, owner: str, manifest):
     with sessions.begin() as session:
         nodes.register(
             session,
-            nodes.NodeInfo(owner, socket.gethostname(), __version__, device, manifest.name, manifest.version),
+            nodes.NodeInfo(owner, socket.gethostname(), __version__, device, manifest.name,
+                           manifest.version, nodes.this_process()),
             datetime.now(UTC),
         )
     if not settings.status.enabled:

@@ -298,6 +298,9 @@ class StatusSettings:
             return False
 
 
+MIN_NODE_SILENT_SECONDS = 15.0  # three of store.nodes.HEARTBEAT_SECONDS
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Job execution: how many at once, leases, retries."""
@@ -310,6 +313,9 @@ class WorkerSettings:
     delivery_max_attempts: int = 100  # sends of one result to one destination, then failed
     device: str = "auto"  # where the networks run: auto, cpu or gpu
     shutdown_grace_seconds: float = 60.0  # on SIGTERM, wait this long for running jobs
+    # A node whose heartbeat (every 5 s) is older than this is taken to be dead: another node
+    # takes back its running jobs and claimed deliveries without waiting for lease_seconds.
+    node_silent_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "gpu"):
@@ -325,6 +331,12 @@ class WorkerSettings:
                 raise ConfigError(f"[worker] {key} = {value}: must be at least 1")
         for key in ("lease_seconds", "backoff_base_seconds", "backoff_max_seconds"):
             _check_positive("worker", key, getattr(self, key))
+        if self.node_silent_seconds < MIN_NODE_SILENT_SECONDS:
+            raise ConfigError(
+                f"[worker] node_silent_seconds = {self.node_silent_seconds}: must be at least "
+                f"{MIN_NODE_SILENT_SECONDS:g} s (three heartbeats), or a live node that is late "
+                "with one heartbeat would lose its jobs"
+            )
         if self.backoff_max_seconds < self.backoff_base_seconds:
             raise ConfigError(
                 f"[worker] backoff_max_seconds = {self.backoff_max_seconds} is smaller than "

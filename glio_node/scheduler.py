@@ -7,7 +7,9 @@ Periodic jobs, each a method of :class:`NodeScheduler` that tests may also call 
   ``incomplete_wait_seconds`` more, then becomes a job with a warning in the audit trail;
 - ``dispatch``: claim up to ``[worker] concurrency`` jobs and run each in a worker thread;
 - ``renew_leases``: keep the leases of this node's running jobs (every third of a lease);
-- ``requeue_expired``: take back jobs whose node died (lease passed);
+- ``requeue_expired``: take back the jobs and claimed deliveries of a node that is gone (its
+  process on this host has exited, or its heartbeat is ``node_silent_seconds`` old), and jobs
+  whose lease passed (:func:`glio_node.store.nodes.gone_owners`);
 - ``deliver``: send pending result objects, one association / request per destination;
 - ``request_commitments``: for destinations with ``storage_commitment = true``, ask for Storage
   Commitment of a job's sent results (N-ACTION), and ask again when it was refused or no
@@ -140,7 +142,7 @@ class NodeScheduler:
             (self.sweep_series, poll),
             (self.dispatch, 1.0),
             (self.renew_leases, max(s.worker.lease_seconds / 3, 0.5)),
-            (self.requeue_expired, min(max(s.worker.lease_seconds / 3, 1.0), 60.0)),
+            (self.requeue_expired, nodes.HEARTBEAT_SECONDS),
             (self.deliver, 1.0),
             (self.request_commitments, 1.0),
             (self.purge, 60.0 if s.storage.retention_seconds >= 60 else 5.0),
@@ -167,12 +169,15 @@ class NodeScheduler:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
         deadline = time.monotonic() + grace_seconds
-        renew_every = max(self.settings.worker.lease_seconds / 3, 0.5)
+        # The heartbeat job has stopped with the scheduler: beat here, or other nodes would
+        # take these jobs back while they finish.
+        renew_every = min(max(self.settings.worker.lease_seconds / 3, 0.5), nodes.HEARTBEAT_SECONDS)
         next_renew = time.monotonic() + renew_every
         while self.running_jobs() and time.monotonic() < deadline:
             time.sleep(0.2)
             if time.monotonic() >= next_renew:
                 self.renew_leases()
+                self.heartbeat()
                 next_renew = time.monotonic() + renew_every
         left = self.running_jobs()
         for job_id in left:
@@ -311,11 +316,17 @@ class NodeScheduler:
                 log.warning("job %d: lease lost (another node may run it); its result is dropped", job_id)
 
     def requeue_expired(self) -> None:
+        now = self.now()
+        silent = self.settings.worker.node_silent_seconds
         with self.sessions.begin() as session:
-            records = queue.requeue_expired(session, self.now())
+            gone = nodes.gone_owners(session, now, silent_after_seconds=silent, exclude=[self.owner])
+            records = queue.requeue_expired(session, now, gone)
+            deliveries.release_claims_of(session, gone, now)
+        for owner, why in gone.items():
+            log.warning("node %s is gone (%s): its work is taken back", owner, why)
         for job in records:
             log.warning(
-                "job %d series %s: lease of a stopped node expired, %s",
+                "job %d series %s: its node is gone or its lease expired, %s",
                 job.id, series_tag(job.series_instance_uid),
                 "queued again" if job.state.value == "waiting" else "failed (attempts used up)",
             )
@@ -443,7 +454,7 @@ class NodeScheduler:
             return
         with self.sessions.begin() as session:
             claimed = deliveries.claim_deliveries(
-                session, self.now(), DELIVERY_LEASE_SECONDS, DELIVERY_BATCH
+                session, self.now(), DELIVERY_LEASE_SECONDS, DELIVERY_BATCH, self.owner
             )
         by_destination: dict[str, list[deliveries.DeliveryRecord]] = defaultdict(list)
         for item in claimed:

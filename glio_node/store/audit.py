@@ -40,6 +40,8 @@ class Event(enum.StrEnum):
     JOB_FINISHED = "job_finished"
     JOB_FAILED = "job_failed"  # permanent, or attempts exhausted
     LEASE_EXPIRED = "lease_expired"
+    NODE_GONE = "node_gone"  # a running job taken back at once: its node's process is gone; details say why
+    DELIVERY_RECLAIMED = "delivery_reclaimed"  # a gone node's claimed delivery, sendable again at once
     JOB_RELEASED = "job_released"  # its node stopped before the job finished; waiting again
     OBJECTS_CREATED = "objects_created"
     DELIVERY_ATTEMPT = "delivery_attempt"

@@ -6,12 +6,14 @@ audit row of the change it makes into the same transaction, and takes ``now`` (a
 A delivery is one result object to one destination.  ``pending`` rows are *claimed* before they
 are sent: one statement moves their ``next_attempt_at`` a lease into the future (with
 ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two nodes sharing the queue never send the same
-object at once; a node that dies mid-send leaves the row claimable again when the lease passes.
+object at once.  The claim records the claiming node (``claimed_by``): the claims of a node that
+is gone (:func:`glio_node.store.nodes.gone_owners`) are made due again at once
+(:func:`release_claims_of`); a claimer without a node row waits for the lease to pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -86,9 +88,10 @@ def add_deliveries(
 
 
 def claim_deliveries(
-    session: Session, now: datetime, lease_seconds: float, limit: int = 64
+    session: Session, now: datetime, lease_seconds: float, limit: int = 64, owner: str | None = None
 ) -> list[DeliveryRecord]:
-    """Take up to ``limit`` due ``pending`` deliveries (oldest first) for ``lease_seconds``."""
+    """Take up to ``limit`` due ``pending`` deliveries (oldest first) for ``lease_seconds``,
+    for ``owner`` (the node's queue owner; None: no one may take them back before the lease)."""
     due = (
         select(Delivery.id)
         .where(Delivery.state == DeliveryState.PENDING)
@@ -103,7 +106,7 @@ def claim_deliveries(
         for row in session.execute(
             update(Delivery)
             .where(Delivery.id.in_(due.scalar_subquery()), Delivery.state == DeliveryState.PENDING)
-            .values(next_attempt_at=now + timedelta(seconds=lease_seconds))
+            .values(next_attempt_at=now + timedelta(seconds=lease_seconds), claimed_by=owner)
             .returning(Delivery.id)
             .execution_options(synchronize_session=False)
         )
@@ -149,7 +152,7 @@ def record_attempt(
     ``pending`` again after the backoff when ``transient`` and attempts are left, else
     ``failed``.  Audit ``delivery_attempt``.  Returns the new state."""
     attempts = delivery.attempts + 1
-    values: dict[str, Any] = {"attempts": attempts, "last_status": status[:64]}
+    values: dict[str, Any] = {"attempts": attempts, "last_status": status[:64], "claimed_by": None}
     if ok:
         state = DeliveryState.COMMITTED if committed else DeliveryState.SENT
         values.update(state=state, delivered_at=now, next_attempt_at=None)
@@ -185,6 +188,58 @@ def record_attempt(
         details=details,
     )
     return state
+
+
+def release_claims_of(session: Session, gone: Mapping[str, str], now: datetime) -> int:
+    """Make the claimed, unsent deliveries of the ``gone`` owners (owner -> why) due at once
+    rather than when their claim's lease passes.  Audit ``delivery_reclaimed`` per delivery,
+    naming the owner and why.  Returns how many.  Of two nodes doing this at once, one does."""
+    if not gone:
+        return 0
+    claimed = and_(
+        Delivery.state == DeliveryState.PENDING,
+        Delivery.claimed_by.in_(list(gone)),
+        Delivery.next_attempt_at > now,
+    )
+    # The claimers are read first for the audit rows; the UPDATE repeats the condition.
+    before = {
+        row.id: row
+        for row in session.execute(
+            select(
+                Delivery.id, Delivery.claimed_by, Delivery.job_id, Delivery.destination,
+                Delivery.sop_instance_uid, Series.study_instance_uid, Series.series_instance_uid,
+            )
+            .join(Job, Job.id == Delivery.job_id)
+            .join(Series, Series.id == Job.series_id)
+            .where(claimed)
+        )
+    }
+    if not before:
+        return 0
+    released = session.execute(
+        update(Delivery)
+        .where(claimed, Delivery.id.in_(list(before)))
+        .values(next_attempt_at=now, claimed_by=None)
+        .returning(Delivery.id)
+        .execution_options(synchronize_session=False)
+    ).scalars().all()
+    for delivery_id in sorted(released):
+        row = before[delivery_id]
+        audit.record(
+            session,
+            Event.DELIVERY_RECLAIMED,
+            at=now,
+            job_id=row.job_id,
+            study_instance_uid=row.study_instance_uid,
+            series_instance_uid=row.series_instance_uid,
+            sop_instance_uid=row.sop_instance_uid,
+            details={
+                "destination": row.destination,
+                "owner": row.claimed_by,
+                "reason": gone[row.claimed_by],
+            },
+        )
+    return len(released)
 
 
 @dataclass(frozen=True)

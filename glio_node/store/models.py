@@ -200,7 +200,8 @@ class Delivery(Base):
     )
     attempts: Mapped[int] = mapped_column(default=0)
     last_status: Mapped[str | None] = mapped_column(String(64))  # DIMSE status or HTTP code
-    next_attempt_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]  # a claim moves it a lease ahead
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # node owner of the claim
     created_at: Mapped[datetime]
     delivered_at: Mapped[datetime | None]
     committed_at: Mapped[datetime | None]  # the destination confirmed storage commitment
@@ -309,6 +310,10 @@ class NodeRow(Base):
     bundle_name: Mapped[str | None] = mapped_column(String(128))
     bundle_version: Mapped[str | None] = mapped_column(String(64))
     stopped_at: Mapped[datetime | None]  # a clean stop; None while running (or after a crash)
+    # The process behind the row (see store/nodes.ProcessId): a node on the same host takes the
+    # jobs of a gone process back at once.  None for rows written before revision 0006.
+    pid: Mapped[int | None]
+    process_key: Mapped[str | None] = mapped_column(String(128))  # boot id, PID namespace, start
 
 
 class Control(Base):

@@ -13,11 +13,12 @@ claim the same job and never wait on each other.  On SQLite (one node) the write
 States: ``waiting`` --claim--> ``running`` --finish--> ``done``
                                    |--fail(transient, attempts left)--> ``waiting`` (not_before)
                                    |--fail(permanent or attempts exhausted)--> ``failed``
-                                   |--lease expired (requeue_expired)--> ``waiting`` or ``failed``
+                                   |--lease expired or owner gone (requeue_expired)--> ``waiting`` or ``failed``
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -351,19 +352,23 @@ def release_job(session: Session, job_id: int, owner: str, now: datetime, reason
     return True
 
 
-def requeue_expired(session: Session, now: datetime) -> list[JobRecord]:
-    """Take back running jobs whose lease expired before ``now`` (their worker died or hung).
+def requeue_expired(
+    session: Session, now: datetime, gone: Mapping[str, str] | None = None
+) -> list[JobRecord]:
+    """Take back running jobs whose worker died or hung: their lease expired before ``now``, or
+    their owner is one of ``gone`` (owner -> why, from :func:`glio_node.store.nodes.gone_owners`),
+    which takes them back without waiting for the lease.
 
     A job with attempts left goes back to ``waiting`` (claimable at once); one that used its
-    last attempt becomes ``failed``.  Audit ``lease_expired`` (and ``job_failed``) per job.
-    Safe to run on several nodes at once: each job is taken back by one of them.
+    last attempt becomes ``failed``.  Audit per job: ``node_gone`` (naming the owner and why) or
+    ``lease_expired``, and ``job_failed`` for the exhausted ones.  Safe to run on several nodes
+    at once: each job is taken back by one of them.
     """
     _aware(now)
-    expired = and_(
-        Job.state == JobState.RUNNING,
-        Job.lease_expires_at.is_not(None),
-        Job.lease_expires_at < now,
-    )
+    gone = dict(gone or {})
+    lapsed = and_(Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
+    abandoned = or_(lapsed, Job.lease_owner.in_(list(gone))) if gone else lapsed
+    taken = and_(Job.state == JobState.RUNNING, abandoned)
     # Two passes (attempts left / exhausted).  The owners are read first for the audit rows;
     # the UPDATE repeats the condition, so of two nodes sweeping at once only one takes a job.
     records: list[JobRecord] = []
@@ -374,7 +379,7 @@ def requeue_expired(session: Session, now: datetime) -> list[JobRecord]:
         old: dict[int, str | None] = {
             job_id: owner
             for job_id, owner in session.execute(
-                select(Job.id, Job.lease_owner).where(expired, attempts_cond)
+                select(Job.id, Job.lease_owner).where(taken, attempts_cond)
             )
         }
         if not old:
@@ -384,13 +389,13 @@ def requeue_expired(session: Session, now: datetime) -> list[JobRecord]:
             values.update(
                 state=JobState.FAILED,
                 finished_at=now,
-                last_error="lease expired on the last attempt: the worker died or hung each time",
+                last_error="the worker died or hung on the last attempt (its node gone or its lease expired)",
             )
         else:
             values.update(state=JobState.WAITING, not_before=None)
         rows = session.execute(
             update(Job)
-            .where(expired, attempts_cond, Job.id.in_(list(old)))
+            .where(taken, attempts_cond, Job.id.in_(list(old)))
             .values(**values)
             .returning(*_JOB_COLUMNS)
             .execution_options(synchronize_session=False)
@@ -398,22 +403,24 @@ def requeue_expired(session: Session, now: datetime) -> list[JobRecord]:
         for row in rows:
             job = _record(session, row)
             records.append(job)
+            owner = old.get(job.id)
             common = dict(
                 at=now,
                 job_id=job.id,
                 study_instance_uid=job.study_instance_uid,
                 series_instance_uid=job.series_instance_uid,
             )
-            audit.record(
-                session,
-                Event.LEASE_EXPIRED,
-                details={
-                    "owner": old.get(job.id),
-                    "attempt": job.attempts,
-                    "requeued": not exhausted,
-                },
-                **common,
-            )
+            details: dict[str, Any] = {
+                "owner": owner,
+                "attempt": job.attempts,
+                "requeued": not exhausted,
+            }
+            if owner in gone:
+                audit.record(
+                    session, Event.NODE_GONE, details={**details, "reason": gone[owner]}, **common
+                )
+            else:
+                audit.record(session, Event.LEASE_EXPIRED, details=details, **common)
             if exhausted:
                 audit.record(
                     session,

@@ -11,6 +11,7 @@ import shutil
 import signal
 import time
 from collections import Counter
+from datetime import UTC, datetime
 
 import pytest
 from node_process import SERVE_SPEC, assert_results_in_orthanc, successful_sends, wait_for
@@ -68,23 +69,48 @@ def test_a_destination_down_then_up_gets_every_result_exactly_once(tmp_path, mak
     assert node.stop() == 0
 
 
-def test_a_node_killed_mid_job_runs_it_again_after_restart_and_delivers_once(
-    orthanc, make_node, slide
+@pytest.fixture(scope="module")
+def slow_slide(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlide:
+    """A slide whose analysis takes several seconds (256 base frames), so a test can kill the
+    node while the job is surely running: after its first progress row, before its last."""
+    from dataclasses import replace
+
+    spec = replace(SERVE_SPEC, width_px=4096, height_px=4096, seed=3)
+    return write_synthetic_slide(spec, tmp_path_factory.mktemp("slow-slide"))
+
+
+def test_a_node_killed_mid_job_and_restarted_takes_the_job_back_at_once_and_delivers_once(
+    orthanc, make_node, slow_slide
 ):
-    node = make_node(orthanc.dicom_port, lease_seconds=3).start()
-    node.send(slide)
-    wait_for(lambda: node.events("job_started"), 30, "the job to start", node)
-    node.stop(signal.SIGKILL)  # at once: with the models preloaded the job lasts only a second or two
+    """SIGKILL while the job runs, then a restart: the new process sees the old one's PID gone
+    and takes the job back at once, not after the 300 s lease."""
+    node = make_node(orthanc.dicom_port, lease_seconds=300).start()
+    node.send(slow_slide)
+
+    def mid_job() -> bool:
+        jobs = node.jobs()
+        return bool(jobs) and jobs[0].tiles_total is not None and jobs[0].tiles_done < jobs[0].tiles_total
+
+    wait_for(mid_job, 60, "the job to report progress", node)
+    node.stop(signal.SIGKILL)
+    killed_at = datetime.now(UTC)
     [job] = node.jobs()
-    assert job.state == JobState.RUNNING and not node.deliveries()
+    assert job.state == JobState.RUNNING and not node.deliveries()  # killed mid-job, for sure
+    dead_owner = job.lease_owner
 
     node.start()
-    wait_for(node.all_delivered, 60, "the results after the restart", node)
+    [taken] = wait_for(lambda: node.events("node_gone"), 30, "the job to be taken back", node)
+    assert taken.details["owner"] == dead_owner and taken.details["requeued"] is True
+    assert taken.details["reason"] == f"process {dead_owner.split(':')[1]} on this host is gone"
+    assert (taken.at - killed_at).total_seconds() < 30  # the restart itself; the lease is 300 s
+    wait_for(node.all_delivered, 90, "the results after the restart", node)
     [job] = node.jobs()
     assert job.state == JobState.DONE and job.attempts == 2
-    assert len(node.events("lease_expired")) == 1
+    assert not node.events("lease_expired")
+    last_sent = max(e.at for e in node.events("delivery_attempt"))
+    assert (last_sent - killed_at).total_seconds() < 120 < 300
     assert set(successful_sends(node).values()) == {1}
-    assert_results_in_orthanc(orthanc, node, slide)
+    assert_results_in_orthanc(orthanc, node, slow_slide)
     assert node.stop() == 0
 
 

@@ -9,9 +9,13 @@ names the server and a role allowed to create databases.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -19,7 +23,8 @@ import pytest
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from glio_node.store import audit
+from glio_node.store import audit, nodes
+from glio_node.store.deliveries import ResultObject, add_deliveries, claim_deliveries, release_claims_of
 from glio_node.store.db import current_revision, head_revision, make_engine, make_sessions, upgrade
 from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
 from glio_node.store.models import AuditEvent, Base, Instance, Job, JobState, Series, SeriesState
@@ -385,3 +390,123 @@ def test_audit_record_refuses_unknown_fields_and_events(sessions):
             audit.record(s, audit.Event.PURGE, patient_name="X")
         with pytest.raises(ValueError, match="'job_exploded' is not a valid Event"):
             audit.record(s, "job_exploded")
+
+
+# ------------------------------------------------------------------------------------------
+# Crash recovery: a gone node's work is taken back without waiting for its lease
+
+
+def register_node(s: Session, owner: str, process: nodes.ProcessId | None, at: datetime) -> None:
+    nodes.register(s, nodes.NodeInfo(owner, "gpu-a", "0.1.0", "cpu", "glio-demo", "1.0.0", process), at)
+
+
+def test_a_crashed_process_on_this_host_loses_its_job_and_deliveries_at_once(sessions):
+    """The node's process was SIGKILLed (here: a real child process, killed): the next sweep
+    takes its running job and its claimed delivery back, 5 s into a 300 s lease."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        process = nodes.process_id(child.pid)
+        assert process is not None
+        owner = f"gpu-a:{child.pid}:dead01"
+        job_id = queued(sessions, "1.2.3.4")
+        other = queued(sessions, "1.2.3.5")
+        with sessions.begin() as s:
+            register_node(s, owner, process, T0)
+            claim_job(s, owner, 300, T0)
+            add_deliveries(s, other, ["pacs"], [ResultObject("1.2.9.1", "1.2.840.10008.5.1.4.1.1.66.4", "/r/1.dcm")], T0)
+            [claimed] = claim_deliveries(s, T0, 300, owner=owner)
+        now = T0 + timedelta(seconds=5)  # the heartbeat is fresh too: only the process tells
+        with sessions.begin() as s:
+            assert nodes.gone_owners(s, now, silent_after_seconds=30) == {}  # still running
+    finally:
+        child.kill()
+        child.wait()
+    with sessions.begin() as s:
+        gone = nodes.gone_owners(s, now, silent_after_seconds=30)
+        assert gone == {owner: f"process {child.pid} on this host is gone"}
+        assert nodes.gone_owners(s, now, silent_after_seconds=30, exclude=[owner]) == {}
+        [job] = requeue_expired(s, now, gone)
+        assert job.id == job_id and job.state == JobState.WAITING
+        assert release_claims_of(s, gone, now) == 1
+    with sessions.begin() as s:
+        [taken] = s.scalars(select(AuditEvent).where(AuditEvent.event == "node_gone")).all()
+        assert taken.job_id == job_id
+        assert taken.details == {
+            "owner": owner, "reason": f"process {child.pid} on this host is gone",
+            "attempt": 1, "requeued": True,
+        }
+        [reclaimed] = s.scalars(select(AuditEvent).where(AuditEvent.event == "delivery_reclaimed")).all()
+        assert reclaimed.details == {"destination": "pacs", "owner": owner, "reason": gone[owner]}
+        assert reclaimed.sop_instance_uid == claimed.sop_instance_uid
+        assert not s.scalars(select(AuditEvent).where(AuditEvent.event == "lease_expired")).all()
+        again = claim_job(s, "gpu-b:2:bbbbbb", 300, now)
+        assert again is not None and again.id == job_id and again.attempts == 2
+        assert [d.id for d in claim_deliveries(s, now, 300, owner="gpu-b:2:bbbbbb")] == [claimed.id]
+    with sessions.begin() as s:  # the dead owner's late writes are refused
+        assert not renew_lease(s, job_id, owner, 300, now)
+        assert requeue_expired(s, now, gone) == [] and release_claims_of(s, gone, now) == 0
+
+
+def test_a_reused_pid_does_not_keep_a_dead_nodes_job(sessions):
+    """The PID of the crashed node now belongs to another process (here: this one): the start
+    time differs, so the job is taken back; the same PID with its own start time is alive."""
+    me = nodes.this_process()
+    assert me is not None
+    job_id, _ = queued(sessions, "1.2.3.4"), queued(sessions, "1.2.3.5")
+    earlier = dataclasses.replace(me, start_ticks=me.start_ticks - 1)
+    with sessions.begin() as s:
+        register_node(s, "gpu-a:reused:1", earlier, T0)
+        register_node(s, "gpu-a:alive:2", me, T0)
+        claim_job(s, "gpu-a:reused:1", 300, T0)
+        claim_job(s, "gpu-a:alive:2", 300, T0)
+        assert nodes.gone_owners(s, T0, silent_after_seconds=30) == {
+            "gpu-a:reused:1": f"process {me.pid} on this host is gone"
+        }
+        [job] = requeue_expired(s, T0, nodes.gone_owners(s, T0, silent_after_seconds=30))
+        assert job.id == job_id
+
+
+def test_a_holder_without_a_node_row_or_on_another_host_waits_for_its_lease(sessions):
+    """No node row (an older version, a test), or a process of another host: nothing here can
+    say it is gone until its heartbeat is silent, or its lease passes."""
+    me = nodes.this_process()
+    assert me is not None
+    elsewhere = dataclasses.replace(me, boot_id="another-machine", pid=2**22 + 7)  # no such PID here
+    first, second = queued(sessions, "1.2.3.4"), queued(sessions, "1.2.3.5")
+    with sessions.begin() as s:
+        register_node(s, "gpu-b:7:bbbbbb", elsewhere, T0)
+        claim_job(s, "no-row:1:aaaaaa", 60, T0)
+        claim_job(s, "gpu-b:7:bbbbbb", 60, T0)
+    with sessions.begin() as s:
+        gone = nodes.gone_owners(s, T0 + timedelta(seconds=30), silent_after_seconds=30)
+        assert gone == {} and requeue_expired(s, T0 + timedelta(seconds=30), gone) == []
+    with sessions.begin() as s:
+        gone = nodes.gone_owners(s, T0 + timedelta(seconds=31), silent_after_seconds=30)
+        assert gone == {"gpu-b:7:bbbbbb": "no heartbeat for 31 s (node_silent_seconds = 30)"}
+        assert [j.id for j in requeue_expired(s, T0 + timedelta(seconds=31), gone)] == [second]
+    with sessions.begin() as s:
+        assert [j.id for j in requeue_expired(s, T0 + timedelta(seconds=61))] == [first]
+    assert events(sessions, first)[-1] == "lease_expired"
+    assert events(sessions, second)[-1] == "node_gone"
+
+
+def test_a_killed_process_not_yet_reaped_is_gone_and_a_foreign_key_cannot_be_judged():
+    """A zombie (killed, its parent has not waited for it yet) still has its PID and start
+    time, but runs nothing: gone.  A key from another boot or a malformed one: no verdict."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        process = nodes.process_id(child.pid)
+        assert process is not None and nodes.process_gone(child.pid, process.key) is False
+        child.kill()
+        deadline = time.monotonic() + 10
+        while nodes.process_gone(child.pid, process.key) is not True and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert nodes.process_gone(child.pid, process.key) is True
+        assert nodes.process_id(child.pid) is not None  # still a zombie: /proc shows it
+    finally:
+        child.kill()
+        child.wait()
+    assert nodes.process_gone(child.pid, process.key) is True
+    elsewhere = dataclasses.replace(process, boot_id="another-machine")
+    assert nodes.process_gone(child.pid, elsewhere.key) is None
+    assert nodes.process_gone(child.pid, "not a key") is None

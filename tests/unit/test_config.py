@@ -121,6 +121,10 @@ def test_destinations_from_environment():
             {"GLIO_WORKER_BACKOFF_MAX_SECONDS": "5"},
             r"backoff_max_seconds = 5.0 is smaller than backoff_base_seconds = 30.0",
         ),
+        (
+            {"GLIO_WORKER_NODE_SILENT_SECONDS": "10"},
+            r"node_silent_seconds = 10.0: must be at least 15 s \(three heartbeats\)",
+        ),
         ({"GLIO_SERIES_QUIET_SECONDS": "0"}, r"\[series\] quiet_seconds = 0.0: must be more than 0"),
         ({"GLIO_DESTINATIONS_2_HOST": "x"}, r"destination #2 does not exist and is not the next one \(#1\)"),
         ({"GLIO_DESTINATIONS_1_HOST": "x"}, r"\[\[destinations\]\] #1 is missing name, ae_title, port"),
@@ -189,3 +193,10 @@ def test_the_status_page_token_stays_out_of_repr():
     settings = load_settings(None, {"GLIO_STATUS_TOKEN": "a-long-status-token-0123"})
     assert settings.status.token == "a-long-status-token-0123"
     assert "a-long-status-token-0123" not in repr(settings)
+
+
+def test_the_silent_node_minimum_is_three_heartbeats():
+    from glio_node.config import MIN_NODE_SILENT_SECONDS
+    from glio_node.store.nodes import HEARTBEAT_SECONDS
+
+    assert MIN_NODE_SILENT_SECONDS == 3 * HEARTBEAT_SECONDS
