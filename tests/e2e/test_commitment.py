@@ -10,21 +10,19 @@ operator turns commitment off for storescp (the Orthanc results being committed)
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from node_process import wait_for
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 
 from glio_node.store.models import DeliveryState
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
+    pytest.mark.needs("orthanc", "storescu"),
 ]
 
 def spooled_files(folder: Path) -> list[Path]:

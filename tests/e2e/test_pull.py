@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from node_process import Node, assert_results_in_orthanc, successful_sends, wait_for
-from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 from sqlalchemy import select
 
 from glio_node.store.models import JobState, PullSource
@@ -22,8 +22,7 @@ from glio_node.synthetic.slide import SyntheticSlide
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not DICOMWEB_PLUGIN.is_file(), reason="Orthanc's DICOMweb plugin not installed"),
+    pytest.mark.needs("orthanc", "orthanc-dicomweb"),
 ]
 
 def put_into_orthanc(orthanc: Orthanc, slide: SyntheticSlide) -> None:

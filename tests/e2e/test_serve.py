@@ -7,14 +7,13 @@ node's database says (jobs, deliveries, audit trail).
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 from collections import Counter
 
 import pytest
 from node_process import SERVE_SPEC, assert_results_in_orthanc, successful_sends, wait_for
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 
 from glio_node.store.db import upgrade
 from glio_node.store.models import JobState
@@ -22,8 +21,7 @@ from glio_node.synthetic.slide import SyntheticSlide, write_synthetic_slide
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
+    pytest.mark.needs("orthanc", "storescu"),
 ]
 
 def test_a_slide_sent_by_storescu_comes_back_to_orthanc_and_a_resend_makes_no_second_job(

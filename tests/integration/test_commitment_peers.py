@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 from sqlalchemy import select
 from test_store import BUNDLE, queued
 
@@ -51,10 +51,7 @@ from glio_node.store.models import (
 from glio_node.store.queue import claim_job, finish_job
 from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
 
-pytestmark = [
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not shutil.which("storescp"), reason="DCMTK storescp not installed"),
-]
+pytestmark = pytest.mark.needs("orthanc", "storescp")
 
 SPEC = SlideSpec(width_px=512, height_px=512, tile_size=256, levels=2, context_images=False)
 SERIES = "1.2.826.0.1.3680043.8.498.1"

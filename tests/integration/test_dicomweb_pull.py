@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 from sqlalchemy import func, select
 
 from glio_node.config import Destination, Source
@@ -50,9 +50,7 @@ from glio_node.synthetic.slide import (
     write_synthetic_slide,
 )
 
-needs_orthanc = pytest.mark.skipif(
-    not (have_orthanc() and DICOMWEB_PLUGIN.is_file()), reason="Orthanc with DICOMweb not installed"
-)
+needs_orthanc = pytest.mark.needs("orthanc", "orthanc-dicomweb")
 
 SPEC = SlideSpec(width_px=512, height_px=512, tile_size=256, levels=2, context_images=False)
 USER, PASSWORD = "glio", "secret"
@@ -74,8 +72,6 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, slide: SyntheticSlide) -> 
         tmp_path_factory.mktemp("orthanc"), free_port(), free_port(),
         extra={"AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}},
     )
-    if not (have_orthanc() and DICOMWEB_PLUGIN.is_file()):
-        pytest.skip("Orthanc with DICOMweb not installed")
     peer.start()
     try:
         for path in slide.files:
