@@ -3,7 +3,8 @@
 Playwright's Python package brings its own driver but no browser here: we point it at
 ``/usr/bin/chromium`` (installed by ``./run test``), so nothing is downloaded.  The flags keep
 Chromium off the network (this machine has none) and, with ``webgl=True``, give it a software
-WebGL 2 (SwiftShader) for dicom-microscopy-viewer.
+WebGL 2 (SwiftShader) for dicom-microscopy-viewer.  Tests mark
+``@pytest.mark.needs("chromium", "playwright")``; :func:`chromium` requires both as well.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from peers import require
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -30,7 +33,7 @@ WEBGL_FLAGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--igno
 
 
 def have_chromium() -> bool:
-    """True when Chromium and Playwright are both installed."""
+    """True when Chromium and Playwright are both installed (tests use the ``needs`` marker)."""
     try:
         import playwright  # noqa: F401
     except ImportError:
@@ -41,6 +44,8 @@ def have_chromium() -> bool:
 @contextmanager
 def chromium(*, webgl: bool = False) -> Iterator[Any]:
     """A launched headless Chromium (a Playwright ``Browser``), closed on exit."""
+    require("chromium", "the browser tests drive Debian's Chromium")
+    require("playwright")
     from playwright.sync_api import sync_playwright
 
     flags = OFFLINE_FLAGS + (WEBGL_FLAGS if webgl else [])

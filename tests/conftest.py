@@ -1,4 +1,6 @@
-"""Shared fixtures: test slides written once per session (see tests/slides.py)."""
+"""Shared fixtures: test slides written once per session (see tests/slides.py), PostgreSQL, and
+the ``needs`` marker: ``@pytest.mark.needs("orthanc", "storescu")`` requires those peers
+(tests/peers.py) before the test's fixtures are set up, failing under CI, skipping elsewhere."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import slides`
 
+import peers  # noqa: E402
+from peers import pytest_configure, pytest_runtest_setup  # noqa: E402, F401  (the needs marker)
 from slides import (  # noqa: E402
     ORTHANC_SPEC,
     SMALL,
@@ -64,8 +68,8 @@ PG_ADMIN_URL = os.environ.get(
 def postgres_url() -> Iterator[str]:
     """An empty PostgreSQL database of the test module's own (``glio_test_<random>``), dropped after.
 
-    The multi-node path runs on a real PostgreSQL (``./run test`` starts it): under CI its
-    absence fails the tests; elsewhere they are skipped with the reason.
+    The multi-node path runs on a real PostgreSQL (``./run test`` starts it): its absence is
+    ``peers.absent`` (a failure under CI, a skip elsewhere).
     """
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
@@ -74,10 +78,7 @@ def postgres_url() -> Iterator[str]:
     try:
         socket.create_connection((admin_url.host or "127.0.0.1", admin_url.port or 5432), 1).close()
     except OSError:
-        where = admin_url.render_as_string()
-        if os.environ.get("CI"):
-            pytest.fail(f"no PostgreSQL listens at {where}; ./run test should have started it")
-        pytest.skip(f"no PostgreSQL listens at {where}")
+        peers.absent(f"no PostgreSQL listens at {admin_url.render_as_string()} (./run test starts one)")
     name = f"glio_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

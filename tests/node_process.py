@@ -15,15 +15,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
 import pytest
 from orthanc_peer import Orthanc, free_port
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from glio_node.store.db import make_engine, make_sessions
-from glio_node.store.models import AuditEvent, Delivery, DeliveryState, Job
+from glio_node.store.models import AuditEvent, Delivery, DeliveryState, Job, NodeRow
 from glio_node.synthetic.slide import SlideSpec, SyntheticSlide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +94,11 @@ class Node:
                 s.scalars(select(AuditEvent).where(AuditEvent.event == name).order_by(AuditEvent.id))
             )
 
+    def heartbeat(self) -> datetime | None:
+        """The latest heartbeat any node wrote to this store (None before the first)."""
+        with self.sessions.begin() as s:
+            return s.scalar(select(func.max(NodeRow.heartbeat_at)))
+
     def all_delivered(self) -> bool:
         rows = self.deliveries()
         return bool(rows) and all(d.state == DeliveryState.SENT for d in rows)
@@ -116,6 +122,21 @@ def wait_for(check: Callable[[], object], timeout: float, what: str, node: Node 
         time.sleep(0.25)
     tail = node.log()[-4000:] if node else ""
     pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tail}")
+
+
+def wait_until_queued(node: Node, later: SyntheticSlide, timeout: float = 60) -> None:
+    """Wait until the node has queued the job of ``later``, a slide that arrived after whatever
+    the test expects to have caused nothing (a resend, a restart).
+
+    The witness that replaces a fixed sleep before "nothing else happened": a sweep turns every
+    quiet series into a job in one pass, oldest first, so once a slide that arrived later has its
+    ``series_complete`` audit row, any job the earlier arrival would have caused is queued too.
+    """
+    wait_for(
+        lambda: [e for e in node.events("series_complete")
+                 if e.series_instance_uid == later.series_instance_uid],
+        timeout, "the later slide's job to be queued", node,
+    )
 
 
 def assert_results_in_orthanc(

@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peers import ORTHANC_PLUGINS, require
+
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOMWEB_PLUGIN = ORTHANC_PLUGINS / "libOrthancDicomWeb.so"
 
 
 def have_orthanc() -> bool:
+    """Whether Orthanc is installed.  Tests mark ``needs("orthanc")`` instead of skipping on this:
+    under CI a missing Orthanc must fail (tests/peers.py)."""
     return Path(ORTHANC).is_file()
 
 
@@ -51,6 +55,7 @@ class Orthanc:
         return f"{self.url}/dicom-web"
 
     def start(self, timeout: float = 30.0) -> "Orthanc":
+        require("orthanc")
         storage = self.folder / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {

@@ -246,11 +246,9 @@ def convert_with_orthanc(tiff: Path, spec: SlideSpec, out_dir: Path) -> Converte
     """Convert ``tiff`` (rendered from ``spec``) with OrthancWSIDicomizer into ``out_dir``."""
     import json
 
-    import pytest
+    from peers import require
 
-    binary = shutil.which(ORTHANC_DICOMIZER)
-    if binary is None:
-        pytest.skip(f"{ORTHANC_DICOMIZER} not on PATH (Debian package orthanc-wsi)")
+    binary = require(ORTHANC_DICOMIZER, "the slide converted by Orthanc's converter")
     if spec.width_px != spec.height_px:
         raise ValueError(
             f"OrthancWSIDicomizer 1.1 swaps imaged width and height; use a square slide, "

@@ -3,15 +3,13 @@
 ``viewer_dist()`` builds ``viewer/dist/`` from the committed package-lock.json when it is missing
 or older than the lock file, build.mjs or src/ (``npm ci && npm run build``, as ``./run test``
 does; the npm registry, or npm's cache, is needed only then)
-and returns it. Without npm the viewer tests are skipped, except under ``CI``, where a missing
-viewer is a failure. ``served_by(dist)`` is the Orthanc configuration that serves the page from
+and returns it. Without npm the viewer cannot be built: ``peers.require("npm")`` (a failure under
+CI, a skip elsewhere). ``served_by(dist)`` is the Orthanc configuration that serves the page from
 Orthanc's own origin (no CORS); ``ViewerPage`` opens it and reads what the viewer reported.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +18,11 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+from peers import ORTHANC_PLUGINS, require
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWER = REPO / "viewer"
-SERVE_FOLDERS_PLUGIN = Path("/usr/share/orthanc/plugins/libServeFolders.so")
+SERVE_FOLDERS_PLUGIN = ORTHANC_PLUGINS / "libServeFolders.so"
 #: The page's background outside the slide (viewer/src/index.html).
 BACKGROUND = (32, 32, 48)
 
@@ -35,12 +34,7 @@ def viewer_dist() -> Path:
     sources = [VIEWER / "package-lock.json", VIEWER / "build.mjs", *(VIEWER / "src").iterdir()]
     if index.is_file() and all(index.stat().st_mtime >= s.stat().st_mtime for s in sources):
         return dist
-    npm = shutil.which("npm")
-    if npm is None:
-        message = "npm is not installed: the viewer page (viewer/) cannot be built; install Node.js and npm"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    npm = require("npm", "the viewer page (viewer/) must be built")
     for args in (["ci", "--no-audit", "--no-fund"], ["run", "build"]):
         done = subprocess.run([npm, *args], check=False, cwd=VIEWER, capture_output=True, text=True)
         if done.returncode != 0:

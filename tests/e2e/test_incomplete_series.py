@@ -11,7 +11,6 @@ cannot be noticed (nothing says how many levels a pyramid has; see pipeline/seri
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from datetime import timedelta
 
@@ -23,7 +22,7 @@ from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
+    pytest.mark.needs("storescu"),
 ]
 
 # Base level 4x3 tiles in 3 parts of 4 frames; the second level fits in one instance.

@@ -18,15 +18,14 @@ from pathlib import Path
 import pydicom
 import pytest
 from node_process import wait_for
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 from pydicom.uid import generate_uid
 
 from glio_node.store.models import DeliveryState
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
+    pytest.mark.needs("orthanc", "storescu"),
 ]
 
 DICOM_STANDARD_ROOT = "1.2.840.10008."  # SOP classes, transfer syntaxes: not identifiers

@@ -10,7 +10,6 @@ whole-slide images, or that fail an administrator's rule, stay in Orthanc.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import urllib.request
 from collections import Counter
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from node_process import PARAMETRIC_MAP, Node, wait_for
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -27,8 +26,7 @@ from glio_node.store.models import JobState
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
+    pytest.mark.needs("orthanc", "storescu"),
 ]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "adapters" / "orthanc" / "glio-node-routing.lua"

@@ -8,22 +8,28 @@ slide's study.  A restart must not fetch or analyse anything twice.
 
 from __future__ import annotations
 
-import time
 import urllib.request
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from node_process import Node, assert_results_in_orthanc, successful_sends, wait_for
-from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, free_port, have_orthanc
+from node_process import (
+    SERVE_SPEC,
+    Node,
+    assert_results_in_orthanc,
+    successful_sends,
+    wait_for,
+    wait_until_queued,
+)
+from orthanc_peer import Orthanc, free_port
 from sqlalchemy import select
 
 from glio_node.store.models import JobState, PullSource
-from glio_node.synthetic.slide import SyntheticSlide
+from glio_node.synthetic.slide import SyntheticSlide, write_synthetic_slide
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not DICOMWEB_PLUGIN.is_file(), reason="Orthanc's DICOMweb plugin not installed"),
+    pytest.mark.needs("orthanc", "orthanc-dicomweb"),
 ]
 
 def put_into_orthanc(orthanc: Orthanc, slide: SyntheticSlide) -> None:
@@ -57,7 +63,7 @@ url = "{orthanc.dicomweb_url}"
 
 
 def test_a_slide_put_into_a_dicomweb_pacs_is_pulled_analysed_and_its_results_stored_back_once(
-    orthanc, make_node, slide
+    orthanc, make_node, slide, tmp_path
 ):
     put_into_orthanc(orthanc, slide)
     node = make_node(None, extra_toml=pull_toml(orthanc)).start()
@@ -82,17 +88,21 @@ def test_a_slide_put_into_a_dicomweb_pacs_is_pulled_analysed_and_its_results_sto
     assert "source orthanc-web" in log and "retrieved" in log
 
     # Restart: the results' own series (SEG, SR, maps) are not SM, the slide was taken: nothing
-    # is fetched, analysed or sent twice.
+    # is fetched, analysed or sent twice.  A slide put in after the restart's first poll is
+    # retrieved and queued after anything that poll would have taken again: the witness.
     node.start()
     restarted = datetime.now(UTC)
-    wait_for(lambda: polled_since(node, restarted + timedelta(seconds=2)), 30, "polls after the restart", node)
-    time.sleep(1.5)  # > quiet_seconds + a sweep
-    assert len(node.events("series_retrieved")) == 1
-    assert len(node.events("instance_received")) == len(slide.files)
-    assert len(node.jobs()) == 1
+    wait_for(lambda: polled_since(node, restarted), 30, "a poll after the restart", node)
+    next_slide = write_synthetic_slide(replace(SERVE_SPEC, seed=8), tmp_path / "next-slide")
+    put_into_orthanc(orthanc, next_slide)
+    wait_until_queued(node, next_slide)
+    retrieved = [e.series_instance_uid for e in node.events("series_retrieved")]
+    assert retrieved == [slide.series_instance_uid, next_slide.series_instance_uid]
+    assert len(node.events("instance_received")) == len(slide.files) + len(next_slide.files)
+    assert len(node.jobs()) == 2
     assert set(successful_sends(node).values()) == {1}
     assert node.stop() == 0
-    assert node.log().count("retrieved") == 1
+    assert node.log().count("retrieved") == 2
 
 
 def test_a_wrong_password_is_reported_once_and_the_node_keeps_running(tmp_path, make_node, monkeypatch):

@@ -7,15 +7,20 @@ node's database says (jobs, deliveries, audit trail).
 
 from __future__ import annotations
 
-import shutil
 import signal
-import time
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
-from node_process import SERVE_SPEC, assert_results_in_orthanc, successful_sends, wait_for
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from node_process import (
+    SERVE_SPEC,
+    assert_results_in_orthanc,
+    successful_sends,
+    wait_for,
+    wait_until_queued,
+)
+from orthanc_peer import Orthanc, free_port
 
 from glio_node.store.db import upgrade
 from glio_node.store.models import JobState
@@ -23,12 +28,11 @@ from glio_node.synthetic.slide import SyntheticSlide, write_synthetic_slide
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
+    pytest.mark.needs("orthanc", "storescu"),
 ]
 
 def test_a_slide_sent_by_storescu_comes_back_to_orthanc_and_a_resend_makes_no_second_job(
-    orthanc, make_node, slide
+    orthanc, make_node, slide, tmp_path
 ):
     node = make_node(orthanc.dicom_port).start()
     node.send(slide)
@@ -41,9 +45,13 @@ def test_a_slide_sent_by_storescu_comes_back_to_orthanc_and_a_resend_makes_no_se
 
     # The PACS sends the same slide again: stored once, no second job, nothing sent twice.
     node.send(slide)
-    time.sleep(3)  # > quiet_seconds + a sweep
     assert len(node.events("instance_duplicate")) == len(slide.files)
-    assert len(node.jobs()) == 1
+    next_slide = write_synthetic_slide(replace(SERVE_SPEC, seed=7), tmp_path / "next-slide")
+    node.send(next_slide)
+    wait_until_queued(node, next_slide)
+    queued = [e.series_instance_uid for e in node.events("series_complete")]
+    assert queued == [slide.series_instance_uid, next_slide.series_instance_uid]
+    assert len(node.jobs()) == 2
     assert set(successful_sends(node).values()) == {1}
     assert node.stop() == 0
     assert "done in" in node.log() and slide.series_instance_uid not in node.log()
@@ -135,8 +143,6 @@ def test_sigterm_mid_job_gives_the_job_back_and_a_restart_delivers_once(orthanc,
 
 @pytest.fixture(scope="module")
 def six_slides(tmp_path_factory: pytest.TempPathFactory) -> list[SyntheticSlide]:
-    from dataclasses import replace
-
     root = tmp_path_factory.mktemp("six-slides")
     return [write_synthetic_slide(replace(SERVE_SPEC, seed=10 + i), root / str(i)) for i in range(6)]
 

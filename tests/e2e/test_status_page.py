@@ -11,7 +11,6 @@ are answered 0xA700 and nothing is stored, until it is resumed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -21,18 +20,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from browser import chromium, have_chromium
+from browser import chromium
 from node_process import wait_for
-from orthanc_peer import free_port, have_orthanc
+from orthanc_peer import free_port
 
 from glio_node.store.models import JobState
 from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
-    pytest.mark.skipif(not have_chromium(), reason="Chromium or Playwright not installed"),
+    pytest.mark.needs("orthanc", "storescu", "chromium", "playwright"),
 ]
 
 REPO = Path(__file__).resolve().parents[2]

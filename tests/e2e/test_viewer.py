@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from browser import chromium, have_chromium
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from browser import chromium
+from orthanc_peer import Orthanc, free_port
 from pydicom.pixels import pixel_array
 from slides import ConvertedSlide
 from viewer_page import (
-    SERVE_FOLDERS_PLUGIN,
     ViewerPage,
     served_by,
     slide_box,
@@ -44,9 +43,7 @@ DOCS_IMAGES = REPO / "docs" / "img"  # viewer*.png there are refreshed when GLIO
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not SERVE_FOLDERS_PLUGIN.is_file(), reason="Orthanc's ServeFolders plugin not installed"),
-    pytest.mark.skipif(not have_chromium(), reason="Chromium or Playwright not installed"),
+    pytest.mark.needs("orthanc", "orthanc-serve-folders", "chromium", "playwright"),
 ]
 
 

@@ -20,12 +20,13 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 from sqlalchemy import select
 from test_store import BUNDLE, queued
 
@@ -51,10 +52,7 @@ from glio_node.store.models import (
 from glio_node.store.queue import claim_job, finish_job
 from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
 
-pytestmark = [
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not shutil.which("storescp"), reason="DCMTK storescp not installed"),
-]
+pytestmark = pytest.mark.needs("orthanc", "storescp")
 
 SPEC = SlideSpec(width_px=512, height_px=512, tile_size=256, levels=2, context_images=False)
 SERIES = "1.2.826.0.1.3680043.8.498.1"
@@ -70,7 +68,7 @@ class Setup:
     """The node's store, spool, receiver and scheduler, with one done job to deliver."""
 
     def __init__(self, tmp_path: Path, slide: SyntheticSlide, destinations: list[Destination],
-                 backoff_seconds: float = 30):
+                 backoff_seconds: float = 30, clock: Callable[[], datetime] | None = None):
         url = f"sqlite:///{tmp_path / 'glio.db'}"
         upgrade(url)
         self.port = free_port()
@@ -91,7 +89,9 @@ class Setup:
         self.server = start_receiver(
             self.settings, self.spool, self.sessions, address=("127.0.0.1", self.port)
         )
-        self.scheduler = NodeScheduler(self.settings, self.sessions, self.spool, tmp_path)
+        self.scheduler = NodeScheduler(
+            self.settings, self.sessions, self.spool, tmp_path, **({"clock": clock} if clock else {})
+        )
         results = self.spool.results_dir(STUDY, SERIES)
         results.mkdir(parents=True)
         objects = []
@@ -134,6 +134,19 @@ def setups() -> Iterator[list[Setup]]:
     yield made
     for setup in made:
         setup.close()
+
+
+class Clock:
+    """The scheduler's clock, moved on by the test: a timeout or a backoff passes exactly."""
+
+    def __init__(self) -> None:
+        self.at = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def advance(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
 
 
 def wait_until(check, timeout: float, what: str):
@@ -252,20 +265,24 @@ def test_a_report_that_never_comes_expires_the_request_and_the_node_asks_again(
     })
     pacs = Destination("pacs", "ORTHANC", "127.0.0.1", orthanc.dicom_port, storage_commitment=True,
                        commitment_timeout_seconds=1)
-    setup = Setup(tmp_path, slide, [pacs], backoff_seconds=1)
+    clock = Clock()
+    setup = Setup(tmp_path, slide, [pacs], backoff_seconds=1, clock=clock)
     setups.append(setup)
     orthanc.start()
     try:
         setup.scheduler.deliver()
         setup.scheduler.request_commitments()
         [first] = setup.events("commitment_requested")
-        time.sleep(1.2)
+        clock.advance(1.2)
         setup.scheduler.request_commitments()  # expires the first; the backoff is not over yet
         [expired] = setup.events("commitment_failed")
         assert expired.details["reason"] == "no_report" and expired.details["timeout_seconds"] == 1
         assert expired.details["transaction_uid"] == first.details["transaction_uid"]
         assert len(setup.events("commitment_requested")) == 1
-        time.sleep(1.1)  # the backoff after one expiry: 1 s
+        clock.advance(0.9)  # the backoff after one expiry: 1 s, not over yet
+        setup.scheduler.request_commitments()
+        assert len(setup.events("commitment_requested")) == 1
+        clock.advance(0.2)
         setup.scheduler.request_commitments()
         second = setup.events("commitment_requested")[-1]
         assert second.details["attempt"] == 2

@@ -1,11 +1,13 @@
 """The DICOMweb pull mode's parts against real servers: Orthanc's DICOMweb plugin and a tiny
-local HTTP server that checks what Orthanc cannot (bearer tokens, a body cut short).
+local HTTP server for only what Orthanc cannot do (bearer tokens, a body cut short, HTTP 503).
 
 The story: a site's PACS speaks only DICOMweb.  The node reads Orthanc's WADO-RS answer part by
 part into files that are byte-identical to what the scanner stored; it authenticates with basic
 auth or a bearer token; wrong credentials give the operator one clear message naming the source,
-not a crash and not a log line per poll; a server that goes down, or cuts a series short, leaves
-the series to be taken at the next poll, never half-recorded.
+not a crash and not a log line per poll; at its first poll it takes only the recent studies of
+an archive; a series still being uploaded waits until it holds still, and is taken once; a
+server that goes down, or cuts a series short, leaves the series to be taken at the next poll,
+never half-recorded.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pydicom
 import pytest
-from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
+from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from glio_node.config import Destination, Source
@@ -50,9 +54,7 @@ from glio_node.synthetic.slide import (
     write_synthetic_slide,
 )
 
-needs_orthanc = pytest.mark.skipif(
-    not (have_orthanc() and DICOMWEB_PLUGIN.is_file()), reason="Orthanc with DICOMweb not installed"
-)
+needs_orthanc = pytest.mark.needs("orthanc", "orthanc-dicomweb")
 
 SPEC = SlideSpec(width_px=512, height_px=512, tile_size=256, levels=2, context_images=False)
 USER, PASSWORD = "glio", "secret"
@@ -74,19 +76,40 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, slide: SyntheticSlide) -> 
         tmp_path_factory.mktemp("orthanc"), free_port(), free_port(),
         extra={"AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}},
     )
-    if not (have_orthanc() and DICOMWEB_PLUGIN.is_file()):
-        pytest.skip("Orthanc with DICOMweb not installed")
     peer.start()
     try:
-        for path in slide.files:
-            request = urllib.request.Request(
-                peer.url + "/instances", data=path.read_bytes(), method="POST",
-                headers=peer.auth_headers(),
-            )
-            urllib.request.urlopen(request, timeout=30).close()
+        put(peer, *slide.files)
         yield peer
     finally:
         peer.stop()
+
+
+@pytest.fixture
+def open_orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """A fresh Orthanc of the test's own, empty, without authentication."""
+    peer = Orthanc(tmp_path / "open-orthanc", free_port(), free_port()).start()
+    yield peer
+    peer.stop()
+
+
+def put(orthanc: Orthanc, *files: Path | bytes) -> None:
+    """Store files (or DICOM bytes) in Orthanc by its REST API, as a scanner's gateway would."""
+    for item in files:
+        data = item if isinstance(item, bytes) else item.read_bytes()
+        request = urllib.request.Request(
+            orthanc.url + "/instances", data=data, method="POST", headers=orthanc.auth_headers()
+        )
+        urllib.request.urlopen(request, timeout=30).close()
+
+
+def rewritten(path: Path, **values: str) -> bytes:
+    """The DICOM file at ``path`` with ``values`` (keyword: value) changed, as bytes."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
 
 
 @pytest.fixture
@@ -234,8 +257,97 @@ def test_a_wrong_password_is_one_clear_message_and_no_crash(orthanc, sessions, t
     assert count(sessions, PullSeries) == 0
 
 
+@needs_orthanc
+def test_refusals_name_the_source_and_what_to_check(orthanc, tmp_path):
+    wrong_password = source(orthanc.dicomweb_url, auth="basic", username=USER, password="nope")
+    with pytest.raises(SourceRefused, match=r"source pacs-web .* HTTP 401: the server refused our credentials"):
+        DicomwebSource(wrong_password).search_series()
+    not_the_root = source(orthanc.url + "/dicom", auth="basic", username=USER, password=PASSWORD)
+    with pytest.raises(SourceRefused, match=r"HTTP 404: check that url is the DICOMweb root"):
+        DicomwebSource(not_the_root).search_series()
+    # An Orthanc whose HTTP filter forbids DICOMweb to every account: HTTP 403.
+    script = tmp_path / "no-dicomweb.lua"
+    script.write_text(
+        "function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)\n"
+        '  return not string.find(uri, "^/dicom%-web")\n'
+        "end\n"
+    )
+    forbidding = Orthanc(tmp_path / "forbidding", free_port(), free_port(),
+                         extra={"LuaScripts": [str(script)]}).start()
+    try:
+        with pytest.raises(SourceRefused, match=r"HTTP 403: .* check the account's permissions"):
+            DicomwebSource(source(forbidding.dicomweb_url)).search_series()
+    finally:
+        forbidding.stop()
+
+
 # ------------------------------------------------------------------------------------------
-# A local DICOMweb stand-in: bearer tokens, a server down, a body cut short
+# What an archive holds at the first poll, and a series still being uploaded (real Orthanc)
+
+FIRST_POLL = datetime(2024, 1, 5, 9, 0, tzinfo=UTC)  # three days after the slide's StudyDate
+
+
+@needs_orthanc
+def test_the_first_poll_takes_the_recent_week_of_an_archive_and_later_arrivals_whatever_their_date(
+    open_orthanc, slide, sessions, tmp_path
+):
+    def older(seed: int, date: str) -> SyntheticSlide:
+        other = write_synthetic_slide(replace(SPEC, seed=seed), tmp_path / f"slide-{seed}")
+        put(open_orthanc, *(rewritten(p, StudyDate=date) for p in other.files))
+        return other
+
+    put(open_orthanc, *slide.files)  # StudyDate 2024-01-02: within the week
+    last_year = older(21, "20231201")
+    undated = older(22, "")  # no StudyDate: older than any lookback
+    poller = SourcePoller(
+        Source("pacs-web", url=open_orthanc.dicomweb_url, first_poll_lookback_days=7),
+        sessions, Spool(tmp_path / "spool"), clock=lambda: FIRST_POLL,
+    )
+    assert poller.poll() == 0 and poller.poll() == 1
+    with sessions.begin() as s:
+        states = dict(s.execute(select(PullSeries.series_instance_uid, PullSeries.state)).all())
+    assert states == {
+        slide.series_instance_uid: PullState.TAKEN,
+        last_year.series_instance_uid: PullState.SKIPPED,
+        undated.series_instance_uid: PullState.SKIPPED,
+    }
+    [found] = events(sessions, "poll_found")
+    assert found.details["new_series"] == 1 and found.details["skipped_series"] == 2
+    assert found.details["first_poll_lookback_days"] == 7
+
+    # After the first poll the lookback is over: a study from 2023 sent today is taken.
+    late = older(23, "20230101")
+    assert poller.poll() == 0 and poller.poll() == 1
+    retrieved = [e.series_instance_uid for e in events(sessions, "series_retrieved")]
+    assert retrieved == [slide.series_instance_uid, late.series_instance_uid]
+    assert count(sessions, Instance) == len(slide.files) + len(late.files)
+
+
+@needs_orthanc
+def test_a_series_still_growing_waits_and_a_taken_series_is_never_taken_again(
+    open_orthanc, slide, sessions, tmp_path
+):
+    poller = SourcePoller(source(open_orthanc.dicomweb_url), sessions, Spool(tmp_path / "spool"))
+    first, *rest = slide.files
+    put(open_orthanc, first)  # the scanner's upload has begun
+    assert poller.poll() == 0
+    put(open_orthanc, *rest)  # more arrived since: not stable yet
+    assert poller.poll() == 0
+    assert count(sessions, Instance) == 0
+    assert poller.poll() == 1  # unchanged for one poll: taken whole
+    assert count(sessions, Instance) == len(slide.files)
+
+    # The series grows after it was taken (a rescan adds an instance): never fetched again.
+    put(open_orthanc, rewritten(first, SOPInstanceUID=generate_uid()))
+    [series] = open_orthanc.series_of_study(slide.study_instance_uid)
+    assert len(series["Instances"]) == len(slide.files) + 1  # Orthanc does list it
+    assert poller.poll() == 0 and poller.poll() == 0
+    assert len(events(sessions, "series_retrieved")) == 1
+    assert count(sessions, Instance) == len(slide.files)
+
+
+# ------------------------------------------------------------------------------------------
+# A local DICOMweb stand-in for what Orthanc cannot do: bearer tokens, HTTP 503, a body cut short
 
 
 @dataclass
@@ -352,30 +464,6 @@ def test_a_body_cut_short_or_a_server_down_leaves_the_series_for_the_next_poll(
     assert len(events(sessions, "poll_failed")) == 2  # one per distinct error
 
 
-def test_first_poll_lookback_skips_what_was_already_there(fake, sessions, tmp_path):
-    # The fake's series has no StudyDate: older than any lookback, so the first poll skips it.
-    poller = SourcePoller(
-        Source("pacs-web", url=fake.url, first_poll_lookback_days=7), sessions, Spool(tmp_path / "s")
-    )
-    assert poller.poll() == 0 and poller.poll() == 0
-    with sessions.begin() as s:
-        assert s.scalars(select(PullSeries.state)).all() == [PullState.SKIPPED]
-    [found] = events(sessions, "poll_found")
-    assert found.details["skipped_series"] == 1 and found.details["new_series"] == 0
-
-
-def test_refusals_name_the_source_and_what_to_check(fake):
-    fake.status = 401
-    with pytest.raises(SourceRefused, match=r"source pacs-web .* HTTP 401: the server refused our credentials"):
-        DicomwebSource(source(fake.url)).search_series()
-    fake.status = 403
-    with pytest.raises(SourceRefused, match=r"HTTP 403: .* check the account's permissions"):
-        DicomwebSource(source(fake.url)).search_series()
-    fake.status = 404
-    with pytest.raises(SourceRefused, match=r"HTTP 404: check that url is the DICOMweb root"):
-        DicomwebSource(source(fake.url)).search_series()
-
-
 # ------------------------------------------------------------------------------------------
 # STOW-RS results go out with the same Authorization header
 
@@ -393,20 +481,6 @@ def test_stow_rs_sends_the_bearer_token(fake, slide):
     dest = Destination("stow", type="dicomweb", url=fake.url, bearer_token="tok-9")
     assert all(r.ok for r in StowSender(dest).send(list(slide.files)))
     assert fake.authorizations == ["Bearer tok-9"]
-
-
-def test_a_series_still_growing_waits_and_a_taken_series_is_never_taken_again(fake, slide, sessions, tmp_path):
-    poller = SourcePoller(source(fake.url), sessions, Spool(tmp_path / "spool"))
-    fake.files = list(slide.files[:1])  # the scanner's upload has begun
-    assert poller.poll() == 0
-    fake.files = list(slide.files)  # more arrived since: not stable yet
-    assert poller.poll() == 0
-    assert count(sessions, Instance) == 0
-    assert poller.poll() == 1  # unchanged for one poll: taken whole
-    assert count(sessions, Instance) == len(slide.files)
-    fake.files = [*slide.files, slide.files[0]]  # the series "grows" after it was taken
-    assert poller.poll() == 0 and poller.poll() == 0
-    assert len(events(sessions, "series_retrieved")) == 1
 
 
 def test_a_server_that_is_not_there_is_tried_again_at_each_poll_and_reported_once(sessions, tmp_path):

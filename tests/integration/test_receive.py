@@ -6,7 +6,6 @@ Each test starts the receiver on a free loopback port with its own spool and SQL
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from peers import absent
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import VLWholeSlideMicroscopyImageStorage
@@ -29,8 +29,7 @@ from glio_node.store.db import make_engine, make_sessions, upgrade
 from glio_node.store.models import AuditEvent, Instance, Series
 from glio_node.synthetic.slide import SlideSpec, SyntheticSlide
 
-DCMTK = shutil.which("storescu") and shutil.which("echoscu")
-needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK storescu/echoscu not installed")
+needs_dcmtk = pytest.mark.needs("storescu", "echoscu")
 
 RECEIVE_SPEC = SlideSpec(width_px=512, height_px=512, tile_size=256, levels=2, context_images=False)
 ALLOWED = ("STORESCU", "ECHOSCU", "PYNETDICOM")
@@ -366,7 +365,7 @@ def test_spool_renames_on_its_filesystem_and_copies_from_another(tmp_path):
 
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == spool.root.stat().st_dev:
-        pytest.skip("no second filesystem (/dev/shm) to copy from")
+        absent("no second filesystem (/dev/shm, a tmpfs) to copy from")
     with tempfile.NamedTemporaryFile(dir=shm, delete=False) as f:
         f.write(b"xyz")
     stored = spool.store(Path(f.name), "1.2", "1.2.3", "1.2.3.5")

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pydicom
 import pytest
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 
 from glio_node.config import Destination
 from glio_node.errors import TransientError
@@ -15,7 +15,7 @@ from glio_node.send.dicomweb import StowSender
 from glio_node.send.dimse import DimseSender
 from glio_node.synthetic.slide import SlideSpec, SyntheticSlide, write_synthetic_slide
 
-pytestmark = pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed")
+pytestmark = pytest.mark.needs("orthanc")
 
 SPEC = SlideSpec(width_px=512, height_px=512, tile_size=256, levels=2, context_images=False)
 

@@ -1,7 +1,7 @@
 """The SQL store on SQLite and on the real PostgreSQL: migrations, queue, leases, audit trail.
 
 PostgreSQL tests run in a fresh database ``glio_test_<random>`` created for this module and
-dropped after it; they are skipped only when nothing listens on 127.0.0.1:5432.
+dropped after it; when nothing listens on 127.0.0.1:5432 they fail under CI and skip elsewhere.
 ``GLIO_TEST_POSTGRES_URL`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``)
 names the server and a role allowed to create databases.
 """

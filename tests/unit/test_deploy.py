@@ -9,7 +9,6 @@ container engine); its COPY sources and command are checked instead.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +50,7 @@ def test_systemd_waits_longer_than_the_nodes_shutdown_grace_period():
     assert settings.worker.shutdown_grace_seconds < systemd_stop_timeout()
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+@pytest.mark.needs("systemd-analyze")
 def test_the_systemd_unit_parses_without_a_warning(tmp_path):
     # ExecStart must exist for verify: point it at this environment's glio-node.
     text = (DEPLOY / "glio-node.service").read_text()

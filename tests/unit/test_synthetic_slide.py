@@ -6,7 +6,6 @@ so the node can be tested on slides it did not write itself.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -57,7 +56,7 @@ def variant(request, slide_cache):
     return slide_cache.slide(VARIANTS[request.param])
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+@pytest.mark.needs("dciodvfy")
 def test_every_variant_passes_dciodvfy(variant):
     spec = variant.spec
     for path in variant.files:

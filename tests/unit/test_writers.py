@@ -39,7 +39,7 @@ _spec = importlib.util.spec_from_file_location("tests_dciodvfy", Path(__file__).
 dciodvfy = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("tests_dciodvfy", dciodvfy)
 _spec.loader.exec_module(dciodvfy)
-needs_dciodvfy = pytest.mark.skipif(dciodvfy.DCIODVFY is None, reason="dicom3tools not installed")
+needs_dciodvfy = pytest.mark.needs("dciodvfy")
 
 SPACING = 0.0005  # source level: 0.5 µm/px
 ROWS, COLS, TILE = 300, 500, 64
