@@ -11,7 +11,6 @@ Orthanc with Storage Commitment on and takes Orthanc's N-EVENT-REPORT; then it i
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
