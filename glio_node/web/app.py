@@ -35,10 +35,11 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
 from glio_node.config import Settings
+from glio_node.reachability import ReachabilityBoard
 from glio_node.store import actions
 from glio_node.web import snapshot
 from glio_node.web.chart import throughput_svg
-from glio_node.web.health import EchoCache, NodeContext, node_health, readiness
+from glio_node.web.health import NodeContext, node_health, readiness
 from glio_node.web.metrics import make_registry
 
 READ_ONLY_MESSAGE = (
@@ -57,17 +58,17 @@ def create_app(
     sessions: sessionmaker[Session],
     ctx: NodeContext | None = None,
     *,
-    echo: EchoCache | None = None,
+    reachability: ReachabilityBoard | None = None,
 ) -> FastAPI:
     """The app for ``settings`` over the store behind ``sessions``.
 
     ``ctx``: what this process knows about itself (device, bundles, spool; ``read_only`` for
-    ``status-page``).  ``echo``: the destinations' reachability checker (default: C-ECHO /
-    HTTP with ``[status] echo_cache_seconds``).
+    ``status-page``).  ``reachability``: the board a :class:`glio_node.send.echo.ReachabilityProber`
+    posts on; without one every destination reads "not checked yet".  The page only reads it.
     """
     ctx = ctx or NodeContext()
     status = settings.status
-    echo = echo or EchoCache(settings.destinations, settings.node.ae_title, status.echo_cache_seconds)
+    board = reachability or ReachabilityBoard(settings.destinations)
     registry = make_registry(sessions, ctx)
     templates = Jinja2Templates(directory=str(resources.files("glio_node.web") / "templates"))
     templates.env.filters["duration"] = _duration
@@ -122,11 +123,12 @@ def create_app(
         return datetime.now(UTC)
 
     def page_data(**extra: Any) -> dict[str, Any]:
-        """Everything the page shows.  Health checks and C-ECHO run outside the store session:
-        on SQLite every transaction takes the write lock, which the receiver also needs."""
+        """Everything the page shows.  Health checks run outside the store session: on SQLite
+        every transaction takes the write lock, which the receiver also needs.  Reachability is
+        read from the board, never checked here."""
         t = now()
         health = node_health(ctx, sessions, t)
-        reach = echo.all()
+        reach = board.all()
         with sessions() as session:
             over = snapshot.overview(session, t)
             if status.show_patient_data:
