@@ -280,7 +280,11 @@ def _start_status_page(settings, sessions, spool, owner: str, manifest):
         min_free_bytes=settings.storage.min_free_bytes,
     )
     board, prober = _start_prober(settings)
-    server = StatusServer(create_app(settings, sessions, ctx, reachability=board), settings.status).start()
+    try:
+        server = StatusServer(create_app(settings, sessions, ctx, reachability=board), settings.status).start()
+    except BaseException:
+        prober.stop()  # the page could not listen: nothing reads the board
+        raise
     import logging
 
     logging.getLogger("glio_node.serve").info(
