@@ -106,7 +106,7 @@ def test_the_background_prober_posts_at_once_and_sees_the_pacs_go_away(storescp,
     ]
 
 
-def test_the_board_refuses_a_destination_it_does_not_list():
+def test_the_board_refuses_a_destination_it_does_not_list_and_the_prober_a_zero_timeout():
     board = ReachabilityBoard([_dimse("archive", 104)])
     with pytest.raises(ValueError, match=r"reachability of 'elsewhere' posted, but the configured destinations are archive"):
         board.post(Reachability("elsewhere", "C-ECHO", True, "", None))
