@@ -283,23 +283,42 @@ def _start_status_page(settings, sessions, spool, owner: str, manifest):
         spool_dir=spool.root,
         min_free_bytes=settings.storage.min_free_bytes,
     )
-    server = StatusServer(create_app(settings, sessions, ctx), settings.status).start()
+    board, prober = _start_prober(settings)
+    try:
+        server = StatusServer(create_app(settings, sessions, ctx, reachability=board), settings.status).start()
+    except BaseException:
+        prober.stop()  # the page could not listen: nothing reads the board
+        raise
     import logging
 
     logging.getLogger("glio_node.serve").info(
         "status page on http://%s:%d/%s", settings.status.host, settings.status.port,
         "" if settings.status.token else " (no token: this machine only)",
     )
-    return server
+    return server, prober
 
 
-def _stop_status_page(server, sessions, owner: str) -> None:
+def _start_prober(settings):
+    """The destinations' reachability for the page: send/echo checks, the page reads the board."""
+    from glio_node.reachability import ReachabilityBoard
+    from glio_node.send.echo import ReachabilityProber
+
+    board = ReachabilityBoard(settings.destinations)
+    prober = ReachabilityProber(
+        settings.destinations, settings.node.ae_title, board, settings.status.echo_cache_seconds
+    ).start()
+    return board, prober
+
+
+def _stop_status_page(page, sessions, owner: str) -> None:
     from datetime import UTC, datetime
 
     from glio_node.store import nodes
 
-    if server is not None:
+    if page is not None:
+        server, prober = page
         server.stop()
+        prober.stop()
     with sessions.begin() as session:
         nodes.mark_stopped(session, owner, datetime.now(UTC))
 
@@ -322,9 +341,11 @@ def _status_page(args: argparse.Namespace) -> int:
                       min_free_bytes=settings.storage.min_free_bytes)
     print(f"glio-node {__version__} read-only status page on http://{settings.status.host}:{settings.status.port}/",
           file=sys.stderr, flush=True)
+    board, prober = _start_prober(settings)
     try:
-        serve_foreground(create_app(settings, make_sessions(engine), ctx), settings.status)
+        serve_foreground(create_app(settings, make_sessions(engine), ctx, reachability=board), settings.status)
     finally:
+        prober.stop()
         engine.dispose()
     return EXIT_OK
 

@@ -260,7 +260,7 @@ class StatusSettings:
     token: str = field(default="", repr=False)  # bearer token (or basic-auth password); required unless host is loopback
     show_patient_data: bool = False  # show patient name and ID (read from the spooled slide)
     refresh_seconds: int = 10  # the page reloads itself this often
-    echo_cache_seconds: float = 60.0  # C-ECHO results of destinations are kept this long
+    echo_cache_seconds: float = 60.0  # destinations are C-ECHOed (or HTTP-checked) this often, in the background
 
     def __post_init__(self) -> None:
         _check_host("status", "host", self.host)

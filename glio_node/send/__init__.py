@@ -3,7 +3,9 @@
 A sender sends a batch of files to one destination and answers one :class:`SendResult` per
 file.  When the destination cannot be reached at all (no association, connection refused,
 HTTP 5xx) it raises :class:`~glio_node.errors.TransientError` and nothing of the batch counts
-as sent.  These are the only modules that open connections to a PACS.
+as sent.  :mod:`.echo` checks whether each destination answers, for the status page, and
+:mod:`.commitment` asks for Storage Commitment.  These are the only modules that open
+connections to a PACS.
 """
 
 from __future__ import annotations

@@ -1,20 +1,15 @@
-"""Node-local health for the status page and /readyz, and the destinations' reachability.
+"""Node-local health for the status page and /readyz.
 
 :class:`NodeContext` is what the entry point knows about this process (version, start time,
-device, bundles, spool); :func:`readiness` checks database, spool and models; :class:`EchoCache`
-answers "can we reach this destination?" by C-ECHO (DIMSE) or an HTTP request (DICOMweb), at
-most once per ``[status] echo_cache_seconds`` per destination, so a page refresh never floods a
-PACS.
+device, bundles, spool); :func:`readiness` checks database, spool and models.  Whether the
+destinations answer is not checked here: :mod:`glio_node.send.echo` probes them in the
+background and the page reads its :class:`~glio_node.reachability.ReachabilityBoard`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,9 +19,6 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from glio_node import __version__
-from glio_node.config import Destination
-
-ECHO_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass
@@ -112,84 +104,3 @@ def node_health(ctx: NodeContext, sessions: sessionmaker[Session], now: datetime
         spool_free_bytes=spool_free_bytes(ctx),
         checks=readiness(ctx, sessions),
     )
-
-
-@dataclass(frozen=True)
-class Reachability:
-    destination: str
-    kind: str  # "C-ECHO" or "HTTP"
-    ok: bool
-    detail: str
-    checked_at: datetime
-
-
-class EchoCache:
-    """Destination reachability, checked at most every ``ttl_seconds`` per destination."""
-
-    def __init__(self, destinations: tuple[Destination, ...], calling_ae: str, ttl_seconds: float):
-        self.destinations = destinations
-        self.calling_ae = calling_ae
-        self.ttl = ttl_seconds
-        self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, Reachability]] = {}
-
-    def all(self) -> list[Reachability]:
-        with self._lock:  # one checker at a time; others wait and read the cache
-            out = []
-            for d in self.destinations:
-                hit = self._cache.get(d.name)
-                if hit is None or time.monotonic() - hit[0] >= self.ttl:
-                    hit = (time.monotonic(), self._check(d))
-                    self._cache[d.name] = hit
-                out.append(hit[1])
-            return out
-
-    def _check(self, d: Destination) -> Reachability:
-        now = datetime.now(UTC)
-        if d.type == "dicomweb":
-            ok, detail = _http_check(d)
-            return Reachability(d.name, "HTTP", ok, detail, now)
-        ok, detail = _c_echo(d, self.calling_ae)
-        return Reachability(d.name, "C-ECHO", ok, detail, now)
-
-
-def _c_echo(d: Destination, calling_ae: str) -> tuple[bool, str]:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ECHO_TIMEOUT_SECONDS
-    ae.connection_timeout = ECHO_TIMEOUT_SECONDS  # a firewalled host must not hang the page
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
-    if not assoc.is_established:
-        why = "association rejected (check the AE titles)" if assoc.is_rejected else "no answer (host, port or firewall)"
-        return False, f"{d.ae_title}@{d.host}:{d.port}: {why}"
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    code = getattr(status, "Status", None)
-    if code == 0:
-        return True, f"{d.ae_title}@{d.host}:{d.port} answered C-ECHO"
-    return False, f"{d.ae_title}@{d.host}:{d.port}: C-ECHO status {code!r}"
-
-
-def _http_check(d: Destination) -> tuple[bool, str]:
-    """Any HTTP answer below 500 from the DICOMweb root means the server is there."""
-    from glio_node.http_auth import authorization_header
-
-    headers = {
-        "Accept": "application/dicom+json",
-        **authorization_header(username=d.username, password=d.password, bearer_token=d.bearer_token),
-    }
-    request = urllib.request.Request(d.url.rstrip("/") + "/studies?limit=1", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=ECHO_TIMEOUT_SECONDS) as response:
-            return True, f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            return False, f"HTTP {exc.code}: check the destination's credentials"
-        return exc.code < 500, f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
-        return False, f"no answer: {getattr(exc, 'reason', exc)}"

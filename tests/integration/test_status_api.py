@@ -32,8 +32,10 @@ from glio_node.config import (
     StorageSettings,
     WorkerSettings,
 )
+from glio_node.reachability import ReachabilityBoard
 from glio_node.receive.spool import Spool
 from glio_node.scheduler import NodeScheduler
+from glio_node.send.echo import ReachabilityProber
 from glio_node.store import queue
 from glio_node.store.db import make_engine, make_sessions, upgrade
 from glio_node.store.instances import ReceivedInstance, record_instance
@@ -59,6 +61,7 @@ class Store:
     waiting: SyntheticSlide
     running: SyntheticSlide
     job_ids: dict[str, int]
+    reachability: ReachabilityBoard  # probed once by send/echo, as serve's prober does
 
 
 def _receive(spool: Spool, sessions: sessionmaker[Session], slide: SyntheticSlide, at: datetime, tmp: Path) -> None:
@@ -130,14 +133,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     scheduler.deliver()  # connection refused: pending, to be retried
     with sessions.begin() as session:
         job_ids["waiting"] = session.scalar(select(Job.id).where(Job.state == JobState.WAITING))
-    yield Store(settings, sessions, spool, job_ids=job_ids, **slides)
+    board = ReachabilityBoard(settings.destinations)
+    ReachabilityProber(settings.destinations, settings.node.ae_title, board, 3600, timeout_seconds=2).check_all()
+    yield Store(settings, sessions, spool, job_ids=job_ids, reachability=board, **slides)
     engine.dispose()
 
 
 @pytest.fixture
 def client(store: Store) -> Iterator[TestClient]:
     ctx = NodeContext(device="cpu", bundles=[("glio-demo", "1")], spool_dir=store.spool.root)
-    with TestClient(create_app(store.settings, store.sessions, ctx)) as c:
+    with TestClient(create_app(store.settings, store.sessions, ctx, reachability=store.reachability)) as c:
         c.headers["Authorization"] = f"Bearer {TOKEN}"
         yield c
 
@@ -160,8 +165,9 @@ def test_the_api_shows_a_done_a_failed_a_running_and_a_waiting_job(client, store
     assert status["waiting"] == 1 and status["job_states"] == {"waiting": 1, "running": 1, "done": 1, "failed": 1}
     [problem] = status["delivery_problems"]
     assert problem["destination"] == "pacs" and problem["state"] == "pending" and problem["attempts"] == 1
-    [pacs] = status["destinations"]
+    [pacs] = status["destinations"]  # what the prober posted; the page itself sends no C-ECHO
     assert pacs["kind"] == "C-ECHO" and pacs["ok"] is False
+    assert pacs["detail"].endswith("no answer (host, port or firewall)") and pacs["checked_at"]
     assert sum(d + f for _, d, f in status["throughput"]) == 2
     assert status["health"]["checks"][0] == {"name": "database", "ok": True, "detail": "reachable"}
     # No patient data anywhere in what the API answers.
@@ -283,4 +289,9 @@ def test_the_read_only_page_refuses_actions_and_says_where_to_act(store):
         c.headers["Authorization"] = f"Bearer {TOKEN}"
         refused = c.post(f"/api/jobs/{store.job_ids['failed']}/retry")
         assert refused.status_code == 403 and "read-only status page" in refused.json()["detail"]
-        assert "<button>Retry</button>" not in c.get("/").text
+        html = c.get("/").text
+        assert "<button>Retry</button>" not in html
+        # No prober wired: the destination is listed, unchecked, and nothing was asked of it.
+        [pacs] = c.get("/api/status").json()["destinations"]
+        assert (pacs["destination"], pacs["ok"], pacs["detail"], pacs["checked_at"]) == ("pacs", None, "not checked yet", None)
+        assert "not checked yet" in html

@@ -2,7 +2,8 @@
 
 Each contract forbids a dependency, indirect chains included: the pipeline is pure (it reads
 slides and runs models only through ``glio_node.ports``), the status page reads the store and
-opens no receiver or runtime, the service never imports ``training``, and wsidicom and Keras
+opens no receiver or runtime, nor any connection to a PACS (``send/echo`` probes, the page reads
+the board), the service never imports ``training``, and wsidicom and Keras
 stay in their one corner.  The second test breaks a copy of the tree on purpose, so a
 contract that no longer checks anything shows up as a failure too.
 """
@@ -61,9 +62,13 @@ def test_a_pipeline_module_importing_the_store_or_runtime_is_caught(tmp_path: Pa
         f.write("\nfrom glio_node.store import queue  # noqa\n")
     with (tmp_path / "glio_node" / "web" / "chart.py").open("a") as f:
         f.write("\ndef _late():\n    from glio_node.runtime import keras_runner  # noqa\n")
+    with (tmp_path / "glio_node" / "web" / "routes" / "status.py").open("a") as f:
+        # The page checking a destination itself, as it once did: a C-ECHO per refresh.
+        f.write("\ndef _echo_now(d):\n    from glio_node.send.echo import check  # noqa\n")
 
     result = _lint(tmp_path)
     assert result.returncode != 0
     assert "glio_node.pipeline is not allowed to import glio_node.store" in result.stdout
     assert "glio_node.web is not allowed to import glio_node.runtime" in result.stdout
-    assert "Contracts: 3 kept, 2 broken." in result.stdout, result.stdout
+    assert "glio_node.web is not allowed to import glio_node.send" in result.stdout
+    assert "Contracts: 3 kept, 3 broken." in result.stdout, result.stdout
