@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from training.dataset import validate_dataset
-from training.splits import make_splits
+from training.splits import STRATIFY_CHOICES, make_splits
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -44,12 +44,12 @@ def _split(args: argparse.Namespace) -> int:
         print(f"the dataset has {len(problems)} problem(s); run `python -m training validate {args.dataset}`", file=sys.stderr)
         return 1
     try:
-        splits = make_splits(records, args.method, args.seed, args.validation_fraction, args.k)
-    except ValueError as exc:  # k above the number of patients, one patient only
+        splits = make_splits(records, args.method, args.seed, args.validation_fraction, args.k, args.test_fraction, args.stratify)
+    except ValueError as exc:  # k above the number of patients, too few patients of a class for three sets
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for split in splits:
-        print(f"{split.name}: train {len(split.train)} slide(s), validation {' '.join(split.validation)}")
+        print(f"{split.name}: train {len(split.train)} slide(s), validation {' '.join(split.validation)}, test {' '.join(split.test)}")
     return 0
 
 
@@ -57,12 +57,21 @@ def _train(args: argparse.Namespace) -> int:
     from training.run import train
 
     metrics = train(args.config, verbose=_verbosity(args.verbose), model_card_dir=args.model_card_dir)
-    for task, m in metrics.items():
+    test = metrics["test"]
+    print(f"test set ({metrics['sets']['test']['patients']} patients, scored once; patient-level bootstrap 95 % intervals):")
+    for task, m in test.items():
         if "mean_dice" in m:
-            print(f"{task}: pixel accuracy {m['accuracy']:.3f}, mean Dice {m['mean_dice']:.3f}")
+            ci = m["ci"]
+            print(f"{task}: pixel accuracy {_with_ci(m['accuracy'], ci['accuracy'])}, mean Dice {_with_ci(m['mean_dice'], ci['mean_dice'])}, MCC {_with_ci(m['mcc'], ci['mcc'])}")
         else:
-            print(f"{task}: tile accuracy {m['tile']['accuracy']:.3f}, slide accuracy {m['slide']['accuracy']:.3f}")
+            print(f"{task}: tile accuracy {_with_ci(m['tile']['accuracy'], m['tile']['ci']['accuracy'])}, slide accuracy {_with_ci(m['slide']['accuracy'], m['slide']['ci']['accuracy'])}")
     return 0
+
+
+def _with_ci(value: float, ci: list) -> str:
+    from training.run import _with_ci as fmt
+
+    return fmt(value, ci)
 
 
 def _crossval(args: argparse.Namespace) -> int:
@@ -72,6 +81,7 @@ def _crossval(args: argparse.Namespace) -> int:
     for key, st in summary["metrics"].items():
         sd = "" if st["sd"] is None else f" ± {st['sd']:.3f}"
         print(f"{key}: {st['mean']:.3f}{sd} over {st['n']} fold(s)")
+    print("(test figures: each fold scored on its outer fold; cv-summary.md has the pooled figures with intervals)")
     return 0
 
 
@@ -110,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("dataset", type=Path)
     s.add_argument("--method", choices=["fixed", "kfold", "lopo"], default="fixed")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--validation-fraction", type=float, default=0.2)
+    s.add_argument("--validation-fraction", type=float, default=0.25, help="of the patients left after the test set (default 0.25)")
+    s.add_argument("--test-fraction", type=float, default=0.2, help="fixed split: of all patients (default 0.2)")
+    s.add_argument("--stratify", choices=STRATIFY_CHOICES, default="subtype", help="every class of this task in every set (default subtype)")
     s.add_argument("--k", type=int, default=5)
     s.set_defaults(func=_split)
     t = sub.add_parser("train", help="train, evaluate and export a bundle as a run config says")

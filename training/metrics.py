@@ -51,6 +51,33 @@ def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean sensitivity over the classes present in the truth (NaN when none is)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    present = cm.sum(axis=1) > 0
+    return float(np.mean(np.diag(cm)[present] / cm.sum(axis=1)[present])) if present.any() else float("nan")
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Mean F1 over the classes present in the truth or the prediction (a class absent from both
+    has no F1 and does not count)."""
+    f1 = per_class_metrics(cm)["f1"]
+    return float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan")
+
+
+def matthews_corrcoef(cm: np.ndarray) -> float:
+    """Multi-class Matthews correlation coefficient (Gorodkin's R_K) of a confusion matrix: 1
+    perfect, 0 no better than chance; 0 when truth or prediction is a single class (as
+    scikit-learn does); NaN for an empty matrix."""
+    cm = np.asarray(cm, dtype=np.float64)
+    s = cm.sum()
+    if s == 0:
+        return float("nan")
+    t, p, c = cm.sum(axis=1), cm.sum(axis=0), np.trace(cm)
+    den = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((c * s - t @ p) / den) if den > 0 else 0.0
+
+
 def roc_auc(y_true_binary: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with ties counted half); NaN if one class is absent."""
     t = np.asarray(y_true_binary).astype(bool).ravel()
@@ -58,17 +85,9 @@ def roc_auc(y_true_binary: np.ndarray, scores: np.ndarray) -> float:
     n_pos, n_neg = int(t.sum()), int((~t).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks of ties
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    # average rank of each value (ties share the mean of their ranks, 1-based)
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
     u = ranks[t].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
 
@@ -88,6 +107,7 @@ def classification_report(y_true: np.ndarray, probabilities: np.ndarray, class_n
     return {
         "n": int(cm.sum()),
         "accuracy": float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan"),
+        "balanced_accuracy": balanced_accuracy(cm),
         "confusion_matrix": cm.tolist(),
         "per_class": {name: {k: float(v[i]) for k, v in per_class.items()} | {"roc_auc": float(auc[i])} for i, name in enumerate(class_names)},
     }
@@ -109,6 +129,8 @@ def segmentation_report_from_confusion(cm: np.ndarray, class_names: Sequence[str
         "n": int(cm.sum()),
         "accuracy": float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan"),
         "mean_dice": float(np.nanmean(dice[present])) if present.any() else float("nan"),
+        "macro_f1": macro_f1(cm),
+        "mcc": matthews_corrcoef(cm),
         "confusion_matrix": cm.tolist(),
         "per_class": {name: {k: float(v[i]) for k, v in per_class.items()} for i, name in enumerate(class_names)},
     }

@@ -1,9 +1,11 @@
 """``python -m training train --config run.toml``: one run from a dataset folder to a model bundle.
 
-The run reads top to bottom: config -> dataset (validated) -> patient split -> tiles (cached
-shards, the worker's tiling) -> train the region UNet -> train the molecular classifier -> score
-both on the validation patients (pixel level, tile level and slide level as the worker calls) ->
-write the run folder -> export the bundle.  The run folder holds everything needed to repeat
+The run reads top to bottom: config -> dataset (validated) -> patient split into train,
+validation and test -> tiles (cached shards, the worker's tiling) -> train the region UNet ->
+train the molecular classifier (early stopping, checkpoints and learning-rate schedule watch the
+validation patients only) -> score both on the validation and, once, on the test patients (pixel
+level, tile level and slide level as the worker calls, each with a patient-level bootstrap 95 %
+interval) -> write the run folder -> export the bundle.  The run folder holds everything needed to repeat
 it: the config as given, the seed, the git commit, per-epoch metrics (CSV) and confusion
 matrices (CSV, and PNG with the loss curves), the best checkpoints, the final metrics (JSON) and a
 model card.
@@ -32,17 +34,17 @@ import numpy as np
 from glio_node import coding
 from glio_node.bundle import HeadSpec, Manifest, NetworkSpec, normalize, write_bundle
 from training.augment import Augmentation, make_dataset
+from training.bootstrap import classification_intervals, confusion_intervals
 from training.dataset import LABEL_VALUES, REGION_NAMES, load_dataset
 from training.errors import ConfigError
 from training.losses import categorical_crossentropy, get_loss
 from training.metrics import (
     classification_report,
     confusion_matrix,
-    segmentation_report,
     segmentation_report_from_confusion,
     slide_level_report,
 )
-from training.splits import make_splits
+from training.splits import STRATIFY_CHOICES, Split, make_splits
 from training.synthetic_dataset import PARAMETERS_FILE, SyntheticParameters
 from training.tiles import Shard, TileSpec, load_or_extract
 
@@ -93,9 +95,11 @@ class RunConfig:
     intended_use: str = INTENDED_USE
     is_demo: bool = False  # RunConfig.load: true whenever the data is synthetic (demo_flag)
     augmentation: dict = field(default_factory=dict)
-    split_method: str = "fixed"  # "kfold" (split_k folds) or "lopo" (one per patient): `train` validates on fold split_fold, `crossval` on each
+    split_method: str = "fixed"  # "kfold" (split_k folds) or "lopo" (one per patient): `train` tests on fold split_fold, `crossval` on each
     split_k: int = 5
     split_fold: int = 0
+    test_fraction: float = 0.2  # fixed split: this fraction of the patients is the test set
+    stratify: str = "subtype"  # every class of this task in every set; "none" for datasets too small for that
     synthetic: SyntheticParameters | None = None  # write the dataset with these when it is missing
 
     @classmethod
@@ -109,6 +113,8 @@ class RunConfig:
                 classifier["weights"] = str((base / classifier["weights"]).resolve())
             if split.get("method", "fixed") not in ("fixed", "kfold", "lopo"):
                 raise ConfigError(f"split.method {split.get('method')!r} is not 'fixed', 'kfold' or 'lopo'")
+            if split.get("stratify", "subtype") not in STRATIFY_CHOICES:
+                raise ConfigError(f"split.stratify {split.get('stratify')!r} is not one of {', '.join(map(repr, STRATIFY_CHOICES))}")
             if classifier.get("backbone", "small") not in ("small", "vgg16"):
                 raise ConfigError(f"classifier.backbone {classifier.get('backbone')!r} is not 'small' or 'vgg16'")
             dataset = (base / data["dataset"]).resolve()
@@ -136,6 +142,8 @@ class RunConfig:
                 split_method=split.get("method", "fixed"),
                 split_k=int(split.get("k", 5)),
                 split_fold=int(split.get("fold", 0)),
+                test_fraction=float(split.get("test_fraction", 0.2)),
+                stratify=str(split.get("stratify", "subtype")),
                 synthetic=SyntheticParameters.from_table(data["synthetic"]) if "synthetic" in data else None,
             )
         except (KeyError, TypeError) as exc:
@@ -294,7 +302,8 @@ def _one_hot_or_zero(values: list[str | None], classes: tuple[str, ...]) -> np.n
 
 @dataclass
 class FoldResult:
-    """One split trained and scored: the validation metrics and the two trained networks."""
+    """One split trained and scored: the metrics (``metrics.json``: set sizes, then the
+    validation and the test set's reports) and the two trained networks."""
 
     metrics: dict
     unet: object
@@ -343,13 +352,13 @@ def _splits(cfg: RunConfig, records, config_path: Path) -> list:
     """The config's patient splits of the dataset; a split the dataset cannot give (k above the
     number of patients, one patient only) is the config's mistake."""
     try:
-        return make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k)
+        return make_splits(records, cfg.split_method, cfg.seed, cfg.validation_fraction, cfg.split_k, cfg.test_fraction, cfg.stratify)
     except ValueError as exc:
         raise ConfigError(f"run config {config_path}: {exc}") from exc
 
 
 def _write_split(out: Path, split) -> None:
-    (out / "split.json").write_text(json.dumps({"name": split.name, "train": split.train, "validation": split.validation}, indent=2))
+    (out / "split.json").write_text(json.dumps({"name": split.name, "train": split.train, "validation": split.validation, "test": split.test}, indent=2))
 
 
 def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = None) -> dict:
@@ -372,8 +381,9 @@ def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = Non
 def crossval(config_path: Path, verbose: int = 2) -> dict:
     """Train and score every fold of the config's k-fold or leave-one-patient-out split, each in
     ``runs/<name>-cv-<stamp>/fold-NN/`` (its split, metrics, plots, checkpoints), and write
-    ``cv-summary.json`` and ``cv-summary.md``: each metric's mean and standard deviation over the
-    folds, and the folds' validation results pooled (every slide is validated exactly once).
+    ``cv-summary.json`` and ``cv-summary.md``: each test metric's mean and standard deviation over
+    the folds, and the folds' test results pooled (every slide is tested exactly once; each fold
+    stops early and keeps its checkpoint on its own inner validation patients).
     Exports no bundle: cross-validation estimates how well the config trains; the bundle comes
     from ``train`` on the chosen split.  Returns the summary."""
     import keras
@@ -391,26 +401,27 @@ def crossval(config_path: Path, verbose: int = 2) -> dict:
         keras.backend.clear_session()
         keras.utils.set_random_seed(cfg.seed)  # every fold starts from the config's seed, not from where the last fold left it
         if verbose:
-            print(f"fold {i + 1}/{len(splits)} ({split.name}): {len(split.train)} training slide(s), validation {' '.join(split.validation)}", flush=True)
+            print(f"fold {i + 1}/{len(splits)} ({split.name}): {len(split.train)} training, {len(split.validation)} validation slide(s), test {' '.join(split.test)}", flush=True)
         result = train_split(cfg, records, split, tiles, fold_dir, verbose)
         folds.append((split.name, result.metrics))
-    summary = summarise_folds(folds)
+    summary = summarise_folds(folds, {r.slide_id: r.patient_id for r in records}, cfg.seed)
     summary["split"] = {"method": cfg.split_method, "k": len(splits), "seed": cfg.seed}
     (run_dir / "cv-summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     (run_dir / "cv-summary.md").write_text(cv_summary_markdown(cfg, summary))
     return summary
 
 
-def train_split(cfg: RunConfig, records, split, tiles: _Tiles, run_dir: Path, verbose: int) -> FoldResult:
-    """Train both networks on ``split.train`` and score them on ``split.validation``; per-epoch
-    CSVs, plots, checkpoints, metrics.json and the final confusion matrices go to ``run_dir``."""
+def train_split(cfg: RunConfig, records, split: Split, tiles: _Tiles, run_dir: Path, verbose: int) -> FoldResult:
+    """Train both networks on ``split.train``, choosing epochs and checkpoints on
+    ``split.validation``; then score both sets and ``split.test`` (the test patients are seen here
+    for the first and only time).  Per-epoch CSVs, plots, checkpoints, metrics.json and the test
+    set's final confusion matrices go to ``run_dir``."""
     import keras
 
     from glio_node.runtime.networks import build_classifier, build_unet
 
     by_id = {r.slide_id: r for r in records}
     aug = Augmentation(**cfg.augmentation)
-    metrics: dict = {}
 
     # --- regions (UNet) ---
     seg = cfg.segmentation
@@ -432,9 +443,6 @@ def train_split(cfg: RunConfig, records, split, tiles: _Tiles, run_dir: Path, ve
         verbose=verbose,
         callbacks=_callbacks(run_dir, "regions", seg, xv_norm, yv, "segmentation", REGION_NAMES),
     )
-    if len(xv):
-        pred = np.argmax(unet.predict(xv_norm, batch_size=8, verbose=0)["segmentation"], axis=-1)
-        metrics["regions"] = segmentation_report(yv, pred, REGION_NAMES)
 
     # --- molecular (multi-head classifier) ---
     cl = cfg.classifier
@@ -477,56 +485,166 @@ def train_split(cfg: RunConfig, records, split, tiles: _Tiles, run_dir: Path, ve
         clf = build_classifier(cl.tile_size, heads, base_filters=cl.base_filters, blocks=cl.depth, name="molecular", bn_momentum=cl.bn_momentum)
         clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss=losses)
         clf.fit(**fit, epochs=cl.epochs, callbacks=callbacks)
-    if len(xcv):
-        probs = clf.predict(xcv_norm, batch_size=32, verbose=0)
-        offsets = np.cumsum([0] + [len(cl_shards[s].images) for s in split.validation])
-        for task in CLS_TASKS:
-            known = ycv[task].sum(-1) > 0
-            if known.any():
-                tile = classification_report(np.argmax(ycv[task][known], -1), probs[task][known], LABEL_VALUES[task])
-                per_slide = {s: probs[task][offsets[i] : offsets[i + 1]] for i, s in enumerate(split.validation) if by_id[s].labels.get(task)}
-                truth = {s: LABEL_VALUES[task].index(by_id[s].labels[task]) for s in per_slide}
-                metrics[task] = {"tile": tile, "slide": slide_level_report(per_slide, truth, LABEL_VALUES[task])}
+    metrics = {
+        "sets": _set_sizes(split, by_id),
+        "validation": score_set(cfg, unet, clf, split.validation, tiles, by_id),
+        "test": score_set(cfg, unet, clf, split.test, tiles, by_id),
+    }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    _write_confusion_csvs(run_dir, metrics)
+    _write_confusion_csvs(run_dir, metrics["test"])
     return FoldResult(metrics, unet, clf)
 
 
-def summarise_folds(folds: list[tuple[str, dict]]) -> dict:
-    """Cross-validation summary of ``(fold name, metrics)`` pairs (pure).
+def _set_sizes(split: Split, by_id) -> dict:
+    """Patients and slides in each set (counts only: no patient id leaves the dataset)."""
+    sets = {"train": split.train, "validation": split.validation, "test": split.test}
+    return {name: {"patients": len({by_id[s].patient_id for s in ids}), "slides": len(ids)} for name, ids in sets.items()}
 
-    ``metrics``: each headline number (the manifest's validation keys) as mean, sample standard
-    deviation (``sd``, None for one fold) and the number of folds that had it (a fold whose
-    validation patients lack a label has no number for that task).  ``pooled``: the folds'
-    validation results taken together, each slide counted once: region pixels from the summed
-    confusion matrices; per task the slide calls re-scored from every slide's mean probabilities
-    (so ROC AUC is pooled too) and the summed tile confusion matrix.
+
+def _offsets(shards: list[Shard]) -> np.ndarray:
+    return np.cumsum([0] + [len(s.images) for s in shards])
+
+
+def score_set(cfg: RunConfig, unet, clf, slide_ids: tuple[str, ...], tiles: _Tiles, by_id) -> dict:
+    """Every metric of one held-out set with its patient-level bootstrap 95 % interval (``ci``):
+    regions per pixel (accuracy, mean Dice, macro-F1, MCC, per-class Dice); per molecular task per
+    tile and per slide as the worker calls (accuracy, balanced accuracy, per-class sensitivity,
+    specificity and ROC AUC).  Each report keeps its slides' confusion matrices (regions, tiles)
+    or truth and mean probabilities (slides), by slide id, so cross-validation can pool and
+    resample them."""
+    out: dict = {}
+    seg_ids = [s for s in slide_ids if s in tiles.segmentation and len(tiles.segmentation[s].images)]
+    if seg_ids:
+        shards = [tiles.segmentation[s] for s in seg_ids]
+        x = normalize(_stack(shards, cfg.segmentation.tile_size), cfg.normalization)
+        pred = np.argmax(unet.predict(x, batch_size=8, verbose=0)["segmentation"], axis=-1)
+        o = _offsets(shards)
+        cms = np.stack([confusion_matrix(sh.labels, pred[o[i] : o[i + 1]], len(REGION_NAMES)) for i, sh in enumerate(shards)])
+        report = segmentation_report_from_confusion(cms.sum(axis=0), REGION_NAMES)
+        report["ci"] = confusion_intervals(cms, [by_id[s].patient_id for s in seg_ids], REGION_NAMES, seed=cfg.seed)
+        report["slides"] = {s: cm.tolist() for s, cm in zip(seg_ids, cms)}
+        out["regions"] = report
+
+    shards = [tiles.classifier[s] for s in slide_ids]
+    x = normalize(_stack(shards, cfg.classifier.tile_size), cfg.normalization)
+    if not len(x):
+        return out
+    probs = clf.predict(x, batch_size=32, verbose=0)
+    o = _offsets(shards)
+    for task in CLS_TASKS:
+        classes = LABEL_VALUES[task]
+        labelled = [i for i, s in enumerate(slide_ids) if by_id[slide_ids[i]].labels.get(task)]
+        if not any(o[i + 1] > o[i] for i in labelled):
+            continue
+        per_slide = {slide_ids[i]: probs[task][o[i] : o[i + 1]] for i in labelled}
+        truth = {s: classes.index(by_id[s].labels[task]) for s in per_slide}
+        with_tiles = [s for s in per_slide if len(per_slide[s])]
+        groups = [by_id[s].patient_id for s in with_tiles]
+        tile_truth = np.concatenate([[truth[s]] * len(per_slide[s]) for s in with_tiles])
+        tile = classification_report(tile_truth, np.concatenate([per_slide[s] for s in with_tiles]), classes)
+        tile_cms = np.stack([confusion_matrix(np.full(len(per_slide[s]), truth[s]), np.argmax(per_slide[s], -1), len(classes)) for s in with_tiles])
+        tile["ci"] = confusion_intervals(tile_cms, groups, classes, seed=cfg.seed)
+        tile["slides"] = {s: cm.tolist() for s, cm in zip(with_tiles, tile_cms)}
+        slide = slide_level_report(per_slide, truth, classes)
+        scored = list(slide["slides"])
+        slide["ci"] = classification_intervals(
+            [slide["slides"][s]["truth"] for s in scored], np.array([slide["slides"][s]["probabilities"] for s in scored]),
+            [by_id[s].patient_id for s in scored], classes, seed=cfg.seed,
+        )
+        out[task] = {"tile": tile, "slide": slide}
+    return out
+
+
+def _figures(set_metrics: dict) -> list[tuple[str, float, list | None]]:
+    """The headline figures of one set's reports as ``(key, value, [ci_low, ci_high] or None)``:
+    the manifest's ``[validation]`` keys (before their set prefix), the model card's and the
+    cross-validation summary's rows."""
+    rows: list[tuple[str, float, list | None]] = []
+    if "regions" in set_metrics:
+        r = set_metrics["regions"]
+        ci = r.get("ci", {})
+        for key, metric in (("pixel_accuracy", "accuracy"), ("mean_dice", "mean_dice"), ("macro_f1", "macro_f1"), ("mcc", "mcc")):
+            if metric in r:
+                rows.append((f"regions_{key}", r[metric], ci.get(metric)))
+    for task in CLS_TASKS:
+        if task not in set_metrics:
+            continue
+        tile, slide = set_metrics[task]["tile"], set_metrics[task]["slide"]
+        rows.append((f"{task}_tile_accuracy", tile["accuracy"], tile.get("ci", {}).get("accuracy")))
+        ci = slide.get("ci", {})
+        rows.append((f"{task}_slide_accuracy", slide["accuracy"], ci.get("accuracy")))
+        if "balanced_accuracy" in slide:
+            rows.append((f"{task}_slide_balanced_accuracy", slide["balanced_accuracy"], ci.get("balanced_accuracy")))
+        for name, vals in slide["per_class"].items():
+            for metric in ("sensitivity", "specificity", "roc_auc"):
+                rows.append((f"{task}_{name}_{metric}", vals[metric], ci.get("per_class", {}).get(name, {}).get(metric)))
+    return rows
+
+
+def _finite(v) -> bool:
+    return v is not None and not math.isnan(float(v))
+
+
+def summarise_folds(folds: list[tuple[str, dict]], patient_of: dict[str, str] | None = None, seed: int = 0) -> dict:
+    """Cross-validation summary of ``(fold name, metrics)`` pairs, metrics as train_split writes
+    them (pure).  Every figure is a test figure: each fold's outer fold.
+
+    ``metrics``: each headline number (the manifest's ``test_`` keys) as mean, sample standard
+    deviation (``sd``, None for one fold) and the number of folds that had it (a fold whose test
+    patients lack a label has no number for that task).  ``pooled``: the folds' test results
+    taken together, each slide counted once: region pixels from the summed confusion matrices;
+    per task the slide calls re-scored from every slide's mean probabilities (so ROC AUC is
+    pooled too) and the summed tile confusion matrix.  With ``patient_of`` (slide id -> patient),
+    each pooled report gets its patient-level bootstrap interval (``ci``, seeded by ``seed``).
     """
-    per_fold = [{"fold": name, **_summary(m)} for name, m in folds]
+    per_fold = [{"fold": name, **{f"test_{k}": float(v) for k, v, _ in _figures(m["test"]) if _finite(v)}} for name, m in folds]
     keys = sorted({k for row in per_fold for k in row if k != "fold"})
     stats = {}
     for key in keys:
         values = np.array([row[key] for row in per_fold if key in row], dtype=np.float64)
         stats[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None, "n": len(values)}
+    tests = [m["test"] for _, m in folds]
+
+    def confusion_ci(reports: list[dict], classes) -> dict | None:
+        slides = {sid: cm for r in reports for sid, cm in r.get("slides", {}).items()}
+        if patient_of is None or not slides:
+            return None
+        ids = sorted(slides)
+        return confusion_intervals(np.array([slides[i] for i in ids]), [patient_of[i] for i in ids], classes, seed=seed)
+
     pooled: dict = {}
-    region_cms = [np.asarray(m["regions"]["confusion_matrix"]) for _, m in folds if "regions" in m]
-    if region_cms:
-        report = segmentation_report_from_confusion(sum(region_cms), REGION_NAMES)
-        pooled["regions"] = report
+    region_reports = [t["regions"] for t in tests if "regions" in t]
+    if region_reports:
+        pooled["regions"] = segmentation_report_from_confusion(sum(np.asarray(r["confusion_matrix"]) for r in region_reports), REGION_NAMES)
+        if (ci := confusion_ci(region_reports, REGION_NAMES)) is not None:
+            pooled["regions"]["ci"] = ci
     for task in CLS_TASKS:
-        slides = {sid: s for _, m in folds if task in m for sid, s in m[task]["slide"].get("slides", {}).items()}
-        tile_cms = [np.asarray(m[task]["tile"]["confusion_matrix"]) for _, m in folds if task in m]
-        if not tile_cms:
+        reports = [t[task] for t in tests if task in t]
+        if not reports:
             continue
-        tile_cm = sum(tile_cms)
-        entry = {"tile": {"n": int(tile_cm.sum()), "accuracy": float(np.trace(tile_cm) / tile_cm.sum()) if tile_cm.sum() else float("nan"), "confusion_matrix": tile_cm.tolist()}}
+        tile_cm = sum(np.asarray(r["tile"]["confusion_matrix"]) for r in reports)
+        tile = {"n": int(tile_cm.sum()), "accuracy": float(np.trace(tile_cm) / tile_cm.sum()) if tile_cm.sum() else float("nan"), "confusion_matrix": tile_cm.tolist()}
+        if (ci := confusion_ci([r["tile"] for r in reports], LABEL_VALUES[task])) is not None:
+            tile["ci"] = ci
+        entry = {"tile": tile}
+        slides = {sid: sl for r in reports for sid, sl in r["slide"].get("slides", {}).items()}
         if slides:
             ids = sorted(slides)
             truth = np.array([slides[i]["truth"] for i in ids])
             probs = np.array([slides[i]["probabilities"] for i in ids], dtype=np.float64)
             entry["slide"] = classification_report(truth, probs, LABEL_VALUES[task])
+            if patient_of is not None:
+                entry["slide"]["ci"] = classification_intervals(truth, probs, [patient_of[i] for i in ids], LABEL_VALUES[task], seed=seed)
         pooled[task] = entry
     return {"folds": per_fold, "metrics": stats, "pooled": pooled}
+
+
+def _with_ci(value, ci) -> str:
+    if not _finite(value):
+        return "–"
+    if ci is None or not (_finite(ci[0]) and _finite(ci[1])):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def cv_summary_markdown(cfg: RunConfig, summary: dict) -> str:
@@ -535,7 +653,12 @@ def cv_summary_markdown(cfg: RunConfig, summary: dict) -> str:
     lines = [
         f"# Cross-validation: {cfg.name} {cfg.version}",
         "",
-        f"{len(folds)} fold(s), split by patient ({cfg.split_method}), seed {cfg.seed}. Mean and sample standard deviation over folds; each fold's value in order.",
+        (
+            f"{len(folds)} fold(s), split by patient ({cfg.split_method}), seed {cfg.seed}. Every figure is a **test** figure: "
+            "each fold is scored on its outer fold, which no choosing step saw (early stopping, checkpoint and learning-rate "
+            "schedule watched an inner validation set drawn from the other folds). Mean and sample standard deviation over "
+            "folds; each fold's value in order."
+        ),
         "",
         "| metric | mean | sd | folds | " + " | ".join(f["fold"] for f in folds) + " |",
         "|---" * (4 + len(folds)) + "|",
@@ -544,48 +667,78 @@ def cv_summary_markdown(cfg: RunConfig, summary: dict) -> str:
         sd = "–" if st["sd"] is None else f"{st['sd']:.3f}"
         values = " | ".join(f"{f[key]:.3f}" if key in f else "–" for f in folds)
         lines.append(f"| {key} | {st['mean']:.3f} | {sd} | {st['n']} | {values} |")
-    lines += ["", "## Pooled over folds (each slide validated once)", ""]
+    lines += ["", "## Pooled over folds (each slide tested once; patient-level bootstrap 95 % intervals)", ""]
     pooled = summary["pooled"]
     if "regions" in pooled:
-        lines.append(f"- regions: pixel accuracy {pooled['regions']['accuracy']:.3f}, mean Dice {pooled['regions']['mean_dice']:.3f} ({pooled['regions']['n']} pixels)")
+        r, ci = pooled["regions"], pooled["regions"].get("ci", {})
+        lines.append(
+            f"- regions: pixel accuracy {_with_ci(r['accuracy'], ci.get('accuracy'))}, mean Dice {_with_ci(r['mean_dice'], ci.get('mean_dice'))}, "
+            f"macro-F1 {_with_ci(r['macro_f1'], ci.get('macro_f1'))}, MCC {_with_ci(r['mcc'], ci.get('mcc'))} ({r['n']} pixels)"
+        )
     for task in CLS_TASKS:
         if task in pooled and "slide" in pooled[task]:
-            sl = pooled[task]["slide"]
-            lines.append(f"- {task}: slide accuracy {sl['accuracy']:.3f} on {sl['n']} slide(s); tile accuracy {pooled[task]['tile']['accuracy']:.3f}")
+            sl, ci = pooled[task]["slide"], pooled[task]["slide"].get("ci", {})
+            tile = pooled[task]["tile"]
+            lines.append(
+                f"- {task}: slide accuracy {_with_ci(sl['accuracy'], ci.get('accuracy'))}, balanced accuracy "
+                f"{_with_ci(sl['balanced_accuracy'], ci.get('balanced_accuracy'))} on {sl['n']} slide(s); tile accuracy "
+                f"{_with_ci(tile['accuracy'], tile.get('ci', {}).get('accuracy'))}"
+            )
             lines.append(f"  slide confusion (rows truth, columns call; {', '.join(LABEL_VALUES[task])}): {sl['confusion_matrix']}")
     return "\n".join(lines) + "\n"
 
 
+def _card_set_table(set_metrics: dict) -> list[str]:
+    lines = ["| metric | value [95 % CI] |", "|---|---|"]
+    lines += [f"| {key} | {_with_ci(v, ci)} |" for key, v, ci in _figures(set_metrics)]
+    if "regions" in set_metrics:
+        r = set_metrics["regions"]
+        ci = r.get("ci", {}).get("per_class", {})
+        lines += [f"| regions_{name}_dice | {_with_ci(vals['dice'], ci.get(name, {}).get('dice'))} |" for name, vals in r["per_class"].items() if _finite(vals["dice"])]
+    return lines + [""]
+
+
 def model_card(cfg: RunConfig, metrics: dict, commit: str, split, images: list[str] = (), prefix: str = "") -> str:
     """A Markdown model card for docs/model-cards/<name>.md: what it is for, what it was trained
-    on, its validation metrics per class, and its plots (``images``, file names under ``prefix``)."""
+    on, its test metrics with patient-level intervals, its validation metrics marked as such, and
+    its plots (``images``, file names under ``prefix``)."""
+    sets = metrics["sets"]
+    about = next((m[t]["slide"]["ci"]["bootstrap"] for m in (metrics["test"],) for t in CLS_TASKS if t in m), None)
+    resamples = f"{about['n_resamples']} resamples, seed {about['seed']}" if about else f"seed {cfg.seed}"
     lines = [
         f"# Model card: {cfg.name} {cfg.version}",
         "",
         f"Intended use: {cfg.intended_use}",
         "",
         (
-            f"Trained by `python -m training train` at {commit}, seed {cfg.seed}, on dataset `{cfg.dataset.name}`: "
-            f"{len(split.train)} training slide(s), {len(split.validation)} validation slide(s), split by patient."
+            f"Trained by `python -m training train` at {commit}, seed {cfg.seed}, on dataset `{cfg.dataset.name}`, split by patient "
+            f"({split.name}, stratified by {cfg.stratify}): "
+            + ", ".join(f"{name} {n['patients']} patient(s) ({n['slides']} slide(s))" for name, n in sets.items())
+            + "."
         ),
         "",
+        (
+            "Which set each figure comes from: **test** figures were computed once, after training, on patients that no "
+            "choosing step saw. **Validation** figures come from the patients on which early stopping, the checkpoint and the "
+            "learning-rate schedule were chosen, so they are optimistic. Intervals are patient-level bootstrap 95 % intervals "
+            f"(percentile method, {resamples}); the slide metrics are the worker's calls (mean of tile probabilities)."
+        ),
+        "",
+        f"## Test set ({sets['test']['patients']} patients)",
+        "",
+        *_card_set_table(metrics["test"]),
+        f"## Validation set ({sets['validation']['patients']} patients; chose epochs and checkpoints, optimistic)",
+        "",
+        *_card_set_table(metrics["validation"]),
     ]
-    for task, m in metrics.items():
-        rep = m if "per_class" in m else m["tile"]
-        lines += [f"## {task}" + ("" if m is rep else f" (tile level; slide-level accuracy {m['slide']['accuracy']:.3f} on {m['slide']['n']} slide(s))"), ""]
-        keys = [k for k in ("sensitivity", "specificity", "precision", "f1", "iou", "roc_auc") if k in next(iter(rep["per_class"].values()))]
-        lines += ["| class | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for name, vals in rep["per_class"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in keys) + " |")
-        lines.append("")
     if images:
-        lines += ["## Plots", "", "Loss per epoch (training and validation) and final confusion matrices on the validation patients.", ""]
+        lines += ["## Plots", "", "Loss per epoch (training and validation) and final confusion matrices on the test patients.", ""]
         lines += [f"![{name}]({prefix}{name})" for name in images] + [""]
     return "\n".join(lines)
 
 
 def _write_confusion_csvs(run_dir: Path, metrics: dict) -> None:
-    """confusion-<task>-final.csv and .png: regions per pixel, molecular tasks per tile."""
+    """confusion-<task>-final.csv and .png of the test set: regions per pixel, molecular tasks per tile."""
     from training.plots import plot_confusion
 
     for task, m in metrics.items():
@@ -594,11 +747,11 @@ def _write_confusion_csvs(run_dir: Path, metrics: dict) -> None:
             csv.writer(f).writerows(cm)
         classes = REGION_NAMES if task == "regions" else LABEL_VALUES[task]
         unit = "pixels" if task == "regions" else "tiles"
-        plot_confusion(np.asarray(cm), classes, f"{task}, validation {unit}", run_dir / f"confusion-{task}-final.png")
+        plot_confusion(np.asarray(cm), classes, f"{task}, test {unit}", run_dir / f"confusion-{task}-final.png")
 
 
 def _card_images(run_dir: Path, metrics: dict) -> list[str]:
-    names = [f"metrics-{net}.png" for net in ("regions", "molecular")] + [f"confusion-{task}-final.png" for task in metrics]
+    names = [f"metrics-{net}.png" for net in ("regions", "molecular")] + [f"confusion-{task}-final.png" for task in metrics["test"]]
     return [n for n in names if (run_dir / n).is_file()]
 
 
@@ -616,15 +769,23 @@ def write_model_card(run_dir: Path, cfg: RunConfig, metrics: dict, commit: str, 
 
 
 def _summary(metrics: dict) -> dict[str, float]:
+    """The manifest's ``[validation]`` table: every headline figure of the test set (``test_``)
+    and of the validation set (``val_``), each with its patient-level 95 % interval
+    (``<key>_ci_low`` / ``<key>_ci_high``), and the sets' sizes.  Undefined figures are left out
+    (the table holds finite numbers only)."""
     out: dict[str, float] = {}
-    if "regions" in metrics:
-        out["regions_pixel_accuracy"] = metrics["regions"]["accuracy"]
-        out["regions_mean_dice"] = metrics["regions"]["mean_dice"]
-    for task in CLS_TASKS:
-        if task in metrics:
-            out[f"{task}_tile_accuracy"] = metrics[task]["tile"]["accuracy"]
-            out[f"{task}_slide_accuracy"] = metrics[task]["slide"]["accuracy"]
-    return {k: float(v) for k, v in out.items() if not math.isnan(v)}
+    for name, size in metrics["sets"].items():
+        short = {"validation": "val"}.get(name, name)
+        out[f"{short}_patients"] = size["patients"]
+        out[f"{short}_slides"] = size["slides"]
+    for set_name, prefix in (("test", "test_"), ("validation", "val_")):
+        for key, value, ci in _figures(metrics[set_name]):
+            if not _finite(value):
+                continue
+            out[prefix + key] = value
+            if ci is not None and _finite(ci[0]) and _finite(ci[1]):
+                out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = ci
+    return {k: float(v) for k, v in out.items()}
 
 
 def config_digest(config_path: Path) -> str:
@@ -654,7 +815,8 @@ def provenance(cfg: RunConfig, config_path: Path, commit: str, framework: str) -
         data = f"the slides in {cfg.dataset.name}/"
     return (
         f"Trained by `python -m training train --config {shown}` at {commit} with {framework} on {data}; "
-        f"seed {cfg.seed}, validation on held-out patients; config SHA-256 {config_digest(config_path)}."
+        f"seed {cfg.seed}, split by patient into train, validation (early stopping, checkpoint) and test (scored once, "
+        f"the [validation] table's test_ keys); config SHA-256 {config_digest(config_path)}."
     )
 
 

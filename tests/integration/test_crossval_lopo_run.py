@@ -1,6 +1,6 @@
 """A data scientist cross-validates a run config by leaving each patient out in turn: one
-command trains every fold, each patient is validated exactly once, and the summary's numbers are
-the folds' own.  The collection mixes DICOM series and plain TIFF slides, as research collections do."""
+command trains every fold, each patient is tested exactly once (each fold choosing its epochs on
+an inner validation patient), and the summary's numbers are the folds' own.  The collection mixes DICOM series and plain TIFF slides, as research collections do."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ dataset = "dataset"
 runs_dir = "runs"
 models_dir = "models"
 seed = 2
-split = {method = "lopo"}
+split = {method = "lopo", stratify = "none"}   # 3 patients: 1 test, 1 validation, 1 train per fold
 augmentation = {crop = 48, hue = 0.0}
 
 [segmentation]
@@ -75,7 +75,7 @@ def test_leave_one_patient_out_trains_every_fold_and_summarises_them(tmp_path):
     env = {"PYTHONPATH": root, "PATH": "/usr/bin:/bin", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "training", "crossval", "--config", str(tmp_path / "run.toml")], cwd=root, env=env, check=False, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "regions_mean_dice:" in done.stdout and "over 3 fold(s)" in done.stdout
+    assert "test_regions_mean_dice:" in done.stdout and "over 3 fold(s)" in done.stdout
 
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("glio-cv-cv-")
@@ -86,23 +86,24 @@ def test_leave_one_patient_out_trains_every_fold_and_summarises_them(tmp_path):
     labels = (tmp_path / "dataset" / "labels.csv").read_text().splitlines()
     header = labels[0].split(",")
     patient_of = {row.split(",")[header.index("slide_id")]: row.split(",")[header.index("patient_id")] for row in labels[1:]}
-    validated = []
+    tested = []
     for fold in fold_dirs:
         split = json.loads((fold / "split.json").read_text())
-        val_patients = {patient_of[s] for s in split["validation"]}
-        assert len(val_patients) == 1 and split["name"] == f"lopo-{val_patients.pop()}"
-        assert not {patient_of[s] for s in split["train"]} & {patient_of[s] for s in split["validation"]}
-        validated += split["validation"]
+        patients = [{patient_of[s] for s in split[k]} for k in ("train", "validation", "test")]
+        assert [len(p) for p in patients] == [1, 1, 1] and len(set.union(*patients)) == 3
+        assert split["name"] == f"lopo-{next(iter(patients[2]))}"
+        tested += split["test"]
         assert {"metrics.json", "metrics-regions.csv", "best-molecular.keras", "confusion-subtype-final.png"} <= {p.name for p in fold.iterdir()}
-    assert sorted(validated) == sorted(patient_of), "every slide validated exactly once"
-    tiff_fold = json.loads((run_dir / "fold-01" / "metrics.json").read_text())  # lopo-P001: its TIFF slides validate
-    assert tiff_fold["regions"]["n"] > 0 and tiff_fold["subtype"]["slide"]["n"] == 2
+    assert sorted(tested) == sorted(patient_of), "every slide tested exactly once"
+    tiff_fold = json.loads((run_dir / "fold-01" / "metrics.json").read_text())  # lopo-P001: its TIFF slides are the test set
+    assert tiff_fold["test"]["regions"]["n"] > 0 and tiff_fold["test"]["subtype"]["slide"]["n"] == 2
 
     summary = json.loads((run_dir / "cv-summary.json").read_text())
-    dice = [json.loads((f / "metrics.json").read_text())["regions"]["mean_dice"] for f in fold_dirs]
-    assert summary["metrics"]["regions_mean_dice"]["mean"] == pytest.approx(np.mean(dice))
-    assert summary["metrics"]["regions_mean_dice"]["sd"] == pytest.approx(np.std(dice, ddof=1))
+    dice = [json.loads((f / "metrics.json").read_text())["test"]["regions"]["mean_dice"] for f in fold_dirs]
+    assert summary["metrics"]["test_regions_mean_dice"]["mean"] == pytest.approx(np.mean(dice))
+    assert summary["metrics"]["test_regions_mean_dice"]["sd"] == pytest.approx(np.std(dice, ddof=1))
     assert summary["pooled"]["subtype"]["slide"]["n"] == len(patient_of)
+    assert summary["pooled"]["regions"]["ci"]["bootstrap"]["n_patients"] == 3
     assert summary["split"] == {"method": "lopo", "k": 3, "seed": 2}
     md = (run_dir / "cv-summary.md").read_text()
-    assert "| regions_mean_dice |" in md and "lopo-" in md
+    assert "| test_regions_mean_dice |" in md and "lopo-" in md and "**test** figure" in md

@@ -68,7 +68,9 @@ def test_the_demo_config_at_toy_size_trains_a_bundle_shaped_like_the_shipped_one
 
     (run_dir,) = (tmp_path / "runs").iterdir()
     split = json.loads((run_dir / "split.json").read_text())
-    slide = tmp_path / "dataset" / "slides" / split["validation"][0]
+    assert [len(split[k]) for k in ("train", "validation", "test")] == [2, 1, 1]
+    assert smoke.validation["test_patients"] == 1 and "test_regions_mean_dice_ci_low" in smoke.validation
+    slide = tmp_path / "dataset" / "slides" / split["test"][0]
     analyzed = subprocess.run(
         [sys.executable, "-m", "glio_node.cli", "analyze", str(slide), "--out", str(tmp_path / "out"), "--models", str(bundle), "--device", "cpu"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,

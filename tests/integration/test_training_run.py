@@ -20,7 +20,7 @@ dataset = "dataset"
 runs_dir = "runs"
 models_dir = "models"
 seed = 1
-split = {method = "kfold", k = 2, fold = 1}
+split = {method = "kfold", k = 2, fold = 1, stratify = "none"}   # 4 patients: 2 test, 1 validation, 1 train
 augmentation = {crop = 48, hue = 0.0}
 
 [segmentation]
@@ -59,18 +59,32 @@ def test_train_writes_a_run_folder_and_a_bundle_the_worker_analyses_with(tmp_pat
     assert {"config.toml", "run.json", "split.json", "metrics.json", "metrics-regions.csv", "metrics-molecular.csv", "best-regions.keras", "confusion-regions-final.csv", "confusion-segmentation-epoch002.csv", "model-card.md"} <= names
     assert {"metrics-regions.png", "metrics-molecular.png", "confusion-segmentation-latest.png", "confusion-subtype-final.png"} <= names
     assert (run_dir / "metrics-molecular.csv").read_text().count("\n") == 3, "header, the frozen epoch and the fine-tune epoch"
+    assert "test set (2 patients, scored once" in done.stdout
     card = (tmp_path / "cards" / "glio-ci.md").read_text()
     assert "![metrics-regions.png](glio-ci/metrics-regions.png)" in card and (tmp_path / "cards" / "glio-ci" / "metrics-regions.png").is_file()
+    assert "## Test set (2 patients)" in card and "## Validation set (1 patients" in card and "patient-level bootstrap 95 % intervals" in card
     assert json.loads((run_dir / "run.json").read_text())["seed"] == 1
     assert "commit" in json.loads((run_dir / "run.json").read_text())["git"] or "unknown" in json.loads((run_dir / "run.json").read_text())["git"]
     split = json.loads((run_dir / "split.json").read_text())
-    assert split["validation"] and not set(split["train"]) & set(split["validation"])
+    sides = [set(split[k]) for k in ("train", "validation", "test")]
+    assert all(sides) and not sides[0] & sides[1] and not sides[0] & sides[2] and not sides[1] & sides[2]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["sets"] == {"train": {"patients": 1, "slides": 1}, "validation": {"patients": 1, "slides": 1}, "test": {"patients": 2, "slides": 2}}
+    regions = metrics["test"]["regions"]
+    assert regions["ci"]["bootstrap"] == {"unit": "patient", "method": "percentile", "n_patients": 2, "n_resamples": 1000, "seed": 1, "level": 0.95}
+    assert sorted(regions["slides"]) == sorted(split["test"]), "the test figures are the test slides'"
+    assert set(metrics["validation"]["subtype"]["slide"]["slides"]) == set(split["validation"])
 
     manifest = verify_bundle(tmp_path / "models" / "glio-ci")
-    assert manifest.name == "glio-ci" and "regions_mean_dice" in manifest.validation
+    v = manifest.validation
+    assert manifest.name == "glio-ci" and v["test_patients"] == 2 and v["val_patients"] == 1
+    assert v["test_regions_mean_dice"] == pytest.approx(regions["mean_dice"]) and "val_regions_mean_dice" in v
+    assert v["test_regions_mean_dice_ci_low"] <= v["test_regions_mean_dice_ci_high"]
+    assert {"test_regions_mcc", "test_regions_macro_f1", "test_subtype_slide_balanced_accuracy", "test_mgmt_tile_accuracy_ci_high"} <= set(v)
     verify = subprocess.run([sys.executable, "-m", "glio_node.cli", "models", "verify", str(tmp_path / "models" / "glio-ci")], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stderr[-3000:]
-    slide = tmp_path / "dataset" / "slides" / split["validation"][0]
+    slide = tmp_path / "dataset" / "slides" / split["test"][0]
     analyze = subprocess.run([sys.executable, "-m", "glio_node.cli", "analyze", str(slide), "--out", str(tmp_path / "out"), "--models", str(tmp_path / "models" / "glio-ci")], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=300)
     assert analyze.returncode == 0, analyze.stderr[-3000:]
     assert any((tmp_path / "out").rglob("*.dcm"))

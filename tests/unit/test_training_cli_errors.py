@@ -18,6 +18,17 @@ def test_more_folds_than_patients_is_one_line(dataset, capsys):
     assert capsys.readouterr().err.strip() == "error: k-fold needs 2 <= k <= number of patients (3), got k=9"
 
 
+def test_too_few_patients_of_a_class_for_a_test_set_is_one_line(dataset, capsys):
+    # 3 patients, each subtype at most once: no subtype can be in train, validation and test.
+    assert main(["split", str(dataset)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: a test / validation / train split needs at least 3 patients per class (one in each set); class ")
+    assert err.endswith('of subtype has 1: add patients, or set split.stratify = "none"')
+    assert main(["split", str(dataset), "--stratify", "none"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fixed: train 1 slide(s), validation ") and ", test " in out
+
+
 def test_a_wrong_split_method_in_a_run_config_is_named(dataset, tmp_path, capsys):
     (tmp_path / "run.toml").write_text(
         f'name = "x"\nversion = "0.1"\ndataset = "{dataset}"\nsplit = {{method = "random"}}\n'

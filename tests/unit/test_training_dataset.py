@@ -110,8 +110,9 @@ def test_the_command_line_validator_exits_non_zero_on_problems(dataset, tmp_path
     (bad / "labels.csv").unlink()
     assert main(["validate", str(bad)]) == 1
     assert "PROBLEM labels.csv: missing" in capsys.readouterr().out
-    assert main(["split", str(dataset), "--method", "lopo"]) == 0
-    assert "lopo-P001: train 2 slide(s), validation P001-S0" in capsys.readouterr().out
+    assert main(["split", str(dataset), "--method", "lopo", "--stratify", "none"]) == 0  # 3 patients: one subtype each
+    out = capsys.readouterr().out
+    assert "lopo-P001: train 1 slide(s), validation " in out and out.count(", test P001-S0\n") == 1
 
 
 def test_ivy_gap_annotation_images_saved_as_jpeg_are_read_to_the_right_classes(tmp_path):
