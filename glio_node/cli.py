@@ -136,6 +136,9 @@ def _models_verify(args: argparse.Namespace) -> int:
     print(f"ok          {manifest.name} {manifest.version} in {path}")
     print(f"fingerprint {bundle.algorithm.sha256}")
     print(f"use         {manifest.intended_use}")
+    for n in manifest.networks:
+        origin = f"; source {n.origin.source}; licence {n.origin.licence_name}" if n.origin else ""
+        print(f"network     {n.name}: {n.runtime} {n.file}, tasks {', '.join(n.tasks)}{origin}")
     return EXIT_OK
 
 
@@ -257,10 +260,10 @@ def _start_status_page(settings, sessions, spool, owner: str, manifest):
     import socket
     from datetime import UTC, datetime
 
-    from glio_node.runtime.keras_runner import select_device
+    from glio_node.runtime.runners import prepare_device
     from glio_node.store import nodes
 
-    device = select_device(settings.worker.device)  # already chosen by preload; returns it
+    device = prepare_device(settings.worker.device, manifest)  # already chosen by preload; returns it
     with sessions.begin() as session:
         nodes.register(
             session,

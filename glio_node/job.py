@@ -63,19 +63,20 @@ class BundleCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._loaded: dict[Path, tuple[str, object]] = {}
+        self._loaded: dict[tuple[Path, str], tuple[str, object]] = {}
 
-    def get(self, bundle_dir: Path):
+    def get(self, bundle_dir: Path, device: str = "auto"):
+        """The bundle loaded for ``device`` (ONNX sessions are made for a device; Keras ignores it)."""
         from glio_node.bundle import load_bundle, verify_bundle
 
         path = Path(bundle_dir).resolve()
         with self._lock:
             verify_bundle(path)
             fingerprint = hashlib.sha256((path / "manifest.toml").read_bytes()).hexdigest()
-            cached = self._loaded.get(path)
+            cached = self._loaded.get((path, device))
             if cached is None or cached[0] != fingerprint:
-                cached = (fingerprint, load_bundle(path))
-                self._loaded[path] = cached
+                cached = (fingerprint, load_bundle(path, device))
+                self._loaded[(path, device)] = cached
             return cached[1]
 
 
@@ -97,8 +98,8 @@ def run_job(
     with missing frames (the worker, once a series stayed incomplete past its wait); what is
     missing is read as glass and the outputs say the source was incomplete.
     """
-    from glio_node.bundle import load_bundle
-    from glio_node.runtime.keras_runner import bundle_networks, select_device
+    from glio_node.bundle import load_bundle, load_manifest
+    from glio_node.runtime.runners import bundle_networks, prepare_device
     from glio_node.runtime.slide_reader import DicomSlide
     from glio_node.writers import write_results
 
@@ -108,8 +109,8 @@ def run_job(
     stages["open"] = time.perf_counter() - t0
     with slide:
         t0 = time.perf_counter()
-        used_device = select_device(device)  # type: ignore[arg-type]
-        bundle = bundles.get(bundle_dir) if bundles is not None else load_bundle(bundle_dir)
+        used_device = prepare_device(device, load_manifest(bundle_dir))
+        bundle = bundles.get(bundle_dir, device) if bundles is not None else load_bundle(bundle_dir, device)
         networks = bundle_networks(bundle, options.batch_size)
         stages["load_models"] = time.perf_counter() - t0
 
