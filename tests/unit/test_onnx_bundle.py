@@ -18,11 +18,10 @@ import onnxruntime
 import pytest
 from onnx import TensorProto
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import onnx_graphs as og  # noqa: E402
+import onnx_graphs as og
 
-from glio_node import coding  # noqa: E402
-from glio_node.bundle import (  # noqa: E402
+from glio_node import coding
+from glio_node.bundle import (
     NetworkSpec,
     TensorSpec,
     load_bundle,
@@ -30,9 +29,9 @@ from glio_node.bundle import (  # noqa: E402
     verify_bundle,
     write_bundle,
 )
-from glio_node.errors import BadInput, BundleError  # noqa: E402
-from glio_node.runtime import onnx_runner  # noqa: E402
-from glio_node.runtime.onnx_runner import OnnxNetwork  # noqa: E402
+from glio_node.errors import BadInput, BundleError
+from glio_node.runtime import onnx_runner
+from glio_node.runtime.onnx_runner import OnnxNetwork
 
 ROOT = Path(__file__).resolve().parents[2]
 N_REGIONS = len(coding.REGION_CLASSES)
