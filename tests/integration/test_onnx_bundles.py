@@ -1,21 +1,34 @@
-"""Our Keras networks as ONNX networks.
+"""Our Keras networks as ONNX networks, a hospital's ONNX network imported air-gapped, and
+bundles whose graph does not match their manifest refused in one line.
 
 - ``python -m training export-onnx`` turns models/glio-demo into an ONNX bundle; the same tiles
   through both give the same probabilities (1e-4) and labels (>= 99.9 % of pixels), and a slide
-  gets the same calls.
+  gets the same calls;
+- ``glio-node models import`` runs inside a network namespace with no interface (``unshare -rn``):
+  it needs nothing but its files; the licence and source it records are named in the outputs;
+- ``glio-node models verify`` and ``glio-node analyze`` refuse a bundle whose graph has another
+  signature than its manifest declares, with one line and exit code 2.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
+import onnx_graphs as og
+from dciodvfy import assert_valid
 
+from glio_node import coding
 from glio_node.bundle import load_bundle, load_manifest, verify_bundle
 from glio_node.pipeline.analyze import AnalysisOptions, analyze
 from glio_node.runtime.runners import bundle_networks, prepare_device
@@ -116,3 +129,145 @@ def test_a_slide_gets_the_same_calls_and_regions_from_both_bundles(both, small_s
     same = (onnx_result.label_map.array == keras_result.label_map.array).mean()
     assert same >= 0.999, f"label maps agree on {100 * same:.3f} % of pixels"
     assert onnx_result.algorithm.name == "glio-demo-onnx" and keras_result.algorithm.name == "glio-demo"
+
+
+# --- air-gapped import ---------------------------------------------------------------------------------
+
+
+def _no_network_wrapper() -> tuple[str, ...]:
+    """``unshare -rn``: a new user and network namespace with no interface but a downed loopback.
+
+    Proven here, not assumed: a server listening in this namespace must be unreachable from it.
+    """
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    threading.Thread(target=lambda: server.accept()[0].close(), daemon=True).start()
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)"
+    reachable = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=30)
+    isolated = subprocess.run(["unshare", "-rn", sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    server.close()
+    assert reachable.returncode == 0, "the probe cannot even reach this namespace's loopback"
+    assert isolated.returncode != 0 and "Network is unreachable" in isolated.stderr, (
+        "unshare -rn did not cut the network off; this test needs a kernel that allows user namespaces"
+    )
+    return ("unshare", "-rn")
+
+
+NETWORK_TOML = """
+[network]
+name = "hospital-regions"
+tile_size = 320
+um_per_px = 2.0
+overlap = 32
+normalization = "scale_0_1"
+input = { name = "tiles", shape = ["batch", 320, 320, 3], dtype = "float32" }
+
+[[network.heads]]
+task = "segmentation"
+activation = "softmax"
+output = { name = "segmentation", shape = ["batch", 320, 320, 10], dtype = "float32" }
+"""
+SOURCE = "Pathology lab of St Elsewhere, regions net v3 (2026-10), handed over on a USB stick"
+
+
+@pytest.fixture(scope="module")
+def imported(onnx_demo, tmp_path_factory) -> Path:
+    """A hospital's segmentation network (here: our exported one) imported into a copy of the demo, offline."""
+    work = tmp_path_factory.mktemp("import")
+    (work / "LICENCE.txt").write_text("Apache License\nVersion 2.0, January 2004\n(full text here)\n")
+    (work / "network.toml").write_text(NETWORK_TOML)
+    out = work / "glio-demo-hospital"
+    done = _run(
+        "-m", "glio_node.cli", "models", "import", "--onnx", str(onnx_demo / "regions.onnx"),
+        "--licence", str(work / "LICENCE.txt"), "--source", SOURCE, "--network", str(work / "network.toml"),
+        "--into", str(DEMO), "--out", str(out), wrap=_no_network_wrapper(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "replaced    regions of" in done.stdout
+    return out
+
+
+def test_an_import_without_network_writes_a_verified_bundle_with_licence_and_source(imported, onnx_demo):
+    manifest = verify_bundle(imported)
+    assert [(n.name, n.runtime) for n in manifest.networks] == [("molecular", "keras"), ("hospital-regions", "onnx")]
+    network = manifest.network_for("segmentation")
+    assert network.origin.source == SOURCE and network.origin.licence_name == "Apache License"
+    assert (imported / network.origin.licence_file).read_text().startswith("Apache License\nVersion 2.0")
+    assert (imported / "molecular.keras").read_bytes() == (DEMO / "molecular.keras").read_bytes()
+    assert (imported / "hospital-regions.onnx").read_bytes() == (onnx_demo / "regions.onnx").read_bytes()
+    assert "imported by `glio-node models import` from regions.onnx" in manifest.provenance
+    assert not any(k.startswith(("regions_", "segmentation_")) for k in manifest.validation)
+    assert "subtype_slide_accuracy" in manifest.validation
+    assert network.head("segmentation").classes == coding.REGION_CLASSES  # the task's standard codes
+
+
+def test_a_changed_licence_text_fails_the_bundles_sha256_check(imported, tmp_path):
+    copy = Path(shutil.copytree(imported, tmp_path / "copy"))
+    (copy / "hospital-regions.LICENCE.txt").write_text("Public domain, do what you like\n")
+    done = _run("-m", "glio_node.cli", "models", "verify", str(copy))
+    assert done.returncode == 2
+    assert "licence file hospital-regions.LICENCE.txt" in done.stderr and "fails its SHA-256 check" in done.stderr
+
+
+def _texts(ds) -> list[str]:
+    """Every text value of a dataset, nested sequences included (SEG algorithm identification, SR TEXT items)."""
+    found = []
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                found += _texts(item)
+        elif element.VR in ("LT", "UT", "ST", "LO") and element.value:
+            found.append(str(element.value))
+    return found
+
+
+def test_every_output_names_the_imported_networks_source_and_licence(imported, small_slide, tmp_path):
+    out = tmp_path / "results"
+    done = _run("-m", "glio_node.cli", "analyze", *map(str, small_slide.files), "--out", str(out),
+                "--models", str(imported), "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    licence_sha = load_manifest(imported).network_for("segmentation").origin.licence_sha256
+    modalities = set()
+    for f in summary["files"]:
+        ds = pydicom.dcmread(f)
+        modalities.add(ds.Modality)
+        text = "\n".join(_texts(ds))  # the algorithm identification, wherever the object kind keeps it
+        if ds.Modality in ("SEG", "SR"):
+            assert "hospital-regions_source=Pathology lab of St Elsewhere; regions net v3" in text, ds.Modality
+            assert f"hospital-regions_licence=Apache License (licence text sha256 {licence_sha})" in text
+        assert_valid(Path(f))
+    assert {"SEG", "SR"} <= modalities
+
+
+# --- a graph that does not match its manifest ---------------------------------------------------------
+
+
+@pytest.fixture
+def mismatched(tmp_path) -> Path:
+    """A bundle whose regions graph was swapped for one with another output name, hashes fixed up."""
+    og.write_onnx_bundle(tmp_path / "mismatched")
+    og.swap_graph(tmp_path / "mismatched", "seg", og.graph("segmentation", 10, output_name="probs"))
+    return tmp_path / "mismatched"
+
+
+def _one_line_refusal(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_models_verify_refuses_a_graph_whose_signature_differs_in_one_line(mismatched):
+    line = _one_line_refusal(_run("-m", "glio_node.cli", "models", "verify", str(mismatched)))
+    assert line.startswith("glio-node: error: network 'seg' (seg.onnx): the ONNX graph's signature does not match")
+    assert "expected inputs [tiles float32[batch, 16, 16, 3]] outputs [segmentation float32[batch, 16, 16, 10]]" in line
+    assert "found inputs [tiles float32[batch, 16, 16, 3]] outputs [probs float32[batch, 16, 16, 10]]" in line
+
+
+def test_analyze_refuses_a_graph_whose_signature_differs_in_one_line(mismatched, small_slide, tmp_path):
+    done = _run("-m", "glio_node.cli", "analyze", *map(str, small_slide.files), "--out", str(tmp_path / "out"),
+                "--models", str(mismatched), "--device", "cpu")
+    line = _one_line_refusal(done)
+    assert "network 'seg' (seg.onnx): the ONNX graph's signature does not match the manifest" in line
+    assert not (tmp_path / "out").exists()
