@@ -236,3 +236,14 @@ print("heavy:", heavy)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["cpu", "heavy: []"]
+
+
+def test_each_runner_refuses_a_network_of_the_other_runtime(onnx_bundle):
+    from glio_node.runtime.keras_runner import KerasNetwork
+
+    loaded = load_bundle(onnx_bundle, "cpu").network_for("subtype")
+    with pytest.raises(ValueError, match=r"network 'cls' runs on onnx: use runtime/runners\.bundle_networks"):
+        KerasNetwork(loaded, 4)
+    with pytest.raises(ValueError, match=r"network 'cls' runs on keras, not onnx"):
+        keras_spec = NetworkSpec("cls", "cls.keras", None, 16, 0.5, 0, "scale_0_1", (replace(og.cls_spec().heads[0], output=None),))
+        OnnxNetwork(replace(loaded, spec=keras_spec), 4)
