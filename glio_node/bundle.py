@@ -137,14 +137,6 @@ class TensorSpec:
     def __str__(self) -> str:
         return f"{self.name} {self.dtype}[{', '.join(map(str, self.shape))}]"
 
-    def matches(self, other: TensorSpec) -> bool:
-        """Same name, dtype and rank; equal fixed dimensions; dynamic where this one is dynamic."""
-        if (self.name, self.dtype, len(self.shape)) != (other.name, other.dtype, len(other.shape)):
-            return False
-        return all(
-            isinstance(b, str) if isinstance(a, str) else a == b for a, b in zip(self.shape, other.shape)
-        )
-
 
 @dataclass(frozen=True)
 class NetworkOrigin:
