@@ -131,6 +131,22 @@ def test_a_slide_gets_the_same_calls_and_regions_from_both_bundles(both, small_s
     assert onnx_result.algorithm.name == "glio-demo-onnx" and keras_result.algorithm.name == "glio-demo"
 
 
+def test_glio_node_analyze_with_the_onnx_bundle_runs_without_tensorflow(onnx_demo, small_slide, tmp_path):
+    out = tmp_path / "results"
+    script = (
+        "import sys; from glio_node.cli import main; "
+        f"rc = main(['analyze', *{[str(f) for f in small_slide.files]!r}, '--out', {str(out)!r}, "
+        f"'--models', {str(onnx_demo)!r}, '--device', 'cpu', '--json']); "
+        "print('heavy:', sorted(m for m in ('tensorflow', 'keras') if m in sys.modules), file=sys.stderr); sys.exit(rc)"
+    )
+    done = _run("-c", script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "heavy: []" in done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["bundle"] == "glio-demo-onnx 0.2.0" and summary["device"] == "cpu"
+    assert {pydicom.dcmread(f).Modality for f in summary["files"]} == {"SEG", "SR", "OT"}
+
+
 # --- air-gapped import ---------------------------------------------------------------------------------
 
 
