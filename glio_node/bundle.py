@@ -50,7 +50,7 @@ READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.toml"
 TASKS = ("segmentation", "subtype", "mgmt", "egfr")
 CLASSIFIER_TASKS = ("subtype", "mgmt", "egfr")
-ACTIVATIONS = ("softmax",)
+ACTIVATIONS = ("softmax", "logits")  # what a head outputs; logits (format 2, onnx only): the runner applies softmax
 RUNTIMES = ("keras", "onnx")
 SUFFIXES = {"keras": ".keras", "onnx": ".onnx"}  # a weights file's name ends as its runtime says
 KINDS = ("tiles",)  # tiles: tile in, segmentation and/or classifier heads out (the only kind of format 1)
@@ -272,6 +272,11 @@ class NetworkSpec:
             raise BundleError(f"{where}: layout {self.layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
         if self.origin is not None and not isinstance(self.origin, NetworkOrigin):
             raise BundleError(f"{where}: origin must be a NetworkOrigin, got {type(self.origin).__name__}")
+        if self.runtime != "onnx" and any(h.activation != "softmax" for h in self.heads):
+            raise BundleError(
+                f"{where}: activation 'logits' is for onnx networks (PyTorch graphs often end before the "
+                "softmax); a keras network's heads must output softmax probabilities"
+            )
         if self.runtime == "onnx":
             self._check_signature(where)
         elif self.input is not None or self.layout != "nhwc" or any(h.output is not None for h in self.heads):

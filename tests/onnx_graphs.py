@@ -35,6 +35,7 @@ def graph(
     output_name: str | None = None,
     batch: int | str = "batch",
     dtype: int = TensorProto.FLOAT,
+    softmax: bool = True,
 ) -> onnx.ModelProto:
     """A tile network graph: ``kind`` is "segmentation" or a classifier task (its output name by default)."""
     w, b = weights(n_classes, seed)
@@ -63,7 +64,9 @@ def graph(
             helper.make_node("ReduceMean", [x], ["mean"], axes=[1, 2], keepdims=0),
             helper.make_node("MatMul", ["mean", "W"], ["logits0"]),
             helper.make_node("Add", ["logits0", "B"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], [output_name], axis=-1),
+            helper.make_node("Softmax", ["logits"], [output_name], axis=-1)
+            if softmax
+            else helper.make_node("Identity", ["logits"], [output_name]),
         ]
         out_shape = [batch, n_classes]
     in_shape = [batch, 3, TILE, TILE] if layout == "nchw" else [batch, TILE, TILE, 3]

@@ -99,12 +99,19 @@ def graph_signature(session) -> tuple[list[Found], list[Found]]:
     return [found(i) for i in session.get_inputs()], [found(o) for o in session.get_outputs()]
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
 @dataclass
 class OnnxNetwork:
     """One ONNX bundle network as the pipeline uses it: geometry, heads, and ``predict``.
 
     As ``KerasNetwork``: segmentation heads return class indices per pixel (uint8, argmax over
-    the classes), classifier heads float32 probabilities.  No padding to ``batch_size``: ONNX
+    the classes), classifier heads float32 probabilities (the softmax of a head declared
+    ``activation = "logits"``).  No padding to ``batch_size``: ONNX
     Runtime runs any batch of a graph with a dynamic batch dimension without retracing.
     """
 
@@ -136,8 +143,10 @@ class OnnxNetwork:
         result: dict[str, np.ndarray] = {}
         for head, value in zip(self.heads, values):
             value = np.asarray(value)
-            if head.task == "segmentation":
+            if head.task == "segmentation":  # the argmax of logits is the argmax of their softmax
                 result[head.task] = value.argmax(axis=1 if self._channels_first else -1).astype(np.uint8)
+            elif head.activation == "logits":
+                result[head.task] = _softmax(value).astype(np.float32)
             else:
                 result[head.task] = value.astype(np.float32)
         return result

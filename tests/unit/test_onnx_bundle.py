@@ -247,3 +247,22 @@ def test_each_runner_refuses_a_network_of_the_other_runtime(onnx_bundle):
     with pytest.raises(ValueError, match=r"network 'cls' runs on keras, not onnx"):
         keras_spec = NetworkSpec("cls", "cls.keras", None, 16, 0.5, 0, "scale_0_1", (replace(og.cls_spec().heads[0], output=None),))
         OnnxNetwork(replace(loaded, spec=keras_spec), 4)
+
+
+def test_a_classifier_graph_that_ends_in_logits_gets_its_softmax_from_the_runner(tmp_path):
+    import onnx
+
+    onnx.save(og.graph("subtype", 4, seed=2, softmax=False), tmp_path / "cls.onnx")
+    spec = og.cls_spec()
+    spec = replace(spec, heads=(replace(spec.heads[0], activation="logits"),))
+    write_bundle(tmp_path / "b", og.manifest(spec), {"cls": tmp_path / "cls.onnx"})
+    assert 'activation = "logits"' in (tmp_path / "b" / "manifest.toml").read_text()
+    network = OnnxNetwork(load_bundle(tmp_path / "b", "cpu").network_for("subtype"), 8)
+    tiles = _tiles()
+    np.testing.assert_allclose(network.predict(tiles)["subtype"], og.reference("subtype", tiles, 4, seed=2), atol=1e-5)
+
+
+def test_keras_heads_must_output_softmax():
+    head = replace(og.cls_spec().heads[0], activation="logits", output=None)
+    with pytest.raises(BundleError, match=r"network 'k': activation 'logits' is for onnx networks"):
+        NetworkSpec("k", "k.keras", None, 16, 1.0, 0, "scale_0_1", (head,))
