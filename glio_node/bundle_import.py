@@ -32,7 +32,6 @@ from glio_node import coding
 from glio_node.bundle import (
     FORMAT,
     Manifest,
-    NetworkOrigin,
     NetworkSpec,
     _bundle_dir,
     network_from_toml,
