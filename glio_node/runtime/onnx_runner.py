@@ -72,6 +72,9 @@ def open_session(path: str | os.PathLike[str], device: str = "auto"):
     wanted = providers(device)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: provider fallbacks are reported by us, not on stderr
+    # Idle intra-op threads sleep instead of spinning: the frame decoders run beside the model and
+    # a spinning pool takes their cores (measured on 2 busy cores: 5.4 vs 4.1 tiles/s for regions).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     path = Path(path)
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
