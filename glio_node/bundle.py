@@ -1,16 +1,22 @@
-"""Model bundles: a folder with ``manifest.toml`` and one Keras weights file per network.
+"""Model bundles: a folder with ``manifest.toml`` and one weights file per network.
 
-Format 1 is documented in docs/model-bundle.md.  The life of a bundle:
+Formats 1 and 2 are documented in docs/model-bundle.md.  Format 2 adds, per network, the
+``runtime`` that runs it (``keras``: a ``.keras`` file; ``onnx``: an ``.onnx`` graph run by ONNX
+Runtime), its ``kind`` (``tiles`` only, today's networks), the graph signature an ONNX network must
+have, and the ``origin`` (source and licence file) of a network we did not train.  The life of a
+bundle:
 
 - training calls ``write_bundle`` (saves the models, hashes them, writes the manifest last);
-- the worker calls ``load_bundle``, which first ``verify_bundle``s every weights file against the
-  SHA-256 in the manifest, and only then lets Keras deserialise anything (``safe_mode`` on);
+- the worker calls ``load_bundle``, which first ``verify_bundle``s every weights and licence file
+  against the SHA-256 in the manifest, and only then lets Keras or ONNX Runtime parse anything
+  (Keras ``safe_mode`` on; an ONNX graph is data, with no Python in it);
 - ``LoadedBundle.algorithm`` names the bundle in every output and in the audit trail; its
   ``sha256`` is the SHA-256 of the manifest file's bytes, which carry the weights' hashes, so it
   fingerprints the whole bundle.
 
-Every record here is valid once built: ``Manifest``, ``NetworkSpec`` and ``HeadSpec`` check their
-fields on construction and raise ``BundleError`` naming the bad value and what is allowed.
+Every record here is valid once built: ``Manifest``, ``NetworkSpec``, ``HeadSpec`` and
+``TensorSpec`` check their fields on construction and raise ``BundleError`` naming the bad value
+and what is allowed.
 """
 
 from __future__ import annotations
@@ -32,23 +38,32 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from glio_node.errors import BundleError
-from glio_node.results import Algorithm, CodedClass
+from glio_node.results import Algorithm, CodedClass, ModelOrigin
 
 if TYPE_CHECKING:  # keras is imported lazily: reading a manifest must not pull in TensorFlow
     import keras
 
-FORMAT = 1
-"""The manifest format this glio-node reads and writes."""
+FORMAT = 2
+"""The manifest format this glio-node writes."""
+READABLE_FORMATS = (1, 2)
+"""The manifest formats this glio-node reads (format 1: Keras networks only, no runtime key)."""
 MANIFEST_NAME = "manifest.toml"
 TASKS = ("segmentation", "subtype", "mgmt", "egfr")
 CLASSIFIER_TASKS = ("subtype", "mgmt", "egfr")
-ACTIVATIONS = ("softmax",)
+ACTIVATIONS = ("softmax", "logits")  # what a head outputs; logits (format 2, onnx only): the runner applies softmax
+RUNTIMES = ("keras", "onnx")
+SUFFIXES = {"keras": ".keras", "onnx": ".onnx"}  # a weights file's name ends as its runtime says
+KINDS = ("tiles",)  # tiles: tile in, segmentation and/or classifier heads out (the only kind of format 1)
+DTYPES = ("float32", "float16")  # of an ONNX network's input and outputs
+LAYOUTS = ("nhwc", "nchw")  # of an ONNX network's tile input (and segmentation outputs)
+MAX_SOURCE = 512  # characters of a network origin's source text
 NORMALIZATIONS = ("scale_0_1", "imagenet", "reinhard", "macenko")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.keras$")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TENSOR_NAME = re.compile(r"^[^\s,=\\]{1,128}$")  # ONNX value names as exporters write them (':' and '/' too)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 _CODE = re.compile(r"^[^\\]{1,16}$")  # DICOM SH: up to 16 characters, no backslash
@@ -69,6 +84,13 @@ def _check_text(what: str, value: object, max_len: int | None = None) -> None:
         raise BundleError(f"{what} {value!r} is {len(value)} characters long; at most {max_len} are allowed")
 
 
+def _same_dims(shape: tuple, expected: tuple) -> bool:
+    """Equal rank and fixed sizes; a name (dynamic dimension) where ``expected`` has one."""
+    return len(shape) == len(expected) and all(
+        isinstance(a, str) if isinstance(b, str) else a == b for a, b in zip(shape, expected)
+    )
+
+
 def _check_class(where: str, cls: object) -> None:
     if not isinstance(cls, CodedClass):
         raise BundleError(f"{where}: classes must be CodedClass records, got {type(cls).__name__}")
@@ -83,6 +105,70 @@ def _check_class(where: str, cls: object) -> None:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of an ONNX graph as the manifest declares it (format 2).
+
+    ``shape`` holds an int for a fixed dimension and a string for a dynamic one (e.g. "batch");
+    the string is a label only: any symbolic or unknown dimension of the graph matches it, a
+    fixed one does not.  ``str(spec)`` is how messages show it: ``tiles float32[batch, 320, 320, 3]``.
+    """
+
+    name: str  # the graph's value name, e.g. "tiles"
+    shape: tuple[int | str, ...]
+    dtype: str  # one of DTYPES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _TENSOR_NAME.match(self.name):
+            raise BundleError(
+                f"tensor name {self.name!r} must be 1 to 128 characters without spaces, ',', '=' or '\\'"
+            )
+        if not isinstance(self.shape, (list, tuple)) or not self.shape:
+            raise BundleError(f"tensor {self.name!r}: shape {self.shape!r} must be a non-empty array")
+        object.__setattr__(self, "shape", tuple(self.shape))
+        for dim in self.shape:
+            if not ((_is_int(dim) and dim >= 1) or (isinstance(dim, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", dim))):
+                raise BundleError(
+                    f"tensor {self.name!r}: dimension {dim!r} of shape {list(self.shape)} must be a positive "
+                    "integer or a name such as \"batch\" for a dynamic dimension"
+                )
+        if self.dtype not in DTYPES:
+            raise BundleError(f"tensor {self.name!r}: dtype {self.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True)
+class NetworkOrigin:
+    """Where a network we did not train came from, and its licence (format 2 ``[networks.origin]``).
+
+    Written by ``glio-node models import``; named in every output's algorithm identification.
+    """
+
+    source: str  # free text: who made it, where and when it was obtained, its version
+    licence_file: str  # plain file name in the bundle folder holding the licence text
+    licence_sha256: str | None  # SHA-256 of that file; None only before write_bundle hashes it
+    licence_name: str  # short name shown in outputs, e.g. "Apache-2.0" or the licence's title line
+
+    def __post_init__(self) -> None:
+        _check_text("origin source", self.source, MAX_SOURCE)
+        if "\\" in self.source:
+            raise BundleError(f"origin source {self.source!r} must not contain a backslash (DICOM text)")
+        if not isinstance(self.licence_file, str) or not _FILE.match(self.licence_file):
+            raise BundleError(
+                f"origin licence file {self.licence_file!r} must be a plain file name inside the bundle "
+                "(letters, digits, '.', '_', '-'; no directories)"
+            )
+        if self.licence_sha256 is not None and (
+            not isinstance(self.licence_sha256, str) or not _SHA256.match(self.licence_sha256)
+        ):
+            raise BundleError(f"origin licence_sha256 {self.licence_sha256!r} must be 64 lower-case hexadecimal digits")
+        _check_text("origin licence_name", self.licence_name, 64)
+        if "\\" in self.licence_name:
+            raise BundleError(f"origin licence_name {self.licence_name!r} must not contain a backslash (DICOM text)")
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """One output of a network: a task and its classes in output order."""
 
@@ -90,6 +176,7 @@ class HeadSpec:
     classes: tuple[CodedClass, ...]  # index i is output channel i
     activation: str = "softmax"  # one of ACTIVATIONS
     indeterminate_below: float = 0.0  # classifier heads: the slide call is indeterminate below this top probability
+    output: TensorSpec | None = None  # format 2, ONNX networks: the graph output that carries this head
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -136,6 +223,11 @@ class NetworkSpec:
     overlap: int  # px shared by neighbouring tiles; 0 for classifiers
     normalization: str  # one of NORMALIZATIONS; see normalize()
     heads: tuple[HeadSpec, ...]
+    runtime: str = "keras"  # one of RUNTIMES; format 1 networks are all keras
+    kind: str = "tiles"  # one of KINDS
+    input: TensorSpec | None = None  # ONNX networks: the graph's one input (required); keras: None
+    layout: str = "nhwc"  # ONNX networks: channels last (nhwc) or first (nchw, PyTorch's) for tiles and label maps
+    origin: NetworkOrigin | None = None  # networks we did not train: source and licence
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -143,11 +235,16 @@ class NetworkSpec:
                 f"network name {self.name!r} must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
         where = f"network {self.name!r}"
-        if not isinstance(self.file, str) or not _FILE.match(self.file):
+        if self.runtime not in RUNTIMES:
+            raise BundleError(f"{where}: runtime {self.runtime!r} is unknown; allowed: {', '.join(RUNTIMES)}")
+        suffix = SUFFIXES[self.runtime]
+        if not isinstance(self.file, str) or not _FILE.match(self.file) or not self.file.endswith(suffix):
             raise BundleError(
-                f"{where}: file {self.file!r} must be a plain file name inside the bundle ending in .keras "
-                "(letters, digits, '.', '_', '-'; no directories)"
+                f"{where}: file {self.file!r} must be a plain file name inside the bundle ending in {suffix} "
+                f"for runtime {self.runtime!r} (letters, digits, '.', '_', '-'; no directories)"
             )
+        if self.kind not in KINDS:
+            raise BundleError(f"{where}: kind {self.kind!r} is unknown; allowed: {', '.join(KINDS)}")
         if self.sha256 is not None and (not isinstance(self.sha256, str) or not _SHA256.match(self.sha256)):
             raise BundleError(f"{where}: sha256 {self.sha256!r} must be 64 lower-case hexadecimal digits")
         if not _is_int(self.tile_size) or self.tile_size < 8:
@@ -171,10 +268,71 @@ class NetworkSpec:
         tasks = [h.task for h in self.heads]
         if len(set(tasks)) != len(tasks):
             raise BundleError(f"{where}: head tasks repeat: {tasks}")
+        if self.layout not in LAYOUTS:
+            raise BundleError(f"{where}: layout {self.layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
+        if self.origin is not None and not isinstance(self.origin, NetworkOrigin):
+            raise BundleError(f"{where}: origin must be a NetworkOrigin, got {type(self.origin).__name__}")
+        if self.runtime != "onnx" and any(h.activation != "softmax" for h in self.heads):
+            raise BundleError(
+                f"{where}: activation 'logits' is for onnx networks (PyTorch graphs often end before the "
+                "softmax); a keras network's heads must output softmax probabilities"
+            )
+        if self.runtime == "onnx":
+            self._check_signature(where)
+        elif self.input is not None or self.layout != "nhwc" or any(h.output is not None for h in self.heads):
+            raise BundleError(
+                f"{where}: input, layout and head outputs are declared for onnx networks only; a keras "
+                "network's saved model carries its own signature: remove them"
+            )
+
+    def _check_signature(self, where: str) -> None:
+        """An ONNX network's declared signature must be the one its geometry and heads imply."""
+        t = self.tile_size
+        image = ("batch", t, t, 3) if self.layout == "nhwc" else ("batch", 3, t, t)
+        if not isinstance(self.input, TensorSpec):
+            raise BundleError(
+                f"{where}: an onnx network must declare its graph input, e.g. "
+                f"input = {{ name = \"tiles\", shape = {list(image)}, dtype = \"float32\" }}"
+            )
+        if not _same_dims(self.input.shape, image):
+            raise BundleError(
+                f"{where}: input {self.input} must have shape {list(image)} (layout {self.layout}, tile {t} px)"
+            )
+        names = [self.input.name]
+        for head in self.heads:
+            n = len(head.classes)
+            if head.task == "segmentation":
+                shape = ("batch", t, t, n) if self.layout == "nhwc" else ("batch", n, t, t)
+            else:
+                shape = ("batch", n)
+            if not isinstance(head.output, TensorSpec):
+                raise BundleError(
+                    f"{where}: head {head.task!r} of an onnx network must name its graph output, e.g. "
+                    f"output = {{ name = \"{head.task}\", shape = {list(shape)}, dtype = \"float32\" }}"
+                )
+            if not _same_dims(head.output.shape, shape):
+                raise BundleError(
+                    f"{where}: head {head.task!r} output {head.output} must have shape {list(shape)} "
+                    f"({n} classes, layout {self.layout})"
+                )
+            names.append(head.output.name)
+        if len(set(names)) != len(names):
+            raise BundleError(f"{where}: input and output names repeat: {names}")
+
+    def signature(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """(inputs, outputs) an ONNX network's graph must have; outputs in head order."""
+        if self.input is None:
+            raise ValueError(f"network {self.name!r} ({self.runtime}) declares no signature")
+        return (self.input,), tuple(h.output for h in self.heads if h.output is not None)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(h.task for h in self.heads)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The bundle files this network needs: weights, then licence if any."""
+        return (self.file,) if self.origin is None else (self.file, self.origin.licence_file)
 
     def head(self, task: str) -> HeadSpec:
         for h in self.heads:
@@ -199,10 +357,10 @@ class Manifest:
     format: int = FORMAT
 
     def __post_init__(self) -> None:
-        if not _is_int(self.format) or self.format != FORMAT:
+        if not _is_int(self.format) or self.format not in READABLE_FORMATS:
             raise BundleError(
-                f"manifest format {self.format!r} is not supported by this glio-node (it reads format {FORMAT}); "
-                "upgrade glio-node or re-export the bundle"
+                f"manifest format {self.format!r} is not supported by this glio-node (it reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}); upgrade glio-node or re-export the bundle"
             )
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise BundleError(
@@ -228,7 +386,15 @@ class Manifest:
         object.__setattr__(self, "networks", tuple(self.networks))
         if not self.networks:
             raise BundleError("the bundle has no networks; add at least one [[networks]] table")
-        for kind, values in (("name", [n.name for n in self.networks]), ("file", [n.file for n in self.networks])):
+        if self.format == 1:
+            for n in self.networks:
+                if (n.runtime, n.kind, n.origin) != ("keras", "tiles", None):
+                    raise BundleError(
+                        f"network {n.name!r}: format 1 holds keras tile networks without origin only; "
+                        "write the manifest as format 2"
+                    )
+        files = [f for n in self.networks for f in n.files]
+        for kind, values in (("name", [n.name for n in self.networks]), ("file", files)):
             if len(set(values)) != len(values):
                 raise BundleError(f"network {kind}s repeat across networks: {values}")
         seen: dict[str, str] = {}
@@ -299,12 +465,84 @@ def _parse_created(value: object) -> datetime:
     raise BundleError(f"[bundle] created {value!r} must be an ISO 8601 time with a zone, e.g. 2026-11-23T10:00:00Z")
 
 
+_NETWORK_KEYS = ("name", "file", "sha256", "tile_size", "um_per_px", "overlap", "normalization", "heads")
+_NETWORK_KEYS_2 = ("kind", "input", "layout", "origin")  # format 2 only, optional (runtime is required)
+
+
+def _tensor_from_toml(table: object, where: str) -> TensorSpec:
+    _take(table, where, ("name", "shape", "dtype"))  # type: ignore[arg-type]
+    try:
+        return TensorSpec(table["name"], table["shape"], table["dtype"])  # type: ignore[index]
+    except BundleError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+
+
+def network_from_toml(
+    n: Mapping[str, Any], where: str, fmt: int = FORMAT, hashed: bool = True
+) -> NetworkSpec:
+    """One ``[[networks]]`` table -> NetworkSpec; format 1 tables know no runtime, kind, signature or origin.
+
+    ``hashed=False`` (``glio-node models import`` reading an operator's network table) lets
+    ``sha256`` and the origin's ``licence_sha256`` be absent.  Raises BundleError naming ``where``.
+    """
+    required = _NETWORK_KEYS if hashed else tuple(k for k in _NETWORK_KEYS if k != "sha256")
+    required += ("runtime",) if fmt >= 2 else ()
+    optional = (() if hashed else ("sha256",)) + (_NETWORK_KEYS_2 if fmt >= 2 else ())
+    _take(n, where, required, optional)
+    heads = []
+    for j, h in enumerate(_list_of_tables(n, "heads", where), start=1):
+        hwhere = f"{where} ({n['name']!r}) [[networks.heads]] #{j}"
+        _take(h, hwhere, ("task", "activation", "classes"), ("indeterminate_below",) + (("output",) if fmt >= 2 else ()))
+        classes = []
+        for k, c in enumerate(_list_of_tables(h, "classes", hwhere), start=1):
+            _take(
+                c,
+                f"{hwhere} [[networks.heads.classes]] #{k}",
+                ("name", "code_value", "coding_scheme_designator", "code_meaning"),
+            )
+            classes.append(CodedClass(c["name"], c["code_value"], c["coding_scheme_designator"], c["code_meaning"]))
+        heads.append(
+            HeadSpec(
+                task=h["task"],
+                classes=tuple(classes),
+                activation=h["activation"],
+                indeterminate_below=h.get("indeterminate_below", 0.0),
+                output=_tensor_from_toml(h["output"], f"{hwhere} output") if "output" in h else None,
+            )
+        )
+    origin = None
+    if "origin" in n:
+        owhere = f"{where} ({n['name']!r}) [networks.origin]"
+        o = _take(n["origin"], owhere, ("source", "licence", "licence_name") + (("licence_sha256",) if hashed else ()),
+                  () if hashed else ("licence_sha256",))
+        try:
+            origin = NetworkOrigin(o["source"], o["licence"], o.get("licence_sha256"), o["licence_name"])
+        except BundleError as exc:
+            raise BundleError(f"{owhere}: {exc}") from None
+    return NetworkSpec(
+        name=n["name"],
+        file=n["file"],
+        sha256=n.get("sha256"),
+        tile_size=n["tile_size"],
+        um_per_px=n["um_per_px"],
+        overlap=n["overlap"],
+        normalization=n["normalization"],
+        heads=tuple(heads),
+        runtime=n.get("runtime", "keras"),
+        kind=n.get("kind", "tiles"),
+        input=_tensor_from_toml(n["input"], f"{where} ({n['name']!r}) input") if "input" in n else None,
+        layout=n.get("layout", "nhwc"),
+        origin=origin,
+    )
+
+
 def _manifest_from_toml(doc: Mapping[str, Any]) -> Manifest:
     _take(doc, "the manifest", ("format", "bundle", "networks"), ("validation",))
-    if doc["format"] != FORMAT:  # checked first: a newer format may have a different layout
+    fmt = doc["format"]
+    if not _is_int(fmt) or fmt not in READABLE_FORMATS:  # checked first: a newer format may have a different layout
         raise BundleError(
-            f"manifest format {doc['format']!r} is not supported by this glio-node (it reads format {FORMAT}); "
-            "upgrade glio-node or re-export the bundle"
+            f"manifest format {fmt!r} is not supported by this glio-node (it reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}); upgrade glio-node or re-export the bundle"
         )
     b = _take(
         doc["bundle"],
@@ -313,46 +551,10 @@ def _manifest_from_toml(doc: Mapping[str, Any]) -> Manifest:
     )
     if not isinstance(doc.get("validation", {}), Mapping):
         raise BundleError(f"[validation] must be a table of numbers, got {doc['validation']!r}")
-    networks = []
-    for i, n in enumerate(_list_of_tables(doc, "networks", "the manifest"), start=1):
-        where = f"[[networks]] #{i}"
-        _take(
-            n,
-            where,
-            ("name", "file", "sha256", "tile_size", "um_per_px", "overlap", "normalization", "heads"),
-        )
-        heads = []
-        for j, h in enumerate(_list_of_tables(n, "heads", where), start=1):
-            hwhere = f"{where} ({n['name']!r}) [[networks.heads]] #{j}"
-            _take(h, hwhere, ("task", "activation", "classes"), ("indeterminate_below",))
-            classes = []
-            for k, c in enumerate(_list_of_tables(h, "classes", hwhere), start=1):
-                _take(
-                    c,
-                    f"{hwhere} [[networks.heads.classes]] #{k}",
-                    ("name", "code_value", "coding_scheme_designator", "code_meaning"),
-                )
-                classes.append(CodedClass(c["name"], c["code_value"], c["coding_scheme_designator"], c["code_meaning"]))
-            heads.append(
-                HeadSpec(
-                    task=h["task"],
-                    classes=tuple(classes),
-                    activation=h["activation"],
-                    indeterminate_below=h.get("indeterminate_below", 0.0),
-                )
-            )
-        networks.append(
-            NetworkSpec(
-                name=n["name"],
-                file=n["file"],
-                sha256=n["sha256"],
-                tile_size=n["tile_size"],
-                um_per_px=n["um_per_px"],
-                overlap=n["overlap"],
-                normalization=n["normalization"],
-                heads=tuple(heads),
-            )
-        )
+    networks = [
+        network_from_toml(n, f"[[networks]] #{i}", fmt)
+        for i, n in enumerate(_list_of_tables(doc, "networks", "the manifest"), start=1)
+    ]
     return Manifest(
         name=b["name"],
         version=b["version"],
@@ -395,6 +597,11 @@ def _read_manifest(path: str | os.PathLike[str]) -> tuple[Path, bytes, Manifest]
                 f"weights file {network.file} of network {network.name!r} is missing from {directory}; "
                 "re-copy the bundle or re-export it"
             )
+        if network.origin is not None and not (directory / network.origin.licence_file).is_file():
+            raise BundleError(
+                f"licence file {network.origin.licence_file} of network {network.name!r} is missing from "
+                f"{directory}; re-copy the bundle or import the network again"
+            )
     return directory, data, manifest
 
 
@@ -419,18 +626,22 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def _verify(path: str | os.PathLike[str]) -> tuple[Path, bytes, Manifest]:
     directory, data, manifest = _read_manifest(path)
     for network in manifest.networks:
-        actual = sha256_file(directory / network.file)
-        if actual != network.sha256:
-            raise BundleError(
-                f"weights file {network.file} in {directory} fails its SHA-256 check: manifest says "
-                f"{network.sha256}, file has {actual}; the file is corrupt or was changed: re-copy the "
-                "bundle or re-export it"
-            )
+        checks = [("weights", network.file, network.sha256)]
+        if network.origin is not None:
+            checks.append(("licence", network.origin.licence_file, network.origin.licence_sha256))
+        for what, name, expected in checks:
+            actual = sha256_file(directory / name)
+            if actual != expected:
+                raise BundleError(
+                    f"{what} file {name} in {directory} fails its SHA-256 check: manifest says "
+                    f"{expected}, file has {actual}; the file is corrupt or was changed: re-copy the "
+                    "bundle or re-export it"
+                )
     return directory, data, manifest
 
 
 def verify_bundle(path: str | os.PathLike[str]) -> Manifest:
-    """Read the manifest and check the SHA-256 of every weights file; deserialise nothing.
+    """Read the manifest and check the SHA-256 of every weights and licence file; deserialise nothing.
 
     Raises BundleError naming the file, the expected and the actual hash on a mismatch.
     """
@@ -442,10 +653,11 @@ def verify_bundle(path: str | os.PathLike[str]) -> Manifest:
 
 @dataclass(frozen=True)
 class LoadedNetwork:
-    """A network's spec and its Keras model (compile=False, ready for ``predict``)."""
+    """A network's spec and its model: a Keras model (compile=False, ready for ``predict``) for
+    runtime keras, an ``onnxruntime.InferenceSession`` for runtime onnx."""
 
     spec: NetworkSpec
-    model: keras.Model
+    model: Any
 
 
 @dataclass(frozen=True)
@@ -467,6 +679,11 @@ class LoadedBundle:
             sha256=self.manifest_sha256,
             intended_use=m.intended_use,
             is_demo=m.is_demo,
+            origins=tuple(
+                ModelOrigin(n.name, n.origin.source, n.origin.licence_name, n.origin.licence_sha256 or "")
+                for n in m.networks
+                if n.origin is not None
+            ),
         )
 
     def network_for(self, task: str) -> LoadedNetwork:
@@ -504,18 +721,72 @@ def _check_model(spec: NetworkSpec, model: keras.Model) -> None:
             )
 
 
-def load_bundle(path: str | os.PathLike[str]) -> LoadedBundle:
-    """Verify a bundle, then load its models with ``keras.saving.load_model(compile=False)``.
+Found = tuple[str, tuple[int | str | None, ...], str]
+"""A graph input or output as the runtime reports it: (name, shape, dtype); a non-int dimension is dynamic."""
 
-    Hashes are checked before any weights file is deserialised; Keras ``safe_mode`` stays on (no
-    arbitrary code from a bundle runs).  Each model's input and output shapes are checked against
-    its manifest entry.  Raises BundleError.
+
+def _show(tensors) -> str:
+    shown = []
+    for t in tensors:
+        if isinstance(t, TensorSpec):
+            shown.append(str(t))
+        else:
+            name, shape, dtype = t
+            dims = ", ".join(str(d) if d is not None else "?" for d in shape)
+            shown.append(f"{name} {dtype}[{dims}]")
+    return "[" + ", ".join(shown) + "]"
+
+
+def _found_matches(expected: TensorSpec, found: Found) -> bool:
+    name, shape, dtype = found
+    dims = tuple(d if _is_int(d) else "?" for d in shape)
+    return (name, dtype) == (expected.name, expected.dtype) and _same_dims(dims, expected.shape)
+
+
+def check_signature(spec: NetworkSpec, inputs: list[Found], outputs: list[Found]) -> None:
+    """Refuse an ONNX graph whose inputs or outputs differ from the manifest's, in one line.
+
+    Names, dtypes, ranks and fixed sizes must be equal, and dynamic where the manifest says so
+    (the batch); output order does not matter, extra outputs do.  Raises BundleError naming the
+    network, the expected and the found signature.
+    """
+    want_in, want_out = spec.signature()
+    by_name = {o[0]: o for o in outputs}
+    ok = (
+        len(inputs) == 1
+        and _found_matches(want_in[0], inputs[0])
+        and len(outputs) == len(want_out)
+        and all(w.name in by_name and _found_matches(w, by_name[w.name]) for w in want_out)
+    )
+    if not ok:
+        raise BundleError(
+            f"network {spec.name!r} ({spec.file}): the ONNX graph's signature does not match the manifest: "
+            f"expected inputs {_show(want_in)} outputs {_show(want_out)}, found inputs {_show(inputs)} "
+            f"outputs {_show(outputs)}; re-export the network with the manifest's signature or import it again"
+        )
+
+
+def load_bundle(path: str | os.PathLike[str], device: str = "auto") -> LoadedBundle:
+    """Verify a bundle, then load its networks: Keras ones with ``keras.saving.load_model(compile=False)``,
+    ONNX ones as ONNX Runtime sessions on ``device`` (auto, cpu, gpu; see runtime/onnx_runner.py).
+
+    Hashes are checked before any weights file is parsed; Keras ``safe_mode`` stays on (no
+    arbitrary code from a bundle runs).  Each Keras model's input and output shapes, and each ONNX
+    graph's signature, are checked against its manifest entry.  A bundle of ONNX networks only
+    never imports Keras or TensorFlow.  Raises BundleError (and BadInput for ``gpu`` without one).
     """
     directory, data, manifest = _verify(path)
-    import keras  # noqa: PLC0415 - heavy import, only once a bundle is really loaded
-
     loaded = []
     for spec in manifest.networks:
+        if spec.runtime == "onnx":
+            from glio_node.runtime.onnx_runner import graph_signature, open_session  # noqa: PLC0415
+
+            session = open_session(directory / spec.file, device)
+            check_signature(spec, *graph_signature(session))
+            loaded.append(LoadedNetwork(spec, session))
+            continue
+        import keras  # noqa: PLC0415 - heavy import, only once a Keras network is really loaded
+
         try:
             model = keras.saving.load_model(directory / spec.file, compile=False, safe_mode=True)
         except (ValueError, TypeError, OSError) as exc:
@@ -566,12 +837,44 @@ def _class_to_toml(c: CodedClass) -> dict[str, str]:
     }
 
 
+def _tensor_to_toml(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype}
+
+
+def _network_to_toml(n: NetworkSpec, fmt: int) -> dict[str, Any]:
+    table: dict[str, Any] = {"name": n.name}
+    if fmt >= 2:
+        table["runtime"] = n.runtime
+        table["kind"] = n.kind
+    table.update(file=n.file, sha256=n.sha256, tile_size=n.tile_size, um_per_px=n.um_per_px,
+                 overlap=n.overlap, normalization=n.normalization)
+    if n.input is not None:
+        table["layout"] = n.layout
+        table["input"] = _tensor_to_toml(n.input)
+    if n.origin is not None:
+        table["origin"] = {
+            "source": n.origin.source,
+            "licence": n.origin.licence_file,
+            "licence_sha256": n.origin.licence_sha256,
+            "licence_name": n.origin.licence_name,
+        }
+    heads = []
+    for h in n.heads:
+        head: dict[str, Any] = {"task": h.task, "activation": h.activation, "indeterminate_below": h.indeterminate_below}
+        if h.output is not None:
+            head["output"] = _tensor_to_toml(h.output)
+        head["classes"] = [_class_to_toml(c) for c in h.classes]
+        heads.append(head)
+    table["heads"] = heads
+    return table
+
+
 def manifest_to_toml(manifest: Manifest) -> str:
-    """The manifest as TOML text (format 1); every network must carry its sha256."""
+    """The manifest as TOML text, in the manifest's format (1 or 2); every file must carry its sha256."""
     import tomli_w  # noqa: PLC0415 - only needed when writing bundles
 
     for n in manifest.networks:
-        if n.sha256 is None:
+        if n.sha256 is None or (n.origin is not None and n.origin.licence_sha256 is None):
             raise BundleError(f"network {n.name!r} has no sha256; write the bundle with write_bundle")
     created = manifest.created.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     doc: dict[str, Any] = {
@@ -585,31 +888,11 @@ def manifest_to_toml(manifest: Manifest) -> str:
             "provenance": manifest.provenance,
             "created": created,
         },
-        "networks": [
-            {
-                "name": n.name,
-                "file": n.file,
-                "sha256": n.sha256,
-                "tile_size": n.tile_size,
-                "um_per_px": n.um_per_px,
-                "overlap": n.overlap,
-                "normalization": n.normalization,
-                "heads": [
-                    {
-                        "task": h.task,
-                        "activation": h.activation,
-                        "indeterminate_below": h.indeterminate_below,
-                        "classes": [_class_to_toml(c) for c in h.classes],
-                    }
-                    for h in n.heads
-                ],
-            }
-            for n in manifest.networks
-        ],
+        "networks": [_network_to_toml(n, manifest.format) for n in manifest.networks],
         "validation": dict(manifest.validation),
     }
     header = (
-        f"# glio-node model bundle manifest, format {FORMAT} (docs/model-bundle.md).\n"
+        f"# glio-node model bundle manifest, format {manifest.format} (docs/model-bundle.md).\n"
         "# Written by glio_node.bundle.write_bundle: edit nothing by hand, the sha256 fields and the\n"
         "# bundle fingerprint (SHA-256 of this file) would no longer match what was validated.\n"
     )
@@ -626,27 +909,50 @@ def _inference_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
+def _check_onnx_file(spec: NetworkSpec, path: Path) -> None:
+    from glio_node.runtime.onnx_runner import graph_signature, open_session  # noqa: PLC0415
+
+    check_signature(spec, *graph_signature(open_session(path, "cpu")))
+
+
 def write_bundle(
     out_dir: str | os.PathLike[str],
     manifest: Manifest,
-    models: Mapping[str, keras.Model],
+    models: Mapping[str, keras.Model | str | os.PathLike[str]],
+    licences: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> Manifest:
-    """Save ``models`` (network name -> Keras model) as a bundle in ``out_dir``.
+    """Save ``models`` (network name -> Keras model, or the path of a weights file) as a bundle in ``out_dir``.
 
-    ``manifest`` gives everything but the hashes (its networks' ``sha256`` may be None and are
-    ignored): each model is saved, without optimizer state, to its network's ``file`` with
-    ``model.save``, hashed, and the
-    manifest is written with the hashes.  The bundle is assembled in a temporary folder beside
-    ``out_dir`` and moved into place at the end, replacing any previous bundle there, so a reader
-    never sees a manifest that names weights from another run.  Returns the manifest as
-    ``verify_bundle`` reads it back.  Raises BundleError if models and networks do not match.
+    ``manifest`` gives everything but the hashes (its networks' ``sha256`` and origins'
+    ``licence_sha256`` may be None and are ignored): a Keras model is saved, without optimizer
+    state, to its network's ``file`` with ``model.save``; a path (an ONNX graph, or a ``.keras``
+    file of another bundle) is copied byte for byte after an ONNX graph's signature is checked;
+    ``licences`` (network name -> licence text file) are copied to each origin's ``licence_file``;
+    everything is hashed, and the manifest is written with the hashes.  The bundle is assembled
+    in a temporary folder beside ``out_dir`` and moved into place at the end, replacing any
+    previous bundle there, so a reader never sees a manifest that names weights from another run.
+    Returns the manifest as ``verify_bundle`` reads it back.  Raises BundleError if models,
+    licences and networks do not match.
     """
     out_dir = Path(out_dir)
+    licences = dict(licences or {})
     names = {n.name for n in manifest.networks}
     if set(models) != names:
         raise BundleError(f"models {sorted(models)} do not match the manifest's networks {sorted(names)}")
+    with_origin = {n.name for n in manifest.networks if n.origin is not None}
+    if set(licences) != with_origin:
+        raise BundleError(
+            f"licence files given for {sorted(licences)}, but the networks with an origin are {sorted(with_origin)}"
+        )
     for spec in manifest.networks:
-        _check_model(spec, models[spec.name])
+        given = models[spec.name]
+        if isinstance(given, (str, os.PathLike)):
+            if spec.runtime == "onnx":
+                _check_onnx_file(spec, Path(given))
+        elif spec.runtime == "onnx":
+            raise BundleError(f"network {spec.name!r} is an onnx network: give the path of its .onnx file")
+        else:
+            _check_model(spec, given)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service user too
@@ -654,8 +960,17 @@ def write_bundle(
         networks = []
         for spec in manifest.networks:
             target = staging / spec.file
-            _inference_copy(models[spec.name]).save(target)
-            networks.append(replace(spec, sha256=sha256_file(target)))
+            given = models[spec.name]
+            if isinstance(given, (str, os.PathLike)):
+                shutil.copyfile(given, target)
+            else:
+                _inference_copy(given).save(target)
+            spec = replace(spec, sha256=sha256_file(target))
+            if spec.origin is not None:
+                licence = staging / spec.origin.licence_file
+                shutil.copyfile(licences[spec.name], licence)
+                spec = replace(spec, origin=replace(spec.origin, licence_sha256=sha256_file(licence)))
+            networks.append(spec)
         final = replace(manifest, networks=tuple(networks))
         (staging / MANIFEST_NAME).write_text(manifest_to_toml(final), encoding="utf-8")
         verify_bundle(staging)

@@ -1,4 +1,4 @@
-"""``glio-node`` command line: analyze, demo, serve, status-page, models verify, db upgrade, audit export.
+"""``glio-node`` command line: analyze, demo, serve, status-page, models verify/import, db upgrade, audit export.
 
 Exit codes: 0 done, 2 bad input (one line on stderr saying what is wrong and what to do),
 1 internal error (a traceback: that is our bug, please report it).
@@ -136,6 +136,25 @@ def _models_verify(args: argparse.Namespace) -> int:
     print(f"ok          {manifest.name} {manifest.version} in {path}")
     print(f"fingerprint {bundle.algorithm.sha256}")
     print(f"use         {manifest.intended_use}")
+    for n in manifest.networks:
+        origin = f"; source {n.origin.source}; licence {n.origin.licence_name}" if n.origin else ""
+        print(f"network     {n.name}: {n.runtime} {n.file}, tasks {', '.join(n.tasks)}{origin}")
+    return EXIT_OK
+
+
+def _models_import(args: argparse.Namespace) -> int:
+    """A local ONNX network into a bundle: nothing is downloaded (glio_node/bundle_import.py)."""
+    from glio_node.bundle_import import import_onnx
+
+    manifest, replaced = import_onnx(
+        args.onnx, args.licence, args.source, args.network, args.out, into=args.into, licence_name=args.licence_name
+    )
+    imported = manifest.networks[-1]
+    print(f"imported    network {imported.name} ({imported.file}, sha256 {imported.sha256})")
+    if replaced:
+        print(f"replaced    {', '.join(replaced)} of {args.into}")
+    print(f"licence     {imported.origin.licence_name} ({imported.origin.licence_file})")
+    print(f"ok          {manifest.name} {manifest.version} (format {manifest.format}) in {args.out}")
     return EXIT_OK
 
 
@@ -260,10 +279,10 @@ def _start_status_page(settings, sessions, spool, owner: str, manifest):
     import socket
     from datetime import UTC, datetime
 
-    from glio_node.runtime.keras_runner import select_device
+    from glio_node.runtime.runners import prepare_device
     from glio_node.store import nodes
 
-    device = select_device(settings.worker.device)  # already chosen by preload; returns it
+    device = prepare_device(settings.worker.device, manifest)  # already chosen by preload; returns it
     with sessions.begin() as session:
         nodes.register(
             session,
@@ -387,6 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     v = msub.add_parser("verify", help="check a bundle's SHA-256 and load it")
     v.add_argument("dir", nargs="?", default=str(default_models_dir()))
     v.set_defaults(func=_models_verify)
+    im = msub.add_parser(
+        "import",
+        help="make a local ONNX network a bundle network (new bundle, or added to a copy of one); downloads nothing",
+    )
+    im.add_argument("--onnx", required=True, help="the network's .onnx file")
+    im.add_argument("--licence", required=True, help="text file with the licence the network is distributed under")
+    im.add_argument("--source", required=True, help="where the network came from: maker, version, how and when obtained")
+    im.add_argument("--network", required=True, help="TOML file: [network] geometry, heads, signature; [bundle] for a new bundle (docs/model-bundle.md)")
+    im.add_argument("--out", required=True, help="folder of the bundle to write (replaced if it exists)")
+    im.add_argument("--into", help="copy this bundle and put the network in it, replacing networks with the same tasks")
+    im.add_argument("--licence-name", help="short licence name for outputs (default: the licence text's first line)")
+    im.set_defaults(func=_models_import)
 
     db = sub.add_parser("db", help="the SQL store")
     dbsub = db.add_subparsers(dest="db_command", required=True)

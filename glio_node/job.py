@@ -64,19 +64,20 @@ class BundleCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._loaded: dict[Path, tuple[str, object]] = {}
+        self._loaded: dict[tuple[Path, str], tuple[str, object]] = {}
 
-    def get(self, bundle_dir: Path):
+    def get(self, bundle_dir: Path, device: str = "auto"):
+        """The bundle loaded for ``device`` (ONNX sessions are made for a device; Keras ignores it)."""
         from glio_node.bundle import load_bundle, verify_bundle
 
         path = Path(bundle_dir).resolve()
         with self._lock:
             verify_bundle(path)
             fingerprint = hashlib.sha256((path / "manifest.toml").read_bytes()).hexdigest()
-            cached = self._loaded.get(path)
+            cached = self._loaded.get((path, device))
             if cached is None or cached[0] != fingerprint:
-                cached = (fingerprint, load_bundle(path))
-                self._loaded[path] = cached
+                cached = (fingerprint, load_bundle(path, device))
+                self._loaded[(path, device)] = cached
             return cached[1]
 
 
@@ -103,14 +104,16 @@ def open_dicom_slide(paths: Sequence[Path], allow_gaps: bool) -> SlideReader:
     return DicomSlide.open(paths, allow_gaps=allow_gaps)
 
 
-def load_keras_models(bundle_dir: Path, device: str, batch_size: int, bundles: BundleCache | None) -> Models:
-    """The real networks: choose the device first (before Keras makes tensors), then load the
-    verified bundle (from the worker's cache when given) and wrap each network for the pipeline."""
-    from glio_node.bundle import load_bundle
-    from glio_node.runtime.keras_runner import bundle_networks, select_device
+def load_bundle_models(bundle_dir: Path, device: str, batch_size: int, bundles: BundleCache | None) -> Models:
+    """The real networks: choose the device first for the runtimes the manifest names (before
+    Keras makes tensors; TensorFlow is not imported for an ONNX-only bundle), then load the
+    verified bundle (from the worker's cache when given) and wrap each network in the runner of
+    its runtime."""
+    from glio_node.bundle import load_bundle, load_manifest
+    from glio_node.runtime.runners import bundle_networks, prepare_device
 
-    used_device = select_device(device)  # type: ignore[arg-type]
-    bundle = bundles.get(bundle_dir) if bundles is not None else load_bundle(bundle_dir)
+    used_device = prepare_device(device, load_manifest(bundle_dir))
+    bundle = bundles.get(bundle_dir, device) if bundles is not None else load_bundle(bundle_dir, device)
     return Models(bundle.algorithm, tuple(bundle_networks(bundle, batch_size)), used_device)
 
 
@@ -124,7 +127,7 @@ def run_job(
     bundles: BundleCache | None = None,
     allow_gaps: bool = False,
     open_slide: OpenSlide = open_dicom_slide,
-    load_models: LoadModels = load_keras_models,
+    load_models: LoadModels = load_bundle_models,
 ) -> JobSummary:
     """Analyse the slide in ``paths`` with the bundle in ``bundle_dir``; write results to ``out_dir``.
 

@@ -28,6 +28,16 @@ class CodedClass:
 
 
 @dataclass(frozen=True)
+class ModelOrigin:
+    """A network of the bundle that we did not train: where it came from and under which licence."""
+
+    network: str  # the bundle's network name, e.g. "regions"
+    source: str  # free text given at import: maker, where and when obtained, version
+    licence_name: str  # e.g. "Apache-2.0", or the licence text's title line
+    licence_sha256: str  # SHA-256 of the licence text stored in the bundle
+
+
+@dataclass(frozen=True)
 class Algorithm:
     """The model bundle that produced a result: carried into every output and the audit trail."""
 
@@ -36,6 +46,7 @@ class Algorithm:
     sha256: str  # SHA-256 over the manifest and weights (bundle fingerprint)
     intended_use: str  # e.g. "DEMO model trained on synthetic slides. Research use only. Not for diagnosis."
     is_demo: bool  # True for bundles trained on synthetic data
+    origins: tuple[ModelOrigin, ...] = ()  # imported networks' sources and licences, named in every output
 
 
 @dataclass(frozen=True)

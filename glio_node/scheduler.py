@@ -123,11 +123,15 @@ class NodeScheduler:
 
     def preload(self) -> None:
         """Choose the device and load the bundle's models now, so the first slide does not wait
-        seconds for them and a bundle Keras cannot load stops the node at start."""
-        from glio_node.runtime.keras_runner import select_device
+        seconds for them and a bundle that cannot load stops the node at start.  The device is
+        chosen for the runtimes the manifest names (no TensorFlow for an ONNX-only bundle), and
+        the cache is keyed by it, as the jobs will ask for it."""
+        from glio_node.bundle import load_manifest
+        from glio_node.runtime.runners import prepare_device
 
-        select_device(self.settings.worker.device)
-        self._bundles.get(self.bundle_dir)
+        device = self.settings.worker.device
+        prepare_device(device, load_manifest(self.bundle_dir))
+        self._bundles.get(self.bundle_dir, device)
 
     def start(self) -> None:
         """Start the periodic jobs in background threads."""

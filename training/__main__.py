@@ -1,9 +1,10 @@
-"""``python -m training``: check a dataset, cut its tiles, show its patient splits.
+"""``python -m training``: check a dataset, cut its tiles, show its patient splits, export to ONNX.
 
 Run from a checkout (training/ is not installed with glio-node and glio_node never imports it).
 ``train --config run.toml`` trains, evaluates and exports a bundle (training/run.py); the demo
 bundle models/glio-demo is ``train --config training/configs/glio-demo.toml``.  ``crossval
 --config run.toml`` trains every fold of a k-fold or leave-one-patient-out split and summarises.
+``export-onnx --bundle B --out DIR`` writes B's Keras networks as the ONNX networks of a new bundle.
 """
 
 from __future__ import annotations
@@ -85,6 +86,16 @@ def _crossval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from training.onnx_export import export_bundle
+
+    manifest = export_bundle(args.bundle, args.out, args.name)
+    for n in manifest.networks:
+        print(f"{n.name}: {args.out / n.file} ({(args.out / n.file).stat().st_size} bytes, sha256 {n.sha256[:12]}…)")
+    print(f"wrote bundle {manifest.name} {manifest.version} (format {manifest.format}) to {args.out}")
+    return 0
+
+
 def _verbosity(asked: int | None) -> int:
     """Keras' progress bar on a terminal, one line per epoch in a log file (a bar redraws itself
     with carriage returns that make a log unreadable)."""
@@ -135,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--config", type=Path, required=True)
     c.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help=verbose_help)
     c.set_defaults(func=_crossval)
+    x = sub.add_parser("export-onnx", help="write a new bundle with a bundle's Keras networks as ONNX networks")
+    x.add_argument("--bundle", type=Path, required=True, help="the Keras bundle, e.g. models/glio-demo")
+    x.add_argument("--out", type=Path, required=True, help="folder of the new bundle, e.g. models/glio-demo-onnx")
+    x.add_argument("--name", default=None, help="the new bundle's name (default: the source's name + '-onnx')")
+    x.set_defaults(func=_export_onnx)
     y = sub.add_parser("synthetic", help="write a synthetic dataset in the documented format (tests, examples)")
     y.add_argument("dataset", type=Path)
     y.add_argument("--patients", type=int, default=32)

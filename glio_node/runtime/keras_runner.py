@@ -99,6 +99,8 @@ class KerasNetwork:
         if self.batch_size < 1:
             raise BadInput(f"batch size {self.batch_size} must be at least 1")
         spec = self.loaded.spec
+        if spec.runtime != "keras":
+            raise ValueError(f"network {spec.name!r} runs on {spec.runtime}: use runtime/runners.bundle_networks")
         self.name, self.tile_size, self.um_per_px = spec.name, spec.tile_size, spec.um_per_px
         self.overlap, self.heads = spec.overlap, spec.heads
 
@@ -119,5 +121,6 @@ class KerasNetwork:
 
 
 def bundle_networks(bundle: LoadedBundle, batch_size: int) -> list[KerasNetwork]:
-    """The bundle's networks, ready for ``pipeline.analyze``."""
+    """The bundle's networks, ready for ``pipeline.analyze``; Keras networks only (a bundle that
+    may hold ONNX networks goes through ``runtime/runners.bundle_networks``)."""
     return [KerasNetwork(n, batch_size) for n in bundle.networks]

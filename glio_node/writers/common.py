@@ -446,10 +446,22 @@ def contributing_equipment(algorithm: Algorithm) -> list[hd.ContributingEquipmen
 
 
 def algorithm_parameters(algorithm: Algorithm) -> dict[str, str]:
-    return {
+    params = {
         "bundle_sha256": algorithm.sha256,
         "intended_use": " ".join(algorithm.intended_use.split()),
     }
+    for origin in algorithm.origins:  # imported networks: where each came from, under which licence
+        params[f"{origin.network}_source"] = _parameter_text(origin.source)
+        params[f"{origin.network}_licence"] = _parameter_text(
+            f"{origin.licence_name} (licence text sha256 {origin.licence_sha256})"
+        )
+    return params
+
+
+def _parameter_text(text: str) -> str:
+    """Free text as an AlgorithmParameters value: highdicom joins ``key=value`` pairs with ',' and
+    splits them back on ',' and '=', so those two become ';' and ':'."""
+    return " ".join(text.split()).replace(",", ";").replace("=", ":")
 
 
 def algorithm_identification_sequence(algorithm: Algorithm) -> hd.AlgorithmIdentificationSequence:

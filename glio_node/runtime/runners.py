@@ -1,0 +1,44 @@
+"""The device and the runner for each network of a bundle, by its runtime (keras or onnx).
+
+Keras is imported only when the bundle has a Keras network: a bundle of ONNX networks runs
+without TensorFlow.
+"""
+
+from __future__ import annotations
+
+from glio_node.bundle import LoadedBundle, Manifest
+
+
+def prepare_device(device: str, manifest: Manifest) -> str:
+    """Apply ``device`` (auto, cpu, gpu) for the runtimes ``manifest`` uses; return what is used.
+
+    Runs before any network is loaded (Keras must hear of the device before it builds tensors).
+    The result is "cpu", "gpu:N" (Keras' GPUs) or "cuda" (ONNX Runtime's), joined with "+" when
+    a bundle mixes runtimes that resolved differently.  Raises BadInput for ``gpu`` without one.
+    """
+    runtimes = {n.runtime for n in manifest.networks}
+    used: list[str] = []
+    if "keras" in runtimes:
+        from glio_node.runtime.keras_runner import select_device  # noqa: PLC0415
+
+        used.append(select_device(device))  # type: ignore[arg-type]
+    if "onnx" in runtimes:
+        from glio_node.runtime.onnx_runner import device_name  # noqa: PLC0415
+
+        used.append(device_name(device))
+    return "+".join(dict.fromkeys(used)) or "cpu"
+
+
+def bundle_networks(bundle: LoadedBundle, batch_size: int) -> list:
+    """The bundle's networks, each with the runner of its runtime, ready for ``pipeline.analyze``."""
+    networks = []
+    for loaded in bundle.networks:
+        if loaded.spec.runtime == "onnx":
+            from glio_node.runtime.onnx_runner import OnnxNetwork  # noqa: PLC0415
+
+            networks.append(OnnxNetwork(loaded, batch_size))
+        else:
+            from glio_node.runtime.keras_runner import KerasNetwork  # noqa: PLC0415
+
+            networks.append(KerasNetwork(loaded, batch_size))
+    return networks
