@@ -325,6 +325,9 @@ def test_large_instance_is_streamed_to_disk_not_held_in_memory(node, slide, tmp_
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.PhotometricInterpretation = "RGB"
     ds.NumberOfFrames = frames
+    # A valid instance (the receiver refuses more TILED_FULL frames than the matrix holds):
+    # one row of `frames` tiles.
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = frames * ds.Columns, ds.Rows
     ds.PixelData = bytes(range(256)) * (frames * frame_bytes // 256)
     ds["PixelData"].VR = "OB"
     big = tmp_path / "big.dcm"
