@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.uid import (
@@ -95,6 +96,7 @@ _MAX_OFFSET_TABLE = 4 * MAX_FRAMES
 # What pydicom raises on malformed bytes: a bad dataset is the sender's problem, not a crash.
 PARSE_ERRORS: tuple[type[BaseException], ...] = (
     InvalidDicomError,
+    BytesLengthException,
     ValueError,
     TypeError,
     KeyError,
@@ -140,6 +142,7 @@ class Encoding:
     transfer_syntax: str  # the file meta's (for a C-STORE, pynetdicom writes the negotiated one)
     explicit_vr: bool | None  # what the first data element looks like; None if not known
     pixel_data: PixelData | None  # None: the file has no Pixel Data element
+    overrun: str | None = None  # a header element whose length runs past the end of the data
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,22 @@ def read_instance(path: Path) -> tuple[Dataset, Encoding]:
             pixel = _scan_pixel_data(fp, size, explicit=not ds.file_meta.TransferSyntaxUID.is_implicit_VR)
     except PARSE_ERRORS as exc:
         raise InstanceRefused(Refusal.UNPARSABLE, f"{type(exc).__name__}: {exc}"[:300]) from exc
-    return ds, Encoding(syntax, explicit, pixel)
+    return ds, Encoding(syntax, explicit, pixel, _overrun(ds))
+
+
+def _overrun(ds: Dataset) -> str | None:
+    """The first top-level element that declares more bytes than the file has left (pydicom
+    reads what there is without a word, and the elements after it are gone)."""
+    for element in ds.elements():
+        if not isinstance(element, RawDataElement):
+            continue
+        value, length = element.value, element.length
+        if isinstance(value, bytes) and length != _UNDEFINED and len(value) < length:
+            return (
+                f"element ({element.tag.group:04X},{element.tag.element:04X}) declares {length} "
+                f"bytes, the data ends after {len(value)}"
+            )
+    return None
 
 
 def _looks_explicit(head: bytes) -> bool | None:
@@ -303,6 +321,8 @@ def _check_encoding(transfer_syntax: str, encoding: Encoding) -> None:
             Refusal.TRANSFER_SYNTAX_MISMATCH,
             f"the file says {encoding.transfer_syntax}, the association negotiated {transfer_syntax}",
         )
+    if encoding.overrun:
+        raise _fail(Refusal.TRUNCATED, encoding.overrun)
     implicit = transfer_syntax == ImplicitVRLittleEndian
     if encoding.explicit_vr is not None and encoding.explicit_vr == implicit:
         raise _fail(
@@ -431,7 +451,7 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str, pixel: PixelData | None
         _check_native(ds, pixel, frames)
         return
     if pixel.broken:
-        raise _fail(Refusal.PIXEL_DATA_TRUNCATED, pixel.broken)
+        raise _fail(Refusal.TRUNCATED, pixel.broken)
     if frames > len(pixel.fragments):
         raise _fail(
             Refusal.FRAMES_MISMATCH,
@@ -483,7 +503,7 @@ def _check_native(ds: Dataset, pixel: PixelData, frames: int) -> None:
     assert pixel.length is not None
     if pixel.length > pixel.available:
         raise _fail(
-            Refusal.PIXEL_DATA_TRUNCATED,
+            Refusal.TRUNCATED,
             f"the Pixel Data length {pixel.length} runs past the end of the data "
             f"({pixel.available} bytes left)",
         )

@@ -52,8 +52,10 @@ class Refusal(enum.Enum):
     TRANSFER_SYNTAX_UNSUPPORTED = (
         0xC220, "cannot understand: the file is in a transfer syntax the node does not read"
     )
-    PIXEL_DATA_TRUNCATED = (
-        0xC221, "cannot understand: pixel data truncated, undelimited or longer than the data"
+    TRUNCATED = (
+        0xC221,
+        "cannot understand: the data ends early (a length past its end, pixel data cut or not "
+        "delimited)",
     )
     FRAMES_MISMATCH = (
         0xC222,
