@@ -505,3 +505,63 @@ def test_a_pulled_file_in_a_transfer_syntax_the_node_does_not_read_is_refused(ba
 
 def replace_syntax(encoding: Encoding, syntax: str) -> Encoding:
     return replace(encoding, transfer_syntax=syntax)
+
+
+# ------------------------------------------------------------------------------------------
+# The DICOMweb pull goes through the same intake
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_malformed_instance_pulled_from_a_dicomweb_pacs_is_refused_like_a_c_store(
+    slide_cache, tmp_path
+):
+    """A series in Orthanc holds a good slide and one instance whose converter stopped after
+    two of its four frames; the poll takes the good ones and refuses that one with the same
+    reason and audit row a C-STORE would get."""
+    import urllib.request
+
+    from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, free_port, have_orthanc
+
+    from glio_node.config import Source
+    from glio_node.pull.poller import SourcePoller
+
+    if not (have_orthanc() and DICOMWEB_PLUGIN.is_file()):
+        pytest.skip("Orthanc with DICOMweb not installed")
+    good = slide_cache.slide(replace(BASE, seed=21))
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(frames_beyond_fragments(good, good))
+    bad_uid = str(pydicom.dcmread(bad, stop_before_pixels=True).SOPInstanceUID)
+
+    url = f"sqlite:///{tmp_path / 'glio.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessions(engine)
+    spool = Spool(tmp_path / "spool")
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
+    try:
+        for path in (*good.files, bad):
+            request = urllib.request.Request(orthanc.url + "/instances", data=path.read_bytes(), method="POST")
+            urllib.request.urlopen(request, timeout=30).close()
+        poller = SourcePoller(Source("pacs-web", url=orthanc.dicomweb_url, poll_seconds=1), sessions, spool)
+        assert poller.poll() == 0  # first sight: seen
+        assert poller.poll() == 1  # its count held still: taken
+    finally:
+        orthanc.stop()
+    try:
+        with sessions.begin() as s:
+            stored = {i.sop_instance_uid for i in s.scalars(select(Instance))}
+            [refused] = s.scalars(select(AuditEvent).where(AuditEvent.event == "instance_refused"))
+            [retrieved] = s.scalars(select(AuditEvent).where(AuditEvent.event == "series_retrieved"))
+            s.expunge_all()
+    finally:
+        engine.dispose()
+    assert stored == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in good.files}
+    assert not any(spool.instances_dir.rglob(f"{bad_uid}.dcm"))
+    assert (refused.sop_instance_uid, refused.calling_ae) == (bad_uid, "pacs-web")
+    assert refused.details["status"] == "0xC222" and refused.details["reason"] == "frames_mismatch"
+    assert retrieved.details["instances"] == len(good.files) + 1
+    assert retrieved.details["stored"] == len(good.files)
+    assert retrieved.details["ignored"] == [
+        "0xC222 frames_mismatch: NumberOfFrames 4 is more than the 2 fragment(s)"
+    ]
+    assert list(spool.incoming_dir.iterdir()) == []
