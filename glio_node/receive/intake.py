@@ -173,15 +173,16 @@ def read_instance(path: Path) -> tuple[Dataset, Encoding]:
                 ds.get(keyword)
             syntax = str(ds.file_meta.TransferSyntaxUID)
             if syntax == DeflatedExplicitVRLittleEndian:
-                return ds, Encoding(syntax, None, _pixel_data_inflated(path))
+                return ds, Encoding(syntax, None, _pixel_data_inflated(path), _overrun(ds))
             pixel_start = fp.tell()
             fp.seek(data_start)
             explicit = _looks_explicit(fp.read(6))
             fp.seek(pixel_start)
             pixel = _scan_pixel_data(fp, size, explicit=not ds.file_meta.TransferSyntaxUID.is_implicit_VR)
+            overrun = _overrun(ds)
     except PARSE_ERRORS as exc:
         raise InstanceRefused(Refusal.UNPARSABLE, f"{type(exc).__name__}: {exc}"[:300]) from exc
-    return ds, Encoding(syntax, explicit, pixel, _overrun(ds))
+    return ds, Encoding(syntax, explicit, pixel, overrun)
 
 
 def _overrun(ds: Dataset) -> str | None:
@@ -253,8 +254,7 @@ def _scan_pixel_data(fp: BinaryIO, size: int, *, explicit: bool) -> PixelData | 
                 broken = f"a Basic Offset Table of {n} bytes"
                 break
             table_bytes = n
-            raw = item[8:] + fp.read(max(0, n - 4)) if n else b""
-            raw = raw[:n]
+            raw = (item[8:] + fp.read(max(0, n - 4)))[:n]
             offset_table = struct.unpack(f"<{n // 4}I", raw[: n // 4 * 4])
             base = pos + 8 + n
         else:
@@ -272,7 +272,7 @@ def _pixel_data_inflated(path: Path) -> PixelData | None:
         return None
     element = ds["PixelData"]
     if element.is_undefined_length:
-        return PixelData(True, None, 0, broken=None, fragments=(0,), starts=(b"",))
+        return PixelData(True, None, 0)  # encapsulated in a native syntax: refused as such
     length = len(element.value or b"")
     return PixelData(False, length, length)
 
@@ -440,6 +440,8 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str, pixel: PixelData | None
             "PixelData (7FE0,0010) is missing, or an earlier element's length runs past the end "
             "of the data",
         )
+    if pixel.broken:
+        raise _fail(Refusal.TRUNCATED, pixel.broken)
     compressed = transfer_syntax in _FRAME_STARTS
     if pixel.encapsulated != compressed:
         raise _fail(
@@ -450,8 +452,6 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str, pixel: PixelData | None
     if not pixel.encapsulated:
         _check_native(ds, pixel, frames)
         return
-    if pixel.broken:
-        raise _fail(Refusal.TRUNCATED, pixel.broken)
     if frames > len(pixel.fragments):
         raise _fail(
             Refusal.FRAMES_MISMATCH,
@@ -481,7 +481,7 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str, pixel: PixelData | None
     markers, named = _FRAME_STARTS[transfer_syntax]
     for n, index in enumerate(frame_starts, start=1):
         start = pixel.starts[index]
-        if not any(start.startswith(m) or m.startswith(start) and len(start) == 4 for m in markers):
+        if not start.startswith(markers):
             raise _fail(
                 Refusal.TRANSFER_SYNTAX_MISMATCH,
                 f"frame {n} starts with {start.hex(' ') or 'nothing'}, not {named} as "

@@ -32,6 +32,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -421,6 +422,76 @@ def test_every_refusal_of_the_catalogue_is_documented(node):
         assert f"0x{refusal.status:04X}" in text
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_two_hundred_mutated_instances_are_each_answered_and_none_accepted_is_unframed(
+    node, base, tmp_path
+):
+    """What the issue's new user did, smaller: random byte flips, truncations, length changes,
+    insertions and deletions after the file meta of a valid instance, sent in one association.
+    Every one is answered, none by the receiver failing (0xC211), none refused leaves a file,
+    and every one answered 0x0000 is one a reader can frame: pydicom reads it whole and finds
+    NumberOfFrames frames, each starting with a JPEG marker (a frame corrupt inside its
+    codestream is accepted: the checks never decode; its job fails later)."""
+    import random
+
+    original = _fresh(base.level_files[0])
+    rng = random.Random(17)
+    paths = []
+    for i in range(200):
+        uid = generate_uid()  # each its own instance, in the meta (what the request announces)
+        original.SOPInstanceUID = original.file_meta.MediaStorageSOPInstanceUID = uid
+        data = bytearray(_bytes(original))
+        meta_end = 144 + struct.unpack_from("<I", data, 140)[0]
+        kind = rng.choice(["flip", "truncate", "length", "insert", "delete"])
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(meta_end, len(data))  # the meta is what the request announces
+            if kind == "flip":
+                data[at] = rng.randrange(256)
+            elif kind == "truncate":
+                del data[at:]
+                break
+            elif kind == "length":
+                data[at : at + 2] = struct.pack("<H", rng.randrange(65536))
+            elif kind == "insert":
+                data[at:at] = rng.randbytes(rng.randint(1, 8))
+            else:
+                del data[at : at + rng.randint(1, 8)]
+        path = tmp_path / f"mutated-{i:03d}.dcm"
+        path.write_bytes(bytes(data))
+        paths.append((path, uid))
+
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(VLWholeSlideMicroscopyImageStorage, JPEGBaseline8Bit)
+    saved = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    statuses = {}
+    try:
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="GLIONODE")
+        assert assoc.is_established
+        try:
+            for path, uid in paths:
+                rsp = assoc.send_c_store(path)
+                assert "Status" in rsp, f"{path.name}: no answer"
+                statuses[uid] = (path, int(rsp.Status))
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = saved
+
+    accepted = [(p, uid) for uid, (p, status) in statuses.items() if status == 0x0000]
+    refused = [uid for uid, (_, status) in statuses.items() if status != 0x0000]
+    assert 0xC211 not in {status for _, status in statuses.values()}
+    assert accepted and len(refused) > 50, (len(accepted), len(refused))
+    for uid in refused:
+        assert not node.stored(uid) and len(node.refusals_of(uid)) == 1
+    for path, uid in accepted:
+        assert node.stored(uid)
+        ds = pydicom.dcmread(path)
+        frames = _frames(ds)
+        assert len(frames) == int(ds.NumberOfFrames) and all(f[:2] == b"\xff\xd8" for f in frames)
+    assert list(node.spool.incoming_dir.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------
 # Valid instances of every converter variant are still accepted
 
@@ -477,6 +548,23 @@ def test_a_thumbnail_image_is_accepted(node, base, tmp_path):
     ds.ImageType = ["DERIVED", "PRIMARY", "THUMBNAIL", "RESAMPLED"]
     ds.save_as(tmp_path / "thumbnail.dcm", enforce_file_format=True)
     _all_accepted(node, [tmp_path / "thumbnail.dcm"])
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_uncompressed_instances_in_the_other_native_syntaxes_are_accepted(node, native, syntax):
+    """Implicit VR and Deflated (pynetdicom encodes them; the node inflates Deflated whole)."""
+    ds = _fresh(native.level_files[0])
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.set_original_encoding(syntax == ImplicitVRLittleEndian, True, ds.original_character_set)
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(VLWholeSlideMicroscopyImageStorage, syntax)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="GLIONODE")
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+    finally:
+        assoc.release()
+    assert node.stored(ds.SOPInstanceUID)
 
 
 @needs_dcmtk
