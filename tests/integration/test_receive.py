@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -207,6 +208,11 @@ def test_unknown_calling_ae_is_rejected_and_audited(node, slide):
     result = storescu(node.port, list(slide.files[:1]), "-aet", "OTHER")
     assert result.returncode != 0
     assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
+    # pynetdicom runs the EVT_REJECTED handler after it has sent the A-ASSOCIATE-RJ, so the row
+    # may land just after storescu has exited.
+    deadline = time.monotonic() + 10
+    while not node.events("association_rejected") and time.monotonic() < deadline:
+        time.sleep(0.05)
     [rejected] = node.events("association_rejected")
     assert rejected.calling_ae == "OTHER"
     assert rejected.address.startswith("127.0.0.1:")
