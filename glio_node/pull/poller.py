@@ -14,8 +14,8 @@ One poll, top to bottom (:meth:`SourcePoller.poll`):
    checks as a C-STORE (a refused one gets its ``instance_refused`` audit row and is not
    stored), then made durable in the spool; in one transaction, every instance not stored yet
    gets its row and ``instance_received`` audit exactly as a C-STORE would (calling AE = the
-   source's name), the series becomes ``taken`` and ``series_retrieved`` is audited.  From there the node's sweep, job, analysis and
-   delivery are the same as for C-STORE.
+   source's name), the series becomes ``taken`` and ``series_retrieved`` is audited.  From
+   there the node's sweep, job, analysis and delivery are the same as for C-STORE.
 
 A ``taken`` series is never fetched again, even if it grows later.  A failure (server down,
 credentials refused, a body cut short) leaves the series ``seen``; the next poll tries again.

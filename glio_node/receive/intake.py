@@ -365,7 +365,8 @@ def _check_header(ds: Dataset) -> int:
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         count = None if per_frame is None else len(per_frame)
     except PARSE_ERRORS as exc:
-        raise _fail(Refusal.VALUE_UNREADABLE, f"PerFrameFunctionalGroupsSequence: {type(exc).__name__}") from exc
+        detail = f"PerFrameFunctionalGroupsSequence: {type(exc).__name__}"
+        raise _fail(Refusal.VALUE_UNREADABLE, detail) from exc
     if count is not None and count != frames:
         raise _fail(
             Refusal.FRAMES_MISMATCH,
@@ -417,7 +418,8 @@ def _check_spacing(ds: Dataset) -> None:
         measures = shared[0].get("PixelMeasuresSequence") if shared else None
         item = measures[0] if measures else None
     except PARSE_ERRORS as exc:
-        raise _fail(Refusal.VALUE_UNREADABLE, f"SharedFunctionalGroupsSequence: {type(exc).__name__}") from exc
+        detail = f"SharedFunctionalGroupsSequence: {type(exc).__name__}"
+        raise _fail(Refusal.VALUE_UNREADABLE, detail) from exc
     if item is None or "PixelSpacing" not in item:
         return
     value = _value(item, "PixelSpacing")
@@ -507,8 +509,10 @@ def _check_native(ds: Dataset, pixel: PixelData, frames: int) -> None:
             f"the Pixel Data length {pixel.length} runs past the end of the data "
             f"({pixel.available} bytes left)",
         )
-    expected = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated) // 8
-    expected *= frames
+    samples = int(ds.SamplesPerPixel)
+    if _text(ds, "PhotometricInterpretation") == "YBR_FULL_422":
+        samples = 2  # native 4:2:2 stores two bytes per pixel (PS3.3 C.7.6.3.1.2)
+    expected = int(ds.Rows) * int(ds.Columns) * samples * int(ds.BitsAllocated) // 8 * frames
     if pixel.length not in (expected, expected + 1):  # +1: the pad byte of an odd length
         raise _fail(
             Refusal.FRAMES_MISMATCH,
