@@ -10,10 +10,12 @@ One poll, top to bottom (:meth:`SourcePoller.poll`):
 3. a ``seen`` series whose instance count is the same as at the previous poll has stopped
    growing: it is retrieved by WADO-RS, each instance streamed into a file in the spool's
    ``incoming/`` folder;
-4. in one transaction, every instance not stored yet gets its row and ``instance_received``
-   audit exactly as a C-STORE would (calling AE = the source's name), the series becomes
-   ``taken`` and ``series_retrieved`` is audited.  From there the node's sweep, job, analysis and
-   delivery are the same as for C-STORE.
+4. each file goes through the receiver's intake (:mod:`glio_node.receive.intake`): the same
+   checks as a C-STORE (a refused one gets its ``instance_refused`` audit row and is not
+   stored), then made durable in the spool; in one transaction, every instance not stored yet
+   gets its row and ``instance_received`` audit exactly as a C-STORE would (calling AE = the
+   source's name), the series becomes ``taken`` and ``series_retrieved`` is audited.  From
+   there the node's sweep, job, analysis and delivery are the same as for C-STORE.
 
 A ``taken`` series is never fetched again, even if it grows later.  A failure (server down,
 credentials refused, a body cut short) leaves the series ``seen``; the next poll tries again.
@@ -24,12 +26,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
-import pydicom
 from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,14 +43,15 @@ from glio_node.pull.dicomweb import (
     Stopped,
     server_of,
 )
-from glio_node.receive.scp import accession_number
+from glio_node.receive import intake
 from glio_node.receive.spool import Spool, checked_uid
-from glio_node.redact import redacted_logger
+from glio_node.receive.statuses import InstanceRefused
+from glio_node.redact import redacted_logger, without_uids
 from glio_node.store import audit
 from glio_node.store.actions import intake_paused
 from glio_node.store.audit import Event
 from glio_node.store.db import dialect_insert
-from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
+from glio_node.store.instances import ReceivedInstance, instance_exists
 from glio_node.store.models import PullSeries, PullSource, PullState
 
 log = redacted_logger(__name__)
@@ -76,6 +77,7 @@ class SourcePoller:
         self.stopping = threading.Event()
         self.client = DicomwebSource(source, self.stopping)
         self.address = server_of(source.url).split("://", 1)[1][:64]
+        self.peer = intake.Peer(source.name, self.address)
 
     def stop(self) -> None:
         """Abandon a retrieval in progress at its next chunk (the node is stopping)."""
@@ -267,7 +269,10 @@ class SourcePoller:
     def _store(self, item: FoundSeries, files: list[Path]) -> None:
         name = self.source.name
         ignored: list[str] = []
-        checked = [r for r in (self._checked(item, p, ignored) for p in files) if r is not None]
+        refused: list[InstanceRefused] = []
+        checked = [
+            r for r in (self._checked(item, p, ignored, refused) for p in files) if r is not None
+        ]
         with self.sessions.begin() as session:
             already = {
                 r.sop_instance_uid for r in checked if instance_exists(session, r.sop_instance_uid)
@@ -278,12 +283,7 @@ class SourcePoller:
         for r in checked:
             if r.sop_instance_uid in already:
                 continue
-            done = self.spool.store(
-                Path(r.path), r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid
-            )
-            fresh.append(
-                replace(r, path=str(done.path), size_bytes=done.size_bytes, sha256=done.sha256)
-            )
+            fresh.append(intake.spool_instance(self.spool, r))
         now = self.now()
         stored = 0
         with self.sessions.begin() as session:
@@ -303,8 +303,10 @@ class SourcePoller:
             for received in fresh:
                 if instance_exists(session, received.sop_instance_uid):  # a C-STORE meanwhile
                     continue
-                record_instance(session, received, now)
+                intake.record(session, received, now)
                 stored += 1
+            for refusal in refused:
+                intake.audit_refusal(session, self.peer, refusal, {}, now)
             audit.record(
                 session,
                 Event.SERIES_RETRIEVED,
@@ -329,53 +331,32 @@ class SourcePoller:
         log.info(
             "source %s: series %s retrieved: %d instance(s) stored, %d already there%s",
             name, series_tag(item.series_instance_uid), stored, len(checked) - stored,
-            f", {len(ignored)} ignored ({ignored[0]})" if ignored else "",
+            f", {len(ignored)} ignored ({without_uids(ignored[0])})" if ignored else "",
         )
 
-    def _checked(self, item: FoundSeries, path: Path, ignored: list[str]) -> ReceivedInstance | None:
-        """The instance in ``path`` if it belongs to the series and is a WSI; else noted in
-        ``ignored`` (the reason, no patient data) and None."""
+    def _checked(
+        self, item: FoundSeries, path: Path, ignored: list[str], refused: list[InstanceRefused]
+    ) -> ReceivedInstance | None:
+        """The instance in ``path`` if the intake admits it (a VL WSI a reader can use, with
+        valid UIDs) and it belongs to the series; else noted in ``ignored`` (the reason, no
+        patient data), a refusal also in ``refused`` (for its audit row), and None."""
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            uids = {
-                field: checked_uid(keyword, ds.get(keyword))
-                for keyword, field in (
-                    ("SOPInstanceUID", "sop_instance_uid"),
-                    ("SeriesInstanceUID", "series_instance_uid"),
-                    ("StudyInstanceUID", "study_instance_uid"),
-                )
-            }
-            sop_class = checked_uid("SOPClassUID", ds.get("SOPClassUID"))
-            syntax = str(ds.file_meta.TransferSyntaxUID)
-        except BadInput as exc:
-            ignored.append(str(exc)[:200])
+            admitted = intake.admit(path, self.peer, sop_class_uid=VLWholeSlideMicroscopyImageStorage)
+        except InstanceRefused as exc:
+            ignored.append(f"0x{exc.refusal.status:04X} {exc.refusal.reason}: {exc.detail}"[:200])
+            refused.append(exc)
             return None
-        except (ValueError, TypeError, KeyError, AttributeError, EOFError, OSError,
-                pydicom.errors.InvalidDicomError) as exc:
-            ignored.append(f"unreadable instance: {type(exc).__name__}")
-            return None
-        if (uids["series_instance_uid"], uids["study_instance_uid"]) != (
+        if (admitted.series_instance_uid, admitted.study_instance_uid) != (
             item.series_instance_uid, item.study_instance_uid
         ):
             ignored.append("instance of another series than the one asked for")
             return None
-        if sop_class != VLWholeSlideMicroscopyImageStorage:
-            ignored.append(f"SOP class {sop_class} is not VL Whole Slide Microscopy")
-            return None
-        return ReceivedInstance(
-            sop_class_uid=sop_class,
-            transfer_syntax_uid=syntax,
-            path=str(path),
-            size_bytes=path.stat().st_size,
-            sha256="",
-            calling_ae=self.source.name,
-            address=self.address,
-            accession_number=accession_number(ds),
-            **uids,
-        )
+        return admitted
 
 
 def _message(source_name: str, exc: Exception) -> str:
     if isinstance(exc, OSError):
         return f"source {source_name}: writing a retrieved series to the spool failed: {exc.strerror or exc}"
+    if isinstance(exc, InstanceRefused):  # intake.spool_instance: the disk failed
+        return f"source {source_name}: writing a retrieved series to the spool failed: {exc.detail}"
     return str(exc)

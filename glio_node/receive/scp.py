@@ -1,17 +1,21 @@
 """The C-STORE / C-ECHO SCP: pynetdicom AE and thin handlers with their dependencies bound.
 
-One C-STORE, top to bottom (:func:`handle_store`):
+One C-STORE, top to bottom (:func:`handle_store`; the steps are those of every instance,
+in :mod:`glio_node.receive.intake`):
 
 1. pynetdicom has streamed the dataset into a file in the spool's ``incoming/`` folder
    (``STORE_RECV_CHUNKED_DATASET``), so an instance is never held whole in memory;
-2. its header is parsed (no pixel data) and its UIDs checked: unparsable or missing/invalid
-   UIDs -> 0xC210, and the association goes on;
-3. a SOP Instance UID already stored -> success, not stored again (audit ``instance_duplicate``);
-4. intake paused by an operator (status page) -> 0xA700, before anything is stored;
-   free disk under ``min_free_bytes`` -> 0xA700;
-5. the file is fsync'ed and renamed into place, the directory fsync'ed (:meth:`Spool.store`);
-6. the instance row, its series and the ``instance_received`` audit row are committed;
-7. only then 0x0000 is returned: the sender may delete its copy.
+2. :func:`~glio_node.receive.intake.admit`: its header is parsed (no pixel data), its UIDs
+   checked against the request, and :func:`~glio_node.receive.intake.check_instance` asks
+   whether a VL WSI reader could use it (header attributes, transfer syntax, fragment table):
+   any problem is its own failure status (0xA900 / 0xC2xx), and the association goes on;
+3. :func:`~glio_node.receive.intake.accept`: a SOP Instance UID already stored -> success, not
+   stored again (audit ``instance_duplicate``); intake paused by an operator (status page) or
+   free disk under ``min_free_bytes`` -> 0xA700, before anything is stored; else the file is
+   fsync'ed and renamed into place, the directory fsync'ed (:meth:`Spool.store`), and the
+   instance row, its series and the ``instance_received`` audit row are committed;
+4. only then 0x0000 is returned: the sender may delete its copy.  A refusal is an
+   ``instance_refused`` audit row naming the reason.
 
 Associations from calling AE titles outside ``[node] allowed_calling_ae_titles`` (when the list
 is not empty) are rejected by pynetdicom's ``require_calling_aet``; :func:`handle_rejected`
@@ -21,74 +25,40 @@ audits them.  Every status comes from :mod:`glio_node.receive.statuses`.
 from __future__ import annotations
 
 import hashlib
-import struct
 import tempfile
-import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    VLWholeSlideMicroscopyImageStorage,
-)
+from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.events import Event as DicomEvent
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from glio_node.config import Settings
-from glio_node.errors import BadInput
-from glio_node.receive.spool import Spool, checked_uid
-from glio_node.receive.statuses import SUCCESS, InstanceRefused, Refusal
+from glio_node.receive.intake import (
+    PARSE_ERRORS,
+    WSI_TRANSFER_SYNTAXES,
+    Outcome,
+    Peer,
+    accept,
+    admit,
+    audit_refusal,
+)
+from glio_node.receive.spool import Spool
+from glio_node.receive.statuses import SUCCESS, InstanceRefused, Refusal, ReportStatus
 from glio_node.redact import redacted_logger
 from glio_node.store import audit, commitments
-from glio_node.store.actions import intake_paused
 from glio_node.store.audit import Event
-from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
 
 log = redacted_logger(__name__)
 
-# What scanners and PACS send whole-slide images in.  Deflate is accepted too (rare for WSI).
-WSI_TRANSFER_SYNTAXES = (
-    JPEGBaseline8Bit,
-    JPEG2000Lossless,
-    JPEG2000,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-)
 STORAGE_SOP_CLASSES = (VLWholeSlideMicroscopyImageStorage,)
 MAX_PDU_BYTES = 1_048_576  # the largest PDU we accept; bounds the memory of one read
-
-# What pydicom raises on malformed bytes: a bad dataset is the sender's problem (0xC210), not a
-# crash of the receiver.
-_PARSE_ERRORS = (
-    InvalidDicomError,
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    EOFError,
-    OSError,
-    NotImplementedError,
-    struct.error,
-    zlib.error,
-)
 
 Sessions = sessionmaker[Session]
 
@@ -206,121 +176,35 @@ def handle_store(event: DicomEvent, spool: Spool, sessions: Sessions) -> int:
     except InstanceRefused as refused:
         refusal, detail, uids = refused.refusal, refused.detail, refused.uids
     except Exception as exc:  # the handler boundary: log and audit the unforeseen, then refuse
-        log.exception("C-STORE of %s from %s failed unexpectedly", affected, calling_ae)
+        log.exception("C-STORE from %s failed unexpectedly", calling_ae)
         refusal, detail, uids = Refusal.UNEXPECTED, f"{type(exc).__name__}: {exc}", {}
-    uids = {"sop_instance_uid": affected if len(affected) <= 64 else None, **uids}
-    _audit_quietly(
-        sessions,
-        Event.INSTANCE_REFUSED,
-        calling_ae=calling_ae,
-        address=address,
-        details={
-            "status": f"0x{refusal.status:04X}",
-            "reason": refusal.name.lower(),
-            "detail": detail[:500],
-        },
-        **uids,
-    )
-    log.warning(
-        "C-STORE of %s from %s refused with 0x%04X: %s",
-        affected,
-        calling_ae,
-        refusal.status,
-        detail,
-    )
+    try:
+        with sessions.begin() as session:
+            audit_refusal(
+                session, Peer(calling_ae, address), InstanceRefused(refusal, detail, uids),
+                {"sop_instance_uid": affected if len(affected) <= 64 else None},
+            )
+    except SQLAlchemyError:  # the DICOM answer must still go out
+        log.exception("could not write audit event %s", Event.INSTANCE_REFUSED.value)
+    log.warning("C-STORE from %s refused with 0x%04X: %s", calling_ae, refusal.status, detail)
     return refusal.status
 
 
 def _store(
     event: DicomEvent, spool: Spool, sessions: Sessions, calling_ae: str, address: str
 ) -> int:
-    source = Path(event.dataset_path)
-    header = _read_header(source)
-    uids: dict[str, str] = {}
-    for keyword, field in (
-        ("SOPInstanceUID", "sop_instance_uid"),
-        ("SeriesInstanceUID", "series_instance_uid"),
-        ("StudyInstanceUID", "study_instance_uid"),
-    ):
-        uids[field] = _uid(header, keyword, uids)
-    sop_class_uid = _uid(header, "SOPClassUID", uids)
-
-    if uids["sop_instance_uid"] != str(event.request.AffectedSOPInstanceUID):
-        raise InstanceRefused(
-            Refusal.SOP_INSTANCE_MISMATCH,
-            f"dataset {uids['sop_instance_uid']}, request {event.request.AffectedSOPInstanceUID}",
-            uids,
-        )
-    if sop_class_uid != str(event.request.AffectedSOPClassUID):
-        raise InstanceRefused(
-            Refusal.SOP_CLASS_MISMATCH,
-            f"dataset {sop_class_uid}, request {event.request.AffectedSOPClassUID}",
-            uids,
-        )
-
-    try:
-        with sessions.begin() as session:
-            if instance_exists(session, uids["sop_instance_uid"]):
-                audit.record(
-                    session,
-                    Event.INSTANCE_DUPLICATE,
-                    calling_ae=calling_ae,
-                    address=address,
-                    **uids,
-                )
-                log.info("C-STORE of %s: already stored, not stored again", uids["sop_instance_uid"])
-                return SUCCESS
-            paused = intake_paused(session)
-    except SQLAlchemyError as exc:
-        raise InstanceRefused(Refusal.DATABASE_UNAVAILABLE, type(exc).__name__, uids) from exc
-
-    if paused:
-        # Status page "pause intake": the instance is refused before it is stored; the PACS keeps
-        # its copy and sends it again later (0xA700 is a retryable "out of resources").
-        raise InstanceRefused(Refusal.INTAKE_PAUSED, "an operator paused intake", uids)
-    if not spool.has_room():
-        raise InstanceRefused(
-            Refusal.DISK_LOW,
-            f"{spool.free_bytes()} bytes free, min_free_bytes {spool.min_free_bytes}",
-            uids,
-        )
+    peer = Peer(calling_ae, address)
+    admitted = admit(
+        Path(event.dataset_path),
+        peer,
+        sop_class_uid=str(event.request.AffectedSOPClassUID),
+        sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+        transfer_syntax=str(event.context.transfer_syntax),
+    )
     written = getattr(event.request, "_dataset_file", None)  # our _HashingFile, when streamed
     digest = written.digest() if isinstance(written, _HashingFile) else None
-    try:
-        stored = spool.store(
-            source,
-            uids["study_instance_uid"],
-            uids["series_instance_uid"],
-            uids["sop_instance_uid"],
-            digest=digest,
-        )
-    except OSError as exc:
-        raise InstanceRefused(Refusal.WRITE_FAILED, f"{exc.strerror or exc}", uids) from exc
-
-    received = ReceivedInstance(
-        sop_class_uid=sop_class_uid,
-        transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
-        path=str(stored.path),
-        size_bytes=stored.size_bytes,
-        sha256=stored.sha256,
-        calling_ae=calling_ae,
-        address=address,
-        accession_number=accession_number(header),
-        **uids,
-    )
-    try:
-        with sessions.begin() as session:
-            record_instance(session, received, datetime.now(UTC))
-    except IntegrityError:
-        # A concurrent association stored the same instance first: it is durable either way.
-        with sessions.begin() as session:
-            audit.record(
-                session, Event.INSTANCE_DUPLICATE, calling_ae=calling_ae, address=address, **uids
-            )
-        return SUCCESS
-    except SQLAlchemyError as exc:
-        stored.path.unlink(missing_ok=True)
-        raise InstanceRefused(Refusal.DATABASE_UNAVAILABLE, type(exc).__name__, uids) from exc
+    if accept(sessions, spool, admitted, digest=digest) is Outcome.DUPLICATE:
+        log.info("C-STORE from %s: instance already stored, not stored again", calling_ae)
     return SUCCESS
 
 
@@ -330,7 +214,8 @@ def handle_commitment_report(
     """N-EVENT-REPORT of the Storage Commitment Push Model: apply the destination's answer to
     the request with its Transaction UID (:func:`glio_node.store.commitments.record_report`).
 
-    0x0000 once recorded; 0x0112 (no such SOP instance) for another SOP instance than the
+    Answers (:class:`~glio_node.receive.statuses.ReportStatus`): 0x0000 once recorded; 0x0112
+    (no such SOP instance) for another SOP instance than the
     well-known one, 0x0113 for an event type other than 1/2, 0x0115 for a report without a
     usable Transaction UID or naming a transaction the node never started; 0x0110 when the
     database cannot record it (the destination may send it again).
@@ -340,11 +225,11 @@ def handle_commitment_report(
     calling_ae, address = _peer(event)
     request = event.request
     if str(request.AffectedSOPClassUID) != StorageCommitmentPushModel:
-        return 0x0118, None  # no such SOP class: N-EVENT-REPORTs of other services
+        return ReportStatus.NO_SUCH_SOP_CLASS, None  # N-EVENT-REPORTs of other services
     if str(request.AffectedSOPInstanceUID) != StorageCommitmentPushModelInstance:
-        return 0x0112, None
+        return ReportStatus.NO_SUCH_SOP_INSTANCE, None
     if request.EventTypeID not in (1, 2):
-        return 0x0113, None
+        return ReportStatus.NO_SUCH_EVENT_TYPE, None
     try:
         info = event.event_information
         transaction_uid = str(info.TransactionUID)
@@ -357,9 +242,9 @@ def handle_commitment_report(
             )
             for item in info.get("FailedSOPSequence", [])
         }
-    except (*_PARSE_ERRORS, AttributeError) as exc:
+    except PARSE_ERRORS as exc:
         log.warning("Storage Commitment report from %s unreadable: %s", calling_ae, exc)
-        return 0x0115, None
+        return ReportStatus.INVALID_ARGUMENT, None
     try:
         with sessions.begin() as session:
             outcome = commitments.record_report(
@@ -369,13 +254,13 @@ def handle_commitment_report(
             )
     except SQLAlchemyError:
         log.exception("Storage Commitment report from %s could not be recorded", calling_ae)
-        return 0x0110, None
+        return ReportStatus.PROCESSING_FAILURE, None
     if outcome is None:
         log.warning(
             "Storage Commitment report from %s for transaction %s, which this node did not "
             "request of that AE title: ignored", calling_ae, transaction_uid,
         )
-        return 0x0115, None
+        return ReportStatus.INVALID_ARGUMENT, None
     if failed:
         log.warning(
             "destination %s: Storage Commitment of job %d failed for %d object(s): %d will be "
@@ -386,42 +271,11 @@ def handle_commitment_report(
         "destination %s committed %d object(s) of job %d",
         outcome.destination, outcome.committed, outcome.job_id,
     )
-    return 0x0000, None
+    return ReportStatus.RECORDED, None
 
 
 # ------------------------------------------------------------------------------------------
 # Helpers
-
-
-def accession_number(header: pydicom.Dataset) -> str | None:
-    """The Accession Number (SH, at most 16 characters) for the audit search, or None."""
-    try:
-        value = str(header.get("AccessionNumber", "") or "").strip()
-    except _PARSE_ERRORS:  # a malformed optional element does not refuse the instance
-        return None
-    return value[:16] or None
-
-
-def _read_header(path: Path) -> pydicom.Dataset:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        # Values are decoded lazily: touch the ones we need while errors are still caught here.
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-            ds.get(keyword)
-        ds.file_meta.TransferSyntaxUID  # noqa: B018
-    except _PARSE_ERRORS as exc:
-        raise InstanceRefused(Refusal.UNPARSABLE, f"{type(exc).__name__}: {exc}") from exc
-    return ds
-
-
-def _uid(ds: pydicom.Dataset, keyword: str, known: dict[str, str]) -> str:
-    value = ds.get(keyword)
-    if value is None or str(value).strip() == "":
-        raise InstanceRefused(Refusal.MISSING_UID, f"{keyword} is missing or empty", known)
-    try:
-        return checked_uid(keyword, value)
-    except BadInput as exc:
-        raise InstanceRefused(Refusal.INVALID_UID, str(exc), known) from exc
 
 
 def _peer(event: DicomEvent) -> tuple[str, str]:

@@ -9,6 +9,7 @@ import hashlib
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -206,6 +207,11 @@ def test_unknown_calling_ae_is_rejected_and_audited(node, slide):
     result = storescu(node.port, list(slide.files[:1]), "-aet", "OTHER")
     assert result.returncode != 0
     assert "Rejected" in result.stderr or "rejected" in result.stderr.lower()
+    # pynetdicom runs the EVT_REJECTED handler after it has sent the A-ASSOCIATE-RJ, so the row
+    # may land just after storescu has exited.
+    deadline = time.monotonic() + 10
+    while not node.events("association_rejected") and time.monotonic() < deadline:
+        time.sleep(0.05)
     [rejected] = node.events("association_rejected")
     assert rejected.calling_ae == "OTHER"
     assert rejected.address.startswith("127.0.0.1:")
@@ -324,6 +330,9 @@ def test_large_instance_is_streamed_to_disk_not_held_in_memory(node, slide, tmp_
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.PhotometricInterpretation = "RGB"
     ds.NumberOfFrames = frames
+    # A valid instance (the receiver refuses more TILED_FULL frames than the matrix holds):
+    # one row of `frames` tiles.
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = frames * ds.Columns, ds.Rows
     ds.PixelData = bytes(range(256)) * (frames * frame_bytes // 256)
     ds["PixelData"].VR = "OB"
     big = tmp_path / "big.dcm"
