@@ -78,7 +78,14 @@ def test_simplified_outlines_stay_within_the_tolerance_and_keep_their_holes():
     simple = simplify(exact, SIMPLIFY_TOLERANCE_PX)
     assert simple.is_valid and len(simple.geoms) == 1 and len(simple.geoms[0].interiors) == 1
     assert shapely.hausdorff_distance(exact.boundary, simple.boundary) <= SIMPLIFY_TOLERANCE_PX + 1e-9
-    assert shapely.get_num_coordinates(simple) < shapely.get_num_coordinates(exact) / 3
+    assert shapely.get_num_coordinates(simple) < 0.8 * shapely.get_num_coordinates(exact)
+    assert simple.area == pytest.approx(exact.area, rel=0.01)
+
+
+def test_simplifying_never_collapses_a_single_pixel():
+    mask = np.zeros((5, 5), bool)
+    mask[2, 2] = True
+    assert simplify(polygonise(mask), SIMPLIFY_TOLERANCE_PX).area == 1.0
 
 
 def test_ann_pieces_of_a_polygon_with_holes_have_none_and_cover_the_same_area():
