@@ -334,6 +334,24 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class GeoJSONSettings:
+    """Where ``serve`` puts each job's QuPath GeoJSON, beside sending the DICOM objects."""
+
+    folder: str = ""  # deliver each job's GeoJSON into this folder (atomic write); empty: off
+
+    def __post_init__(self) -> None:
+        if self.folder != self.folder.strip():
+            raise ConfigError(
+                f"[geojson] folder = {self.folder!r}: remove the leading/trailing spaces"
+            )
+
+    @property
+    def folder_path(self) -> Path | None:
+        """The folder, or None when folder delivery is off."""
+        return Path(self.folder) if self.folder else None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the worker service is configured with; valid once built."""
 
@@ -345,6 +363,7 @@ class Settings:
     sources: tuple[Source, ...] = ()  # DICOMweb servers polled for new series (pull mode)
     status: StatusSettings = field(default_factory=StatusSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    geojson: GeoJSONSettings = field(default_factory=GeoJSONSettings)
     source: Path | None = None  # the TOML file these came from; None: defaults and environment
 
     def __post_init__(self) -> None:
@@ -371,6 +390,7 @@ _SECTIONS: dict[str, type] = {
     "models": ModelsSettings,
     "status": StatusSettings,
     "worker": WorkerSettings,
+    "geojson": GeoJSONSettings,
 }
 
 

@@ -20,8 +20,9 @@ Periodic jobs, each a method of :class:`NodeScheduler` that tests may also call 
   C-STORE'd ones.  A node without sources has no such job.
 
 One job, top to bottom (:meth:`NodeScheduler.run_claimed`): the series' spooled files ->
-``run_job`` -> ``finish_job`` with the bundle and stage times, ``objects_created`` and one
-delivery per destination and object, in one transaction.  ``BadInput``, ``BundleError`` and
+``run_job`` -> the QuPath GeoJSON into ``[geojson] folder`` when one is set (atomic write) ->
+``finish_job`` with the bundle and stage times, ``objects_created`` (naming the GeoJSON) and one
+delivery per destination and DICOM object, in one transaction.  ``BadInput``, ``BundleError`` and
 ``PermanentError`` fail the job with their message; any other error is transient and retried
 with capped backoff until ``max_attempts``.
 
@@ -351,6 +352,7 @@ class NodeScheduler:
                 allow_gaps=True,
             )
             objects = [_result_object(Path(f)) for f in summary.files]
+            geojson = self._deliver_geojson(summary)
         except (BadInput, BundleError, PermanentError) as exc:
             self._fail(job, str(exc), transient=False, started=started)
             return
@@ -388,6 +390,7 @@ class NodeScheduler:
                         ],
                         "bundle": bundle.name,
                         "bundle_version": bundle.version,
+                        **({"geojson": geojson.name} if geojson else {}),
                     },
                 )
                 deliveries.add_deliveries(session, job.id, list(self.destinations), objects, now)
@@ -400,6 +403,28 @@ class NodeScheduler:
             job.id, tag, time.monotonic() - started, attempt, len(objects),
             bundle.name, bundle.version, summary.device, len(self.destinations),
         )
+
+    def _deliver_geojson(self, summary: Any) -> Path | None:
+        """The job's QuPath GeoJSON into ``[geojson] folder`` (atomic write), if one is set.
+
+        Before the job is finished, so a folder that cannot be written fails the attempt and
+        it is retried like any transient error; a re-run replaces the file.
+        """
+        folder = self.settings.geojson.folder_path
+        if folder is None or not getattr(summary, "geojson", None):
+            return None
+        from glio_node.writers.geojson import atomic_write_bytes
+
+        written = Path(summary.geojson)
+        target = folder / written.name
+        try:
+            atomic_write_bytes(target, written.read_bytes())
+        except OSError as exc:
+            raise TransientError(
+                f"[geojson] folder {folder} cannot be written ({exc.strerror or exc}): check that "
+                "it is a folder the service may write to; the job is retried"
+            ) from exc
+        return target
 
     def _fail(self, job: queue.JobRecord, error: str, *, transient: bool, started: float) -> None:
         with self.sessions.begin() as session:
