@@ -268,4 +268,6 @@ def test_orthanc_stores_the_ann_whole_but_its_dicomweb_metadata_keeps_one_coordi
     assert all(len(s) > 2 for s in stored)
     assert [len(v) for v in served] == [1] * len(stored)  # truncated to the first float
     assert all("BulkDataURI" not in g["00660016"] and "InlineBinary" not in g["00660016"] for g in groups)
+    area = groups[0]["00660121"]["Value"][0]["00660132"]["Value"][0]["00660125"]  # FloatingPointValues
+    assert len(area["Value"]) == 1 < int(ds.AnnotationGroupSequence[0].NumberOfAnnotations)
     assert ds.AnnotationGroupSequence[0].PointCoordinatesData in retrieved  # WADO-RS: the whole file
