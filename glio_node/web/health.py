@@ -146,7 +146,7 @@ class EchoCache:
 
     def _check(self, d: Destination) -> Reachability:
         now = datetime.now(UTC)
-        if d.type == "dicomweb":
+        if d.type in ("dicomweb", "geojson"):
             ok, detail = _http_check(d)
             return Reachability(d.name, "HTTP", ok, detail, now)
         ok, detail = _c_echo(d, self.calling_ae)
@@ -176,20 +176,26 @@ def _c_echo(d: Destination, calling_ae: str) -> tuple[bool, str]:
 
 
 def _http_check(d: Destination) -> tuple[bool, str]:
-    """Any HTTP answer below 500 from the DICOMweb root means the server is there."""
+    """Any HTTP answer below 500 from the DICOMweb root (a GeoJSON endpoint: a HEAD of its URL,
+    which may well answer 405) means the server is there."""
     from glio_node.http_auth import authorization_header
 
     headers = {
-        "Accept": "application/dicom+json",
+        "Accept": "application/dicom+json" if d.type == "dicomweb" else "application/json",
         **authorization_header(username=d.username, password=d.password, bearer_token=d.bearer_token),
     }
-    request = urllib.request.Request(d.url.rstrip("/") + "/studies?limit=1", headers=headers)
+    if d.type == "dicomweb":
+        request = urllib.request.Request(d.url.rstrip("/") + "/studies?limit=1", headers=headers)
+    else:
+        request = urllib.request.Request(d.url, headers=headers, method="HEAD")
     try:
         with urllib.request.urlopen(request, timeout=ECHO_TIMEOUT_SECONDS) as response:
             return True, f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             return False, f"HTTP {exc.code}: check the destination's credentials"
-        return exc.code < 500, f"HTTP {exc.code}"
+        # A POST-only GeoJSON endpoint may refuse HEAD (405, or 501 "not implemented"): it is there.
+        there = exc.code < 500 or (d.type == "geojson" and exc.code == 501)
+        return there, f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         return False, f"no answer: {getattr(exc, 'reason', exc)}"

@@ -189,3 +189,24 @@ def test_the_status_page_token_stays_out_of_repr():
     settings = load_settings(None, {"GLIO_STATUS_TOKEN": "a-long-status-token-0123"})
     assert settings.status.token == "a-long-status-token-0123"
     assert "a-long-status-token-0123" not in repr(settings)
+
+
+def test_a_geojson_destination_needs_an_http_url_and_cannot_commit(tmp_path):
+    p = write(tmp_path, '[[destinations]]\nname = "vendor"\ntype = "geojson"\nurl = "https://ai.example.org/glio"\n')
+    [vendor] = load_settings(p, {}).destinations
+    assert (vendor.type, vendor.url) == ("geojson", "https://ai.example.org/glio")
+    with pytest.raises(ConfigError, match=r"\[\[destinations\]\] #1 is missing url"):
+        load_settings(p, {"GLIO_DESTINATIONS_1_NAME": "other", "GLIO_DESTINATIONS_1_TYPE": "geojson"})
+    with pytest.raises(ConfigError, match=r"url = 'ai.example.org': give the endpoint GeoJSON is POSTed to as http"):
+        load_settings(p, {"GLIO_DESTINATIONS_0_URL": "ai.example.org"})
+    with pytest.raises(ConfigError, match=r"a geojson destination cannot confirm storage"):
+        load_settings(p, {"GLIO_DESTINATIONS_0_STORAGE_COMMITMENT": "true"})
+
+
+def test_the_geojson_folder_comes_from_the_file_or_the_environment(tmp_path):
+    assert load_settings(None, {}).geojson.folder_path is None
+    s = load_settings(write(tmp_path, '[geojson]\nfolder = "/srv/qupath"\n'), {})
+    assert s.geojson.folder_path == Path("/srv/qupath")
+    assert load_settings(None, {"GLIO_GEOJSON_FOLDER": "/mnt/share"}).geojson.folder_path == Path("/mnt/share")
+    with pytest.raises(ConfigError, match=r"\[geojson\] folder = ' /x': remove the leading/trailing spaces"):
+        load_settings(write(tmp_path, '[geojson]\nfolder = " /x"\n'), {})
