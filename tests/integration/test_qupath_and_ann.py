@@ -85,6 +85,12 @@ def ours(slide_cache, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def wsidicomizer(wsidicomizer_slide, tmp_path_factory):
+    return Analysed([wsidicomizer_slide.folder], tmp_path_factory.mktemp("qupath-wsidicomizer"),
+                    wsidicomizer_slide.truth_tissue, _base_header(sorted(wsidicomizer_slide.folder.glob("*.dcm"))))
+
+
+@pytest.fixture(scope="module")
 def orthanc(orthanc_slide, tmp_path_factory):
     return Analysed([orthanc_slide.folder], tmp_path_factory.mktemp("qupath-orthanc"),
                     orthanc_slide.truth_tissue, _base_header(sorted(orthanc_slide.folder.glob("*.dcm"))))
@@ -106,7 +112,7 @@ def _annotations(run: Analysed) -> dict[str, dict]:
     return {f["properties"]["name"]: f for f in run.geojson["features"] if f["properties"]["objectType"] == "annotation"}
 
 
-@pytest.mark.parametrize("run", ["ours", "orthanc"])
+@pytest.mark.parametrize("run", ["ours", "orthanc", "wsidicomizer"])
 def test_the_geojson_regions_agree_with_the_seg_and_the_tissue_with_the_painted_slide(request, run):
     run = request.getfixturevalue(run)
     labels, label_mm = run.seg_labels()
@@ -239,8 +245,16 @@ def test_the_ann_validates_is_coded_like_the_seg_and_lies_where_the_seg_does(our
 def test_an_orthanc_slide_gets_an_ann_in_the_created_frame_of_reference(orthanc):
     assert_valid(orthanc.ann_path)
     ann = hd.ann.annread(orthanc.ann_path)
+    assert "FrameOfReferenceUID" not in orthanc.base
     assert ann.FrameOfReferenceUID == orthanc.seg.FrameOfReferenceUID  # created, shared with the SEG
     assert orthanc.geojson["properties"]["coordinates"]["level0_columns"] == int(orthanc.base.TotalPixelMatrixColumns)
+
+
+def test_a_wsidicomizer_slide_gets_an_ann_in_its_own_frame_of_reference(wsidicomizer):
+    assert_valid(wsidicomizer.ann_path)
+    ann = hd.ann.annread(wsidicomizer.ann_path)
+    assert ann.FrameOfReferenceUID == wsidicomizer.base.FrameOfReferenceUID
+    assert ann.StudyInstanceUID == wsidicomizer.base.StudyInstanceUID
 
 
 @pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed")
