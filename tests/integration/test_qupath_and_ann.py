@@ -139,7 +139,7 @@ def test_the_geojson_regions_agree_with_the_seg_and_the_tissue_with_the_painted_
     painted = run.truth_tissue(label_mm * 1000)[:rows, :cols]
     drawn = drawn[: painted.shape[0], : painted.shape[1]]
     iou = (drawn & painted).sum() / (drawn | painted).sum()
-    assert iou >= 0.95, iou
+    assert iou >= 0.93, iou  # 0.98 ours, 0.98 Orthanc, 0.96 wsidicomizer
 
 
 def test_holes_are_kept_and_the_file_says_how_much_it_was_simplified(ours):
