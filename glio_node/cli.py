@@ -88,6 +88,8 @@ def _print_summary(summary) -> None:
         print(f"note        {note}")
     for f in summary.files:
         print(f"wrote       {f}")
+    if summary.geojson:
+        print(f"qupath      {summary.geojson} (File > Import objects in QuPath, or drag it onto the slide)")
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -381,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=2, help="frame decoding threads (default: 2)")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    a = sub.add_parser("analyze", help="analyse one DICOM WSI series and write SEG, SR and heatmaps")
+    a = sub.add_parser("analyze", help="analyse one DICOM WSI series and write SEG, SR, heatmaps, ANN and a QuPath GeoJSON")
     a.add_argument("paths", nargs="+", help="the slide's DICOM files, or a folder holding them")
     a.add_argument("--out", required=True, help="folder for the DICOM results")
     analysis_args(a)

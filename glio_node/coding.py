@@ -68,3 +68,31 @@ CLASSES_BY_TASK: Mapping[str, tuple[CodedClass, ...]] = MappingProxyType(
     }
 )
 """The demo bundle's classes per head task, in output order."""
+
+# Display colours (sRGB 0..255) of the region classes, by class name: the SEG's Recommended
+# Display CIELab Value, the ANN groups' and the GeoJSON classifications' colour, so a class looks
+# the same in Slim and in QuPath.  Loosely after the Ivy GAP atlas's legend (cellular tumour
+# green, infiltrating tumour purple, necrosis near-black, vessels red); docs/coding.md lists them.
+REGION_DISPLAY_RGB: Mapping[str, tuple[int, int, int]] = MappingProxyType(
+    {
+        "other": (160, 160, 160),
+        "leading_edge": (33, 143, 166),
+        "infiltrating_tumor": (210, 5, 208),
+        "cellular_tumor": (5, 208, 4),
+        "necrosis": (40, 40, 40),
+        "pseudopalisading_cells_around_necrosis": (255, 102, 0),
+        "pseudopalisading_cells_no_visible_necrosis": (6, 208, 170),
+        "perinecrotic_zone": (37, 209, 247),
+        "microvascular_proliferation": (255, 0, 0),
+        "hyperplastic_blood_vessels": (255, 255, 0),
+    }
+)
+TISSUE_DISPLAY_RGB: tuple[int, int, int] = (0, 0, 255)
+"""The tissue outline's colour (GeoJSON), apart from every region class."""
+FALLBACK_DISPLAY_RGB: tuple[int, int, int] = (128, 128, 128)
+"""A class without an entry in REGION_DISPLAY_RGB (a future bundle's) is drawn grey."""
+
+
+def display_rgb(c: CodedClass) -> tuple[int, int, int]:
+    """The display colour of a region class (see REGION_DISPLAY_RGB)."""
+    return REGION_DISPLAY_RGB.get(c.name, FALLBACK_DISPLAY_RGB)

@@ -106,19 +106,20 @@ class ModelsSettings:
             raise ConfigError("[models] dir is empty: give the folder that holds the model bundles")
 
 
-DESTINATION_TYPES = ("dimse", "dicomweb")
+DESTINATION_TYPES = ("dimse", "dicomweb", "geojson")
 
 
 @dataclass(frozen=True)
 class Destination:
-    """One place results are sent to: C-STORE (``type = "dimse"``) or STOW-RS (``"dicomweb"``)."""
+    """One place results are sent to: C-STORE (``type = "dimse"``), STOW-RS (``"dicomweb"``),
+    or, for ``"geojson"``, each job's QuPath GeoJSON by HTTP POST (no DICOM objects)."""
 
     name: str  # short unique name, used in delivery records and the audit trail
     ae_title: str = ""  # dimse: the destination's AE title (our "called AE")
     host: str = ""  # dimse
     port: int = 0  # dimse
-    type: str = "dimse"  # "dimse" (C-STORE SCU) or "dicomweb" (STOW-RS)
-    url: str = ""  # dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web
+    type: str = "dimse"  # "dimse" (C-STORE SCU), "dicomweb" (STOW-RS) or "geojson" (HTTP POST)
+    url: str = ""  # dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web; geojson: the endpoint
     username: str = ""  # dicomweb: HTTP basic auth user (with password)
     # Secrets stay out of repr(): settings objects end up in tracebacks and debug logs.
     password: str = field(default="", repr=False)  # dicomweb: HTTP basic auth password
@@ -129,7 +130,7 @@ class Destination:
     @staticmethod
     def _required_keys(values: Mapping[str, Any]) -> tuple[str, ...]:
         """The keys a destination must set, which depend on its type."""
-        if str(values.get("type", "dimse")).strip() == "dicomweb":
+        if str(values.get("type", "dimse")).strip() in ("dicomweb", "geojson"):
             return ("name", "url")
         return ("name", "ae_title", "host", "port")
 
@@ -141,7 +142,9 @@ class Destination:
                 "starting with a letter or digit"
             )
         if self.type not in DESTINATION_TYPES:
-            raise ConfigError(f"{where} type = {self.type!r}: use \"dimse\" or \"dicomweb\"")
+            raise ConfigError(
+                f"{where} type = {self.type!r}: use \"dimse\", \"dicomweb\" or \"geojson\""
+            )
         if not self.commitment_timeout_seconds > 0:
             raise ConfigError(
                 f"{where} commitment_timeout_seconds = {self.commitment_timeout_seconds}: "
@@ -155,12 +158,11 @@ class Destination:
         if self.storage_commitment:
             raise ConfigError(
                 f"{where} storage_commitment = true: Storage Commitment is a DIMSE service; "
-                "a dicomweb destination cannot confirm storage, set it to false"
+                f"a {self.type} destination cannot confirm storage, set it to false"
             )
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.url):
-            raise ConfigError(
-                f"{where} url = {self.url!r}: give the DICOMweb root as http(s)://host[:port]/path"
-            )
+            what = "the DICOMweb root" if self.type == "dicomweb" else "the endpoint GeoJSON is POSTed to"
+            raise ConfigError(f"{where} url = {self.url!r}: give {what} as http(s)://host[:port]/path")
         if self.bearer_token and (self.username or self.password):
             raise ConfigError(f"{where}: set bearer_token or username/password, not both")
         if bool(self.username) != bool(self.password):
@@ -207,9 +209,8 @@ class Source:
         if self.type not in SOURCE_TYPES:
             raise ConfigError(f"{where} type = {self.type!r}: use \"dicomweb\"")
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.url):
-            raise ConfigError(
-                f"{where} url = {self.url!r}: give the DICOMweb root as http(s)://host[:port]/path"
-            )
+            what = "the DICOMweb root" if self.type == "dicomweb" else "the endpoint GeoJSON is POSTed to"
+            raise ConfigError(f"{where} url = {self.url!r}: give {what} as http(s)://host[:port]/path")
         if self.auth not in SOURCE_AUTH:
             raise ConfigError(f"{where} auth = {self.auth!r}: use none, basic or bearer")
         if self.auth == "basic" and not (self.username and self.password):
@@ -346,6 +347,24 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class GeoJSONSettings:
+    """Where ``serve`` puts each job's QuPath GeoJSON, beside sending the DICOM objects."""
+
+    folder: str = ""  # deliver each job's GeoJSON into this folder (atomic write); empty: off
+
+    def __post_init__(self) -> None:
+        if self.folder != self.folder.strip():
+            raise ConfigError(
+                f"[geojson] folder = {self.folder!r}: remove the leading/trailing spaces"
+            )
+
+    @property
+    def folder_path(self) -> Path | None:
+        """The folder, or None when folder delivery is off."""
+        return Path(self.folder) if self.folder else None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the worker service is configured with; valid once built."""
 
@@ -357,6 +376,7 @@ class Settings:
     sources: tuple[Source, ...] = ()  # DICOMweb servers polled for new series (pull mode)
     status: StatusSettings = field(default_factory=StatusSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    geojson: GeoJSONSettings = field(default_factory=GeoJSONSettings)
     source: Path | None = None  # the TOML file these came from; None: defaults and environment
 
     def __post_init__(self) -> None:
@@ -383,6 +403,7 @@ _SECTIONS: dict[str, type] = {
     "models": ModelsSettings,
     "status": StatusSettings,
     "worker": WorkerSettings,
+    "geojson": GeoJSONSettings,
 }
 
 

@@ -1,4 +1,4 @@
-"""One analysis job, top to bottom: slide in, DICOM results out.
+"""One analysis job, top to bottom: slide in, DICOM results (and the QuPath GeoJSON) out.
 
 ``glio-node analyze`` calls this for the files on its command line; the worker service calls it
 for each series the PACS sent.  Every stage is timed; the summary carries no patient data (only
@@ -33,9 +33,10 @@ class JobSummary:
     probabilities: dict[str, dict[str, float]]
     tissue_area_mm2: float
     region_area_fraction: dict[str, float]
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # the DICOM objects written (each is delivered)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    geojson: str | None = None  # the QuPath GeoJSON of the same run (not a DICOM object)
 
     @property
     def bundle(self) -> str:
@@ -139,7 +140,8 @@ def run_job(
     ``open_slide`` and ``load_models`` are the seams to the slide reader and the model runtime
     (the tests run the whole job on ``glio_node.testing``'s fakes).
     """
-    from glio_node.writers import write_results
+    from glio_node.writers import result_polygons, write_results
+    from glio_node.writers.geojson import PixelMatrix, geojson_file_name, write_geojson
 
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -165,8 +167,20 @@ def run_job(
             )
 
         t0 = time.perf_counter()
+        regions = result_polygons(result)  # once, for the ANN and the GeoJSON alike
+        stages["polygonise"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         out_dir.mkdir(parents=True, exist_ok=True)
-        written = write_results(list(seg_level.headers), result, out_dir)
+        written = write_results(list(seg_level.headers), result, out_dir, regions=regions)
+        header = seg_level.headers[0]
+        geojson = write_geojson(
+            result,
+            regions,
+            PixelMatrix.from_header(slide.levels[0].headers[0]),
+            str(header.StudyInstanceUID),
+            str(header.SeriesInstanceUID),
+            out_dir / geojson_file_name(str(header.SeriesInstanceUID), models.algorithm.name),
+        )
         stages["write"] = time.perf_counter() - t0
     finally:
         slide.close()
@@ -186,4 +200,5 @@ def run_job(
         files=tuple(str(p) for p in written.paths),
         stage_seconds=stages,
         notes=result.notes,
+        geojson=str(geojson),
     )

@@ -20,8 +20,8 @@ NOT_CHECKED = "not checked yet"
 
 
 def check_kind(destination: Destination) -> str:
-    """How ``destination`` is checked: "C-ECHO" (DIMSE) or "HTTP" (DICOMweb)."""
-    return "HTTP" if destination.type == "dicomweb" else "C-ECHO"
+    """How ``destination`` is checked: "C-ECHO" (DIMSE) or "HTTP" (DICOMweb, a GeoJSON endpoint)."""
+    return "HTTP" if destination.type in ("dicomweb", "geojson") else "C-ECHO"
 
 
 @dataclass(frozen=True)

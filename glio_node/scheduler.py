@@ -22,8 +22,10 @@ Periodic jobs, each a method of :class:`NodeScheduler` that tests may also call 
   C-STORE'd ones.  A node without sources has no such job.
 
 One job, top to bottom (:meth:`NodeScheduler.run_claimed`): the series' spooled files ->
-``run_job`` -> ``finish_job`` with the bundle and stage times, ``objects_created`` and one
-delivery per destination and object, in one transaction.  ``BadInput``, ``BundleError`` and
+``run_job`` -> the QuPath GeoJSON into ``[geojson] folder`` when one is set (atomic write) ->
+``finish_job`` with the bundle and stage times, ``objects_created`` (naming the GeoJSON) and one
+delivery per destination and DICOM object (the GeoJSON to ``type = "geojson"`` destinations, by
+HTTP POST), in one transaction.  ``BadInput``, ``BundleError`` and
 ``PermanentError`` fail the job with their message; any other error is transient and retried
 with capped backoff until ``max_attempts``.
 
@@ -365,6 +367,8 @@ class NodeScheduler:
                 allow_gaps=True,
             )
             objects = [_result_object(Path(f)) for f in summary.files]
+            geojson = self._deliver_geojson(summary)
+            geojson_object = _geojson_object(summary)
         except (BadInput, BundleError, PermanentError) as exc:
             self._fail(job, str(exc), transient=False, started=started)
             return
@@ -402,9 +406,16 @@ class NodeScheduler:
                         ],
                         "bundle": bundle.name,
                         "bundle_version": bundle.version,
+                        **({"geojson": geojson.name} if geojson else {}),
                     },
                 )
-                deliveries.add_deliveries(session, job.id, list(self.destinations), objects, now)
+                # DICOM objects to DICOM destinations; the GeoJSON to "geojson" (HTTP) ones.
+                by_type: dict[bool, list[str]] = defaultdict(list)
+                for d in self.destinations.values():
+                    by_type[d.type == "geojson"].append(d.name)
+                deliveries.add_deliveries(session, job.id, by_type[False], objects, now)
+                if geojson_object is not None:
+                    deliveries.add_deliveries(session, job.id, by_type[True], [geojson_object], now)
         if not done:
             log.warning("job %d series %s finished after its lease was lost; result dropped", job.id, tag)
             return
@@ -414,6 +425,28 @@ class NodeScheduler:
             job.id, tag, time.monotonic() - started, attempt, len(objects),
             bundle.name, bundle.version, summary.device, len(self.destinations),
         )
+
+    def _deliver_geojson(self, summary: Any) -> Path | None:
+        """The job's QuPath GeoJSON into ``[geojson] folder`` (atomic write), if one is set.
+
+        Before the job is finished, so a folder that cannot be written fails the attempt and
+        it is retried like any transient error; a re-run replaces the file.
+        """
+        folder = self.settings.geojson.folder_path
+        if folder is None or not getattr(summary, "geojson", None):
+            return None
+        from glio_node.writers.geojson import atomic_write_bytes
+
+        written = Path(summary.geojson)
+        target = folder / written.name
+        try:
+            atomic_write_bytes(target, written.read_bytes())
+        except OSError as exc:
+            raise TransientError(
+                f"[geojson] folder {folder} cannot be written ({exc.strerror or exc}): check that "
+                "it is a folder the service may write to; the job is retried"
+            ) from exc
+        return target
 
     def _fail(self, job: queue.JobRecord, error: str, *, transient: bool, started: float) -> None:
         with self.sessions.begin() as session:
@@ -575,6 +608,22 @@ class NodeScheduler:
                 deliveries.mark_purged(session, job, removed, self.now())
             log.info("job %d series %s purged from the spool: %d files", job.job_id,
                      series_tag(job.series_instance_uid), removed)
+
+
+def _geojson_object(summary: Any) -> deliveries.ResultObject | None:
+    """The job's GeoJSON as a delivery object: not DICOM, so its "SOP Instance UID" is derived
+    from the file name (the same on a re-run) and its class is ``GEOJSON_CLASS``."""
+    from glio_node.send.geojson_http import GEOJSON_CLASS
+
+    path = getattr(summary, "geojson", None)
+    if not path:
+        return None
+    name = Path(path).name
+    return deliveries.ResultObject(
+        sop_instance_uid=f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, f'glio-node/geojson/{name}').int}",
+        sop_class_uid=GEOJSON_CLASS,
+        path=str(Path(path).absolute()),
+    )
 
 
 def _result_object(path: Path) -> deliveries.ResultObject:

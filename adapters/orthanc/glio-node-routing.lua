@@ -2,7 +2,7 @@
 --
 -- Every series that becomes stable in Orthanc is checked once; a VL Whole Slide Microscopy
 -- series (Modality SM) is sent to glio-node by an asynchronous Orthanc job.  glio-node's own
--- results (SEG, SR, Parametric Map heatmaps) are never routed back: they are not SM, their
+-- results (SEG, SR, ANN, Parametric Map heatmaps) are never routed back: they are not SM, their
 -- Manufacturer is "glio-node", and they arrive from glio-node's AE title.  Any one of these
 -- guards is enough; all three are checked.  A store job that fails (node down) is
 -- resubmitted when the next series becomes stable.

@@ -1,4 +1,5 @@
-"""Sending results to destinations: C-STORE SCU (:mod:`.dimse`) and STOW-RS (:mod:`.dicomweb`).
+"""Sending results to destinations: C-STORE SCU (:mod:`.dimse`), STOW-RS (:mod:`.dicomweb`), and
+the QuPath GeoJSON by HTTP POST (:mod:`.geojson_http`).
 
 A sender sends a batch of files to one destination and answers one :class:`SendResult` per
 file.  When the destination cannot be reached at all (no association, connection refused,
@@ -45,6 +46,10 @@ def make_sender(destination: Destination, calling_ae_title: str) -> ResultSender
         from glio_node.send.dicomweb import StowSender
 
         return StowSender(destination)
+    if destination.type == "geojson":
+        from glio_node.send.geojson_http import GeoJSONPoster
+
+        return GeoJSONPoster(destination)
     from glio_node.send.dimse import DimseSender
 
     return DimseSender(destination, calling_ae_title)

@@ -54,27 +54,33 @@ def c_echo(destination: Destination, calling_ae: str, timeout: float = ECHO_TIME
 
 
 def http_check(destination: Destination, timeout: float = ECHO_TIMEOUT_SECONDS) -> tuple[bool, str]:
-    """``GET {url}/studies?limit=1``: any answer below 500 but 401/403 means the server is there."""
+    """A DICOMweb root: ``GET {url}/studies?limit=1``; a GeoJSON endpoint: ``HEAD {url}``.  Any
+    answer below 500 but 401/403 means the server is there (a POST-only GeoJSON endpoint may
+    refuse HEAD with 405, or 501 "not implemented": it is there too)."""
     d = destination
     headers = {
-        "Accept": "application/dicom+json",
+        "Accept": "application/dicom+json" if d.type == "dicomweb" else "application/json",
         **authorization_header(username=d.username, password=d.password, bearer_token=d.bearer_token),
     }
-    request = urllib.request.Request(d.url.rstrip("/") + "/studies?limit=1", headers=headers)
+    if d.type == "dicomweb":
+        request = urllib.request.Request(d.url.rstrip("/") + "/studies?limit=1", headers=headers)
+    else:
+        request = urllib.request.Request(d.url, headers=headers, method="HEAD")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return True, f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             return False, f"HTTP {exc.code}: check the destination's credentials"
-        return exc.code < 500, f"HTTP {exc.code}"
+        there = exc.code < 500 or (d.type == "geojson" and exc.code == 501)
+        return there, f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         return False, f"no answer: {getattr(exc, 'reason', exc)}"
 
 
 def check(destination: Destination, calling_ae: str, timeout: float = ECHO_TIMEOUT_SECONDS) -> Reachability:
     """Check ``destination`` once, by its type; the answer is stamped with the time it came."""
-    if destination.type == "dicomweb":
+    if destination.type in ("dicomweb", "geojson"):
         ok, detail = http_check(destination, timeout)
     else:
         ok, detail = c_echo(destination, calling_ae, timeout)

@@ -1,7 +1,9 @@
-"""Every DICOM object glio-node writes, built with highdicom: SEG pyramid, heatmaps, SR.
+"""Every DICOM object glio-node writes, built with highdicom: SEG pyramid, heatmaps, SR, ANN.
 
 ``write_results(source, result, out_dir)`` is the one entry point; see ``common`` for series
-numbers, UIDs and the missing-attribute policy, and ``seg``, ``heatmap``, ``sr`` for each object.
+numbers, UIDs and the missing-attribute policy, and ``seg``, ``heatmap``, ``sr``, ``ann`` for
+each object.  ``geojson`` writes the QuPath file of the same run (not a DICOM object: the job
+writes it beside these, from the same ``RegionPolygons``).
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ from pathlib import Path
 
 import pydicom
 
-from glio_node.results import AnalysisResult
+from glio_node.pipeline.polygonise import RegionPolygons, region_polygons
+from glio_node.results import NOT_TISSUE, AnalysisResult
+from glio_node.writers.ann import write_ann
 from glio_node.writers.common import WrittenObject, WrittenObjects, prepare_source
 from glio_node.writers.heatmap import write_heatmaps
 from glio_node.writers.seg import write_seg
 from glio_node.writers.sr import write_sr
 
-__all__ = ["WrittenObject", "WrittenObjects", "write_results"]
+__all__ = ["WrittenObject", "WrittenObjects", "result_polygons", "write_results"]
 
 
 def write_results(
-    source: Sequence[pydicom.Dataset], result: AnalysisResult, out_dir: Path
+    source: Sequence[pydicom.Dataset],
+    result: AnalysisResult,
+    out_dir: Path,
+    regions: RegionPolygons | None = None,
 ) -> WrittenObjects:
-    """Write the SEG pyramid, one Parametric Map per heatmap class and the SR into ``out_dir``.
+    """Write the SEG pyramid, one Parametric Map per heatmap class, the SR and the ANN.
+
+    ``regions``: the label map as polygons (``result_polygons``), passed by a job that writes
+    the GeoJSON from the same polygons; computed here when not given.
 
     ``source``: the datasets (pixel data not needed) of the analysed pyramid level, one instance
     or the parts of a concatenation. UIDs are derived from the source, the bundle and the kind of
@@ -40,9 +50,21 @@ def write_results(
     heatmaps = write_heatmaps(slide, result, out_dir)
     keys = [(h.task, c.name) for h in result.heatmaps for c in h.classes]  # write_heatmaps' order
     heatmap_by_class = {key: dataset for key, (_, dataset) in zip(keys, heatmaps, strict=True)}
-    sr = write_sr(slide, result, [ds for _, ds in segs], heatmap_by_class, out_dir)
+    if regions is None:
+        regions = result_polygons(result)
+    anns = write_ann(slide, result, regions, out_dir)
+    sr = write_sr(
+        slide, result, [ds for _, ds in segs], heatmap_by_class, out_dir,
+        annotations=[ds for _, ds in anns],
+    )
     return WrittenObjects(
-        objects=(*(w for w, _ in segs), *(w for w, _ in heatmaps), sr),
+        objects=(*(w for w, _ in segs), *(w for w, _ in heatmaps), sr, *(w for w, _ in anns)),
         notes=slide.notes,
     )
 
+
+def result_polygons(result: AnalysisResult) -> RegionPolygons:
+    """The label map of ``result`` as simplified polygons (tissue outline and every class)."""
+    return region_polygons(
+        result.label_map.array, len(result.region_classes), result.label_map.mm_per_px, NOT_TISSUE
+    )

@@ -12,7 +12,9 @@ Decisions:
   ``omit_empty_frames``), which for 10 mostly-absent classes multiplies the frames tenfold;
   TILED_SPARSE with per-frame Plane Position (Slide) is what dicom-microscopy-viewer maps by
   row/column position. Category: SCT 85756007 "Tissue" (CID 7150) for every class; the class's
-  own concept is the segmented property type.
+  own concept is the segmented property type. Each segment's Recommended Display CIELab Value is
+  the class's colour from ``glio_node.coding.REGION_DISPLAY_RGB``, the colour the ANN groups and
+  the QuPath GeoJSON use too.
 - **Pixel spacing**: level 0 is the label map at its own spacing (``label_map.mm_per_px``), which
   may be coarser than the source level: highdicom is given ``pixel_measures`` and a single plane
   position (the slide's origin at pixel 1\\1). Level k has spacing ``mm_per_px * 2**k`` and
@@ -40,6 +42,7 @@ from pydicom.sr.codedict import codes
 
 from pydicom import Dataset
 
+from glio_node.coding import display_rgb
 from glio_node.results import NOT_TISSUE, AnalysisResult, Raster
 from glio_node.writers import common
 from glio_node.writers.common import SourceSlide, WrittenObject
@@ -75,6 +78,7 @@ def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> lis
             algorithm_identification=algorithm_id,
             tracking_uid=common.derived_uid(source, algorithm, "seg", "segment", region.name),
             tracking_id=f"{algorithm.name} region {region.name}"[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*display_rgb(region)),
         )
         for index, region in enumerate(result.region_classes)
     ]

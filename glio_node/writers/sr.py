@@ -40,6 +40,7 @@ Class concepts (region classes, subtypes, MGMT/EGFR classes) come from the bundl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -79,11 +80,12 @@ def write_sr(
     seg_levels: list[Dataset],
     heatmaps: dict[tuple[str, str], Dataset],
     out_dir: Path,
+    annotations: Sequence[Dataset] = (),
 ) -> WrittenObject:
     """Write the measurement report; ``seg_levels[0]`` is the full-resolution SEG instance.
 
     ``heatmaps`` maps (task, class name) to the Parametric Map written for it (metadata is
-    enough). Raises ``ValueError`` when the result's fractions name unknown region classes.
+    enough); ``annotations`` (the ANN of the same run) are listed as evidence beside them. Raises ``ValueError`` when the result's fractions name unknown region classes.
     """
     algorithm = result.algorithm
     known = {c.name for c in result.region_classes}
@@ -191,7 +193,7 @@ def write_sr(
     sop_uid = common.derived_uid(source, algorithm, "sr", "instance")
     content_date, content_time = common.content_date_time()
     document = hd.sr.Comprehensive3DSR(
-        evidence=[*source.datasets, *seg_levels, *heatmaps.values()],
+        evidence=[*source.datasets, *seg_levels, *heatmaps.values(), *annotations],
         content=report,
         series_instance_uid=series_uid,
         series_number=common.SR_SERIES_NUMBER,

@@ -63,7 +63,7 @@ def _region_accuracy(result, truth_at) -> float:
     return float((got[inside] == truth[inside]).mean())
 
 
-def test_analyze_writes_seg_sr_and_heatmaps_that_validate(slide_cache, tmp_path, capsys):
+def test_analyze_writes_seg_sr_heatmaps_and_ann_that_validate_and_a_qupath_geojson(slide_cache, tmp_path, capsys):
     slide = slide_cache.slide(SLIDE)
     out = tmp_path / "results"
     assert main(["analyze", str(slide.files[0].parent), "--out", str(out), "--models", str(DEMO), "--device", "cpu", "--json"]) == 0
@@ -76,7 +76,8 @@ def test_analyze_writes_seg_sr_and_heatmaps_that_validate(slide_cache, tmp_path,
         assert ds.StudyInstanceUID == slide.study_instance_uid
         assert "research use only" in ds.SeriesDescription.lower()
         assert_valid(f)
-    assert set(kinds) == {"SEG", "SR", "OT"}
+    assert set(kinds) == {"SEG", "SR", "OT", "ANN"}
+    assert Path(summary["geojson"]).parent == out and Path(summary["geojson"]).suffix == ".geojson"
     seg = hd.seg.segread(next(f for f in files if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SEG"))
     assert len(seg.SegmentSequence) == 10
     assert seg.FrameOfReferenceUID == slide.frame_of_reference_uid

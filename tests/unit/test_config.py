@@ -43,7 +43,7 @@ def test_example_config_sets_every_key():
 
     raw = tomllib.loads(EXAMPLE.read_text())
     s = Settings()
-    for section in ("node", "storage", "series", "models", "status", "worker"):
+    for section in ("node", "storage", "series", "models", "status", "worker", "geojson"):
         names = {f.name for f in fields(getattr(s, section))}
         assert set(raw[section]) == names, section
     assert set(raw["destinations"][0]) == {f.name for f in fields(Destination)}
@@ -54,7 +54,7 @@ def test_docs_name_every_key_and_variable():
 
     doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     s = Settings()
-    for section in ("node", "storage", "series", "models", "status", "worker"):
+    for section in ("node", "storage", "series", "models", "status", "worker", "geojson"):
         for f in fields(getattr(s, section)):
             assert f"GLIO_{section.upper()}_{f.name.upper()}" in doc
     assert "GLIO_DESTINATIONS_0_HOST" in doc
@@ -200,3 +200,24 @@ def test_the_silent_node_minimum_is_three_heartbeats():
     from glio_node.store.nodes import HEARTBEAT_SECONDS
 
     assert MIN_NODE_SILENT_SECONDS == 3 * HEARTBEAT_SECONDS
+
+
+def test_a_geojson_destination_needs_an_http_url_and_cannot_commit(tmp_path):
+    p = write(tmp_path, '[[destinations]]\nname = "vendor"\ntype = "geojson"\nurl = "https://ai.example.org/glio"\n')
+    [vendor] = load_settings(p, {}).destinations
+    assert (vendor.type, vendor.url) == ("geojson", "https://ai.example.org/glio")
+    with pytest.raises(ConfigError, match=r"\[\[destinations\]\] #1 is missing url"):
+        load_settings(p, {"GLIO_DESTINATIONS_1_NAME": "other", "GLIO_DESTINATIONS_1_TYPE": "geojson"})
+    with pytest.raises(ConfigError, match=r"url = 'ai.example.org': give the endpoint GeoJSON is POSTed to as http"):
+        load_settings(p, {"GLIO_DESTINATIONS_0_URL": "ai.example.org"})
+    with pytest.raises(ConfigError, match=r"a geojson destination cannot confirm storage"):
+        load_settings(p, {"GLIO_DESTINATIONS_0_STORAGE_COMMITMENT": "true"})
+
+
+def test_the_geojson_folder_comes_from_the_file_or_the_environment(tmp_path):
+    assert load_settings(None, {}).geojson.folder_path is None
+    s = load_settings(write(tmp_path, '[geojson]\nfolder = "/srv/qupath"\n'), {})
+    assert s.geojson.folder_path == Path("/srv/qupath")
+    assert load_settings(None, {"GLIO_GEOJSON_FOLDER": "/mnt/share"}).geojson.folder_path == Path("/mnt/share")
+    with pytest.raises(ConfigError, match=r"\[geojson\] folder = ' /x': remove the leading/trailing spaces"):
+        load_settings(write(tmp_path, '[geojson]\nfolder = " /x"\n'), {})

@@ -381,7 +381,7 @@ def test_every_object_passes_dciodvfy(written):
         kinds.add(written_object.kind)
         for line, section in report.allowed:
             print(f"{written_object.kind}: allowed by {section}: {line}")
-    assert kinds == {"seg", "heatmap", "sr"}
+    assert kinds == {"seg", "heatmap", "sr", "ann"}
 
 
 def test_uids_are_derived_from_source_bundle_and_kind(written, tmp_path):
@@ -505,3 +505,75 @@ def test_label_map_that_does_not_fit_the_source_is_refused(tmp_path):
     bad = AnalysisResult(**{**result.__dict__, "label_map": wrong})
     with pytest.raises(ValueError, match="does not cover the source"):
         write_results([make_source()], bad, tmp_path)
+
+
+# --- ANN and QuPath GeoJSON ----------------------------------------------------------------------
+
+
+def test_the_ann_puts_each_region_pixel_and_tile_centre_at_its_slide_coordinates(written):
+    _, result, objects = written
+    [ann_object] = objects.of_kind("ann")
+    ann = hd.ann.annread(ann_object.path)
+    assert ann.SeriesNumber == 9003 and ann.AnnotationCoordinateType == "3D"
+    groups = {g.label: g for g in ann.get_annotation_groups()}
+    # Label pixel (row 1, col 1) of "other" spans 1..2 label px = 1..2 µm from the matrix corner,
+    # i.e. 0.001..0.002 mm; rows run along slide -X and columns along -Y (ORIENTATION).
+    [ring] = groups["Other"].get_graphic_data(hd.ann.AnnotationCoordinateTypeValues.SCOORD3D)
+    assert ring[:, 0].min() == pytest.approx(ORIGIN[0] - 0.002) and ring[:, 0].max() == pytest.approx(ORIGIN[0] - 0.001)
+    assert ring[:, 1].min() == pytest.approx(ORIGIN[1] - 0.002) and ring[:, 1].max() == pytest.approx(ORIGIN[1] - 0.001)
+    names, areas, units = groups["Other"].get_measurements()
+    assert areas[0, 0] == pytest.approx(0.001**2) and units[0] == codes.UCUM.SquareMillimeter
+    # Subtype tiles: every analysed tile (one was not) once, in the group of its top class.
+    probs = result.heatmaps[0].probabilities.array
+    analysed = int((~np.isnan(probs[..., 0])).sum())
+    subtype_groups = [g for label, g in groups.items() if label.endswith("subtype tiles") or label in {f"{c.code_meaning} tiles" for c in SUBTYPES}]
+    assert sum(g.number_of_annotations for g in subtype_groups) == analysed == probs.shape[0] * probs.shape[1] - 1
+    top = groups[f"{SUBTYPES[int(np.nanargmax(probs[0, 1]))].code_meaning} tiles"]
+    centre = (np.array([1.5, 0.5]) * result.heatmaps[0].probabilities.mm_per_px)  # tile (row 0, col 1): x, y mm
+    expected = (ORIGIN[0] - centre[1], ORIGIN[1] - centre[0])
+    points = top.get_graphic_data(hd.ann.AnnotationCoordinateTypeValues.SCOORD3D)
+    assert any(np.allclose(p[0, :2], expected, atol=1e-6) for p in points)
+
+
+def test_the_geojson_counts_level0_pixels_and_carries_tiles_calls_and_notices(tmp_path):
+    import json
+
+    import shapely
+    from shapely.geometry import shape
+
+    from glio_node.writers import result_polygons
+    from glio_node.writers.geojson import PixelMatrix, write_geojson
+
+    result = make_result()
+    base = PixelMatrix.from_header(make_source())
+    path = write_geojson(result, result_polygons(result), base, "1.2.3", "1.2.3.4", tmp_path / "slide.geojson")
+    collection = json.loads(path.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["slide.geojson"]  # no temporary file left
+    features = {f["properties"]["name"]: f for f in collection["features"]}
+    other = shape(features["Other"]["geometry"])
+    assert other.is_valid and other.bounds == (2.0, 2.0, 4.0, 4.0)  # label px (1, 1) at 2 level-0 px per label px
+    assert features["Other"]["properties"]["objectType"] == "annotation"
+    assert features["Tissue"]["properties"]["classification"]["name"] == "Tissue"
+    detections = [f for f in collection["features"] if f["properties"]["objectType"] == "detection"]
+    grid = result.heatmaps[0].probabilities.array
+    assert len(detections) == grid.shape[0] * grid.shape[1] - 1  # the not-analysed tile is left out
+    tile = next(d for d in detections if d["properties"]["name"] == "Tile 0,1")
+    assert shape(tile["geometry"]).bounds == (64.0, 0.0, 128.0, 64.0)
+    assert tile["properties"]["measurements"]["Mesenchymal probability"] == pytest.approx(float(grid[0, 1, 1]))
+    last = max(shapely.bounds(shape(d["geometry"]))[2] for d in detections)
+    assert last == COLS  # the last column of tiles is cut at the slide's edge
+    props = collection["properties"]
+    assert props["notice"] == "DEMO (synthetic training); AI-generated, research use only"
+    assert props["bundle"] == {"name": "glio-demo", "version": "0.1.0", "sha256": "ab" * 32,
+                               "intended_use": DEMO.intended_use}
+    assert props["slide_calls"]["mgmt"]["call"] == "indeterminate"
+    assert props["slide_calls"]["subtype"]["probabilities"]["Mesenchymal"] == pytest.approx(0.6)
+
+
+def test_a_base_level_without_spacing_cannot_give_qupath_coordinates():
+    from glio_node.writers.geojson import PixelMatrix
+
+    source = make_source()
+    del source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    with pytest.raises(BadInput, match="base level has no TotalPixelMatrixRows/Columns or shared PixelSpacing"):
+        PixelMatrix.from_header(source)
