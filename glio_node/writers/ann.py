@@ -141,6 +141,7 @@ def write_ann(
         content_description=common.content_description(algorithm),
         content_creator_name=common.content_creator_name(algorithm),
         content_label=common.content_label("GLIO_ANN"),
+        contributing_equipment=common.contributing_equipment(algorithm),
         series_description=common.series_description(
             "region and tile annotations", "ANN", algorithm
         ),

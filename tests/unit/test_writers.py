@@ -399,12 +399,13 @@ def test_uids_are_derived_from_source_bundle_and_kind(written, tmp_path):
 
 @pytest.mark.parametrize("is_demo", [True, False], ids=["demo bundle", "trained bundle"])
 def test_every_object_names_the_bundle_its_full_sha256_and_the_notices(tmp_path, is_demo):
-    """SEG levels, each heatmap and the SR, read back: bundle name, version and full SHA-256, "research
-    use only", and the synthetic-training notice exactly when the bundle is a demo."""
+    """SEG levels, each heatmap, the SR and the bulk annotations, read back: bundle name, version and
+    full SHA-256, "research use only", and the synthetic-training notice exactly when the bundle is
+    a demo."""
     sha256 = hashlib.sha256(b"a bundle with no repeating digest").hexdigest()
     algorithm = Algorithm("glio-test", "2.3.4", sha256, "Research use only. Not for diagnosis.", is_demo)
     objects = write_results([make_source()], make_result(algorithm), tmp_path)
-    assert {o.kind for o in objects} == {"seg", "heatmap", "sr"}
+    assert {o.kind for o in objects} == {"seg", "heatmap", "sr", "ann"}
     assert len(objects.of_kind("heatmap")) == 8
 
     def check_algorithm_item(item: Dataset) -> None:  # AlgorithmIdentificationSequence / TID 4019
@@ -443,6 +444,11 @@ def test_every_object_names_the_bundle_its_full_sha256_and_the_notices(tmp_path,
                 parameters = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmParameters)
                 assert (name.TextValue, version.TextValue) == ("glio-test", "2.3.4")
                 assert f"bundle_sha256={sha256}" in [p.TextValue for p in parameters]
+        elif written_object.kind == "ann":
+            groups = hd.ann.annread(written_object.path).get_annotation_groups()
+            assert groups
+            for group in groups:
+                check_algorithm_item(group.algorithm_identification[0])
         else:  # a Parametric Map: no Algorithm Identification, the equipment item above says it
             assert hd.imread(written_object.path).ContentQualification == "RESEARCH"
 
