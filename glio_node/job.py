@@ -12,11 +12,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from glio_node.pipeline.analyze import AnalysisOptions, AnalysisStats, analyze
 from glio_node.ports import ModelRunner, SlideReader
 from glio_node.results import Algorithm, AnalysisResult
+
+if TYPE_CHECKING:
+    from glio_node.writers import WrittenObject
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class JobSummary:
     region_area_fraction: dict[str, float]
     files: tuple[str, ...]  # the DICOM objects written (each is delivered)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    objects: tuple[WrittenObject, ...] = ()  # what was written, with its UIDs: nothing re-reads the files
     notes: tuple[str, ...] = ()
     geojson: str | None = None  # the QuPath GeoJSON of the same run (not a DICOM object)
 
@@ -46,6 +50,7 @@ class JobSummary:
         d = asdict(self)
         d["stats"]["decode_amplification"] = self.stats.decode_amplification
         d["bundle"] = self.bundle
+        d["objects"] = [{**o, "path": str(o["path"])} for o in d["objects"]]
         return d
 
 
@@ -199,6 +204,7 @@ def run_job(
         region_area_fraction=result.region_area_fraction,
         files=tuple(str(p) for p in written.paths),
         stage_seconds=stages,
+        objects=written.objects,
         notes=result.notes,
         geojson=str(geojson),
     )

@@ -10,6 +10,7 @@ logged or shown on the page goes through :func:`without_uids`.  Loggers get ther
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 
@@ -23,6 +24,12 @@ def without_uids(text: str) -> str:
     """``text`` with DICOM UIDs (also inside paths) replaced by ``<uid>``; short dotted numbers
     such as versions ("3.0.2") and IPv4 addresses are kept."""
     return _UID_IN_TEXT.sub(_redact, text)
+
+
+def series_tag(series_instance_uid: str) -> str:
+    """A short, stable, non-identifying name for a series in log lines (the same series gets
+    the same tag in the receiver's, the poller's and the worker's lines)."""
+    return "s-" + hashlib.sha256(series_instance_uid.encode()).hexdigest()[:10]
 
 
 def _redact(match: re.Match[str]) -> str:

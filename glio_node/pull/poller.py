@@ -324,9 +324,7 @@ class SourcePoller:
                     **({"ignored": ignored[:10]} if ignored else {}),
                 },
             )
-        from glio_node.scheduler import (
-            series_tag,  # here: the scheduler imports this module
-        )
+        from glio_node.redact import series_tag
 
         log.info(
             "source %s: series %s retrieved: %d instance(s) stored, %d already there%s",

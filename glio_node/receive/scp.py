@@ -279,8 +279,10 @@ def handle_commitment_report(
 
 
 def _peer(event: DicomEvent) -> tuple[str, str]:
-    requestor = event.assoc.requestor
-    return str(requestor.ae_title).strip(), f"{requestor.address}:{requestor.port}"
+    """The other side's AE title and address: the requestor of an association a peer opened,
+    the acceptor of one the node opened (a commitment report on the N-ACTION's association)."""
+    peer = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
+    return str(peer.ae_title).strip(), f"{peer.address}:{peer.port}"
 
 
 def _audit_quietly(sessions: Sessions, event: Event, **fields: Any) -> None:

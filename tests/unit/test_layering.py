@@ -3,8 +3,9 @@
 Each contract forbids a dependency, indirect chains included: the pipeline is pure (it reads
 slides and runs models only through ``glio_node.ports``), the status page reads the store and
 opens no receiver or runtime, nor any connection to a PACS (``send/echo`` probes, the page reads
-the board), the service never imports ``training``, and wsidicom and Keras
-stay in their one corner.  The second test breaks a copy of the tree on purpose, so a
+the board), the worker's steps (``glio_node.worker``) import no receiver, poller or status page
+and the poller no scheduler, the service never imports ``training``, and wsidicom and Keras stay
+in their one corner.  The last two tests break a copy of the tree on purpose, so a
 contract that no longer checks anything shows up as a failure too.
 """
 
@@ -54,6 +55,29 @@ def test_docs_architecture_names_every_contract():
     assert missing == [], f"docs/architecture.md's Contracts section lacks {missing}"
 
 
+def _copy_tree(tmp_path: Path) -> None:
+    for name in ("glio_node", "training"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+
+
+def test_a_worker_step_reaching_for_the_receiver_or_a_poller_importing_the_scheduler_is_caught(
+    tmp_path: Path,
+):
+    _copy_tree(tmp_path)
+    with (tmp_path / "glio_node" / "worker" / "purge.py").open("a") as f:
+        # The spool object itself instead of the folders the scheduler passes in.
+        f.write("\ndef _spool():\n    from glio_node.receive.spool import Spool  # noqa\n")
+    with (tmp_path / "glio_node" / "pull" / "poller.py").open("a") as f:
+        f.write("\nfrom glio_node.scheduler import default_owner  # noqa\n")
+
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "glio_node.worker is not allowed to import glio_node.receive" in result.stdout
+    assert "glio_node.pull is not allowed to import glio_node.scheduler" in result.stdout
+    assert f"Contracts: {len(_contracts()) - 2} kept, 2 broken." in result.stdout, result.stdout
+
+
 def test_a_pipeline_module_importing_the_store_or_runtime_is_caught(tmp_path: Path):
     for name in ("glio_node", "training"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -71,4 +95,4 @@ def test_a_pipeline_module_importing_the_store_or_runtime_is_caught(tmp_path: Pa
     assert "glio_node.pipeline is not allowed to import glio_node.store" in result.stdout
     assert "glio_node.web is not allowed to import glio_node.runtime" in result.stdout
     assert "glio_node.web is not allowed to import glio_node.send" in result.stdout
-    assert "Contracts: 3 kept, 3 broken." in result.stdout, result.stdout
+    assert f"Contracts: {len(_contracts()) - 3} kept, 3 broken." in result.stdout, result.stdout

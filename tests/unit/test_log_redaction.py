@@ -45,6 +45,7 @@ def test_every_logger_of_the_receiver_poller_senders_and_scheduler_redacts():
     from glio_node.receive import scp
     from glio_node.redact import UidRedactor
     from glio_node.send import dimse
+    from glio_node.worker import commit, deliver, liveness, purge, run, sweep
 
-    for module in (scp, poller, dimse, scheduler):
+    for module in (scp, poller, dimse, scheduler, sweep, run, liveness, deliver, commit, purge):
         assert any(isinstance(f, UidRedactor) for f in module.log.filters), module.__name__
