@@ -87,6 +87,7 @@ class Models:
     algorithm: Algorithm
     runners: tuple[ModelRunner, ...]
     device: str  # what was used: "cpu" or "gpu:N"
+    batch_size: int | None = None  # tiles per model call the runners were built for (None: the job's)
 
 
 # The job's two seams (the defaults below are the real adapters; glio_node.testing has fakes):
@@ -103,15 +104,23 @@ def open_dicom_slide(paths: Sequence[Path], allow_gaps: bool) -> SlideReader:
     return DicomSlide.open(paths, allow_gaps=allow_gaps)
 
 
-def load_keras_models(bundle_dir: Path, device: str, batch_size: int, bundles: BundleCache | None) -> Models:
+def load_keras_models(
+    bundle_dir: Path, device: str, batch_size: int, bundles: BundleCache | None, precision: str = "float32"
+) -> Models:
     """The real networks: choose the device first (before Keras makes tensors), then load the
-    verified bundle (from the worker's cache when given) and wrap each network for the pipeline."""
-    from glio_node.bundle import load_bundle
-    from glio_node.runtime.keras_runner import bundle_networks, select_device
+    verified bundle (from the worker's cache when given) and wrap each network for the pipeline.
 
+    ``batch_size`` 0: chosen from the device's free memory (8 on a CPU).  ``precision``: the
+    networks' compute dtype, named in the outputs' algorithm parameters."""
+    from glio_node.bundle import load_bundle
+    from glio_node.runtime.keras_runner import bundle_networks, check_precision, choose_batch_size, select_device
+
+    check_precision(precision)
     used_device = select_device(device)  # type: ignore[arg-type]
     bundle = bundles.get(bundle_dir) if bundles is not None else load_bundle(bundle_dir)
-    return Models(bundle.algorithm, tuple(bundle_networks(bundle, batch_size)), used_device)
+    batch_size = batch_size or choose_batch_size(bundle, used_device, precision)
+    algorithm = replace(bundle.algorithm, precision=precision)
+    return Models(algorithm, tuple(bundle_networks(bundle, batch_size, precision)), used_device, batch_size)
 
 
 def run_job(
@@ -146,6 +155,8 @@ def run_job(
         t0 = time.perf_counter()
         models = load_models(Path(bundle_dir), device, options.batch_size, bundles)
         stages["load_models"] = time.perf_counter() - t0
+        if not options.batch_size:  # 0: the loader chose it from the device
+            options = replace(options, batch_size=models.batch_size or 8)
 
         result, stats, seg_level = analyze(slide, models.runners, models.algorithm, options, progress)
         stages.update(stats.stage_seconds)

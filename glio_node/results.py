@@ -36,6 +36,7 @@ class Algorithm:
     sha256: str  # SHA-256 over the manifest and weights (bundle fingerprint)
     intended_use: str  # e.g. "DEMO model trained on synthetic slides. Research use only. Not for diagnosis."
     is_demo: bool  # True for bundles trained on synthetic data
+    precision: str = "float32"  # compute dtype of the networks' bodies (softmax float32 always)
 
 
 @dataclass(frozen=True)

@@ -449,6 +449,7 @@ def algorithm_parameters(algorithm: Algorithm) -> dict[str, str]:
     return {
         "bundle_sha256": algorithm.sha256,
         "intended_use": " ".join(algorithm.intended_use.split()),
+        "precision": algorithm.precision,
     }
 
 
