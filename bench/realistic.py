@@ -93,3 +93,26 @@ def ensure_realistic_bundle(demo_bundle: Path, cache: Path) -> Path:
     manifest = realistic_manifest(verify_bundle(demo_bundle))
     write_bundle(out, manifest, build_models(manifest))
     return out
+
+
+def flops_per_tile(model) -> int:
+    """Floating-point operations (multiply and add counted apart) of one tile through ``model``'s
+    convolutions, transposed convolutions and dense layers: what the arithmetic floor counts.
+    Batch norm, activations and pooling are left out (a few per cent of a conv net's work)."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose, keras.layers.Dense)):
+            kernel = layer.kernel.shape  # (kh, kw, in, out) / (kh, kw, out, in) / (in, out)
+            k_size = 1
+            for d in kernel:
+                k_size *= int(d)
+            if isinstance(layer, keras.layers.Dense):
+                positions = 1
+            elif isinstance(layer, keras.layers.Conv2DTranspose):
+                positions = int(layer.input.shape[1]) * int(layer.input.shape[2])
+            else:
+                positions = int(layer.output.shape[1]) * int(layer.output.shape[2])
+            total += 2 * positions * k_size
+    return total
