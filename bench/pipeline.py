@@ -67,6 +67,41 @@ QUICK_SIZE = 2048
 TARGET_EFFICIENCY = 0.90  # the demo bundle (issue 16: at 16384 px)
 TARGET_EFFICIENCY_REALISTIC = 0.95  # the realistic bundle (issue 16: at 8192 and 16384 px)
 TARGET_BYTES_PER_PX = 2.0
+GPU_SECTION = """
+## On a GPU: bench/gpu.py
+
+Not measured yet: no GPU figure on this page comes from a GPU. `bench/gpu.py` is the one script to
+run on the first GPU machine at hand (under 10 minutes; tested on the CPU in
+`tests/integration/test_bench_gpu.py`):
+
+```sh
+pip install -e '.[test]' "jax[cuda12]"           # JAX with CUDA; the test extras pin jax/jaxlib for the CPU
+KERAS_BACKEND=jax .venv/bin/python bench/gpu.py --json /tmp/gpu.json   # reference slide, bfloat16, batch from GPU memory
+KERAS_BACKEND=jax .venv/bin/python bench/gpu.py --size 50000x40000 --precision float32
+```
+
+It writes the reference slide (100,000 x 80,000 px at 0.25 µm/px; the synthetic layout is about half
+tissue) into `.cache/bench-slides/`, or, when a probe says writing it would take more than
+`--time-budget` (240 s) or 80 % of the free disk, the largest slide of the same aspect ratio that fits
+(the report says which). Slide generation is single-threaded Python: the reference slide has
+163,487 frames over six levels, so on a first run expect the smaller slide,
+and run again for the full one once it is cached (`--time-budget 1800`). Then the realistic bundle
+(`bench/realistic.py`) under JAX, one warm-up pass that compiles the device functions, and one timed
+slide: wall time end to end and per stage, tiles/s per network, GPU busy fraction (nvidia-smi
+sampled every 100 ms over the inference stage), decode rate per decode thread, peak RSS and GPU
+memory, and the arithmetic floor.
+
+**Arithmetic floor** (FLOPs of convolutions, transposed convolutions and dense layers, counted by
+`bench/realistic.flops_per_tile`; multiply and add apart): `regions` 9.51 GFLOP per 320-px tile,
+`molecular` 15.66 GFLOP per 160-px tile. The reference slide read at 0.5 µm/px is 50,000 x 40,000 px:
+157 x 125 = 19,625 regions cells and 313 x 250 = 78,250 molecular cells; at 40 % tissue about 8,500
+regions tiles (any tissue) and 30,000 molecular tiles (at least half tissue), 81 + 470 = ~550 TFLOP.
+One H100 SXM's dense bf16 peak is 989 TFLOP/s: a floor of **0.56 s** for the networks (about 1.4 s at
+40 % of peak). The 30-s goal is therefore set by the host, not the device: 38,500 tiles at the 0.5 ms of
+host work per tile targeted here are 19 s on one core, ~13,500 of the 30,772 level-1 JPEG frames at ~900 frames/s per decode
+thread are 15 thread-seconds, and the label map at 0.5 µm/px is 2.0 Gpx (2 GB), which the SEG pyramid
+and its highdicom encoding must get through in the write stage. `bench/gpu.py` reports each of these.
+"""
 ANALYSIS_BEGIN = "<!-- analysis:begin -->"
 ANALYSIS_END = "<!-- analysis:end -->"
 STAGES = ("open", "tissue", "plan", "inference", "stitch", "write")
@@ -704,6 +739,9 @@ def render_markdown(result: dict[str, Any], previous_analysis: str | None) -> st
     )
     add("")
     add(f"    {cfg['command']}")
+    add("")
+    for line in GPU_SECTION.strip("\n").splitlines():
+        add(line)
     add("")
     add("## What is measured")
     add("")
