@@ -7,6 +7,7 @@ Exit codes: 0 done, 2 bad input (one line on stderr saying what is wrong and wha
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -96,7 +97,10 @@ def _analyze(args: argparse.Namespace) -> int:
     from glio_node.job import run_job
     from glio_node.pipeline.analyze import AnalysisOptions
 
-    options = AnalysisOptions(batch_size=args.batch_size, decode_threads=args.threads)
+    from glio_node.job import load_bundle_models
+
+    # batch size 0: chosen from the device's free memory once the device is known (8 on a CPU)
+    options = AnalysisOptions(batch_size=args.batch_size or 0, decode_threads=args.threads)
     summary = run_job(
         [Path(p) for p in args.paths],
         Path(args.out),
@@ -104,6 +108,7 @@ def _analyze(args: argparse.Namespace) -> int:
         device=args.device,
         options=options,
         progress=_Progress(enabled=not args.json and sys.stderr.isatty()),
+        load_models=functools.partial(load_bundle_models, precision=args.precision),
     )
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
@@ -379,7 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     def analysis_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--models", default=str(default_models_dir()), help="bundle folder, or a folder of bundles (default: %(default)s)")
         p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="where the networks run (default: auto)")
-        p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default: 8)")
+        p.add_argument(
+            "--batch-size", type=int, default=None,
+            help="tiles per model call (default: chosen from the GPU's free memory; 8 on a CPU)",
+        )
+        p.add_argument(
+            "--precision", choices=("float32", "bfloat16", "float16"), default="float32",
+            help="compute dtype of the networks (softmax and argmax stay float32; recorded in every output; default: float32)",
+        )
         p.add_argument("--threads", type=int, default=2, help="frame decoding threads (default: 2)")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
 

@@ -94,6 +94,7 @@ class Models:
     algorithm: Algorithm
     runners: tuple[ModelRunner, ...]
     device: str  # what was used: "cpu" or "gpu:N"
+    batch_size: int | None = None  # tiles per model call the runners were built for (None: the job's)
 
 
 # The job's two seams (the defaults below are the real adapters; glio_node.testing has fakes):
@@ -110,17 +111,30 @@ def open_dicom_slide(paths: Sequence[Path], allow_gaps: bool) -> SlideReader:
     return DicomSlide.open(paths, allow_gaps=allow_gaps)
 
 
-def load_bundle_models(bundle_dir: Path, device: str, batch_size: int, bundles: BundleCache | None) -> Models:
+def load_bundle_models(
+    bundle_dir: Path, device: str, batch_size: int, bundles: BundleCache | None, precision: str = "float32"
+) -> Models:
     """The real networks: choose the device first for the runtimes the manifest names (before
     Keras makes tensors; TensorFlow is not imported for an ONNX-only bundle), then load the
     verified bundle (from the worker's cache when given) and wrap each network in the runner of
-    its runtime."""
-    from glio_node.bundle import load_bundle, load_manifest
-    from glio_node.runtime.runners import bundle_networks, prepare_device
+    its runtime.
 
-    used_device = prepare_device(device, load_manifest(bundle_dir))
+    ``batch_size`` 0: chosen from the device's free memory (8 on a CPU).  ``precision``: the Keras
+    networks' compute dtype, named in the outputs' algorithm parameters (ONNX graphs run in
+    their own dtypes, so a bundle with ONNX networks runs at float32 only)."""
+    from glio_node.bundle import load_bundle, load_manifest
+    from glio_node.runtime.runners import bundle_networks, choose_batch_size, prepare_device
+
+    manifest = load_manifest(bundle_dir)
+    used_device = prepare_device(device, manifest, precision)
     bundle = bundles.get(bundle_dir, device) if bundles is not None else load_bundle(bundle_dir, device)
-    return Models(bundle.algorithm, tuple(bundle_networks(bundle, batch_size)), used_device)
+    batch_size = batch_size or choose_batch_size(bundle, used_device, precision)
+    algorithm = replace(bundle.algorithm, precision=precision)
+    return Models(algorithm, tuple(bundle_networks(bundle, batch_size, precision)), used_device, batch_size)
+
+
+# The name before bundles could hold ONNX networks (bench/ and older callers).
+load_keras_models = load_bundle_models
 
 
 def run_job(
@@ -156,6 +170,8 @@ def run_job(
         t0 = time.perf_counter()
         models = load_models(Path(bundle_dir), device, options.batch_size, bundles)
         stages["load_models"] = time.perf_counter() - t0
+        if not options.batch_size:  # 0: the loader chose it from the device
+            options = replace(options, batch_size=models.batch_size or 8)
 
         result, stats, seg_level = analyze(slide, models.runners, models.algorithm, options, progress)
         stages.update(stats.stage_seconds)

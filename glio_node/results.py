@@ -47,6 +47,7 @@ class Algorithm:
     intended_use: str  # e.g. "DEMO model trained on synthetic slides. Research use only. Not for diagnosis."
     is_demo: bool  # True for bundles trained on synthetic data
     origins: tuple[ModelOrigin, ...] = ()  # imported networks' sources and licences, named in every output
+    precision: str = "float32"  # compute dtype of the networks' bodies (softmax float32 always)
 
 
 @dataclass(frozen=True)

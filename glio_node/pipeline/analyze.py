@@ -183,7 +183,9 @@ def _run_batch(use: _Use) -> None:
     use.pending.clear()
 
 
-def _mask_label_map(label_map: np.ndarray, tissue: TissueMask, mm_per_px: float, band: int = 512) -> None:
+def _mask_label_map(label_map: np.ndarray, tissue: TissueMask, mm_per_px: float, band: int | None = None) -> None:
+    """``NOT_TISSUE`` outside the tissue mask, resampled band by band (about a megapixel each)."""
+    band = band or max(1, (1 << 20) // max(1, label_map.shape[1]))
     for r0 in range(0, label_map.shape[0], band):
         rows = min(band, label_map.shape[0] - r0)
         inside = resample_mask(tissue, rows, label_map.shape[1], mm_per_px, row0=r0)

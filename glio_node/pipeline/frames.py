@@ -45,13 +45,53 @@ class TileRequest:
     tile_size: int  # network input px; the window is resized to this when it differs
 
 
-class FramePlan:
-    """Requests in reading order, the frames each needs, and when each frame is last used."""
+STRIP_PX = 4096  # target width of a column strip, level px
 
-    def __init__(self, requests: Sequence[TileRequest], levels: dict[int, LevelGeometry]):
-        self.requests: tuple[TileRequest, ...] = tuple(
-            sorted(requests, key=lambda r: (r.level, r.window.y0, r.window.x0, r.network))
-        )
+
+def strip_width(windows: Sequence[LevelWindow], geo: LevelGeometry, target: int = STRIP_PX) -> int | None:
+    """The narrowest whole number of frame columns at least ``target`` px wide such that no
+    window and no frame crosses a strip boundary, or None when there is none narrower than the
+    level (overlapping tiles on a grid out of step with the frames).
+
+    Strips with clean boundaries share no frame, so reading strip by strip still decodes each
+    frame once; the frames held at a time are a band one strip wide instead of the level's width.
+    """
+    fw = geo.frame_size[1]
+    width = geo.size[1]
+    if not windows or width <= target:
+        return None
+    x0 = np.array([max(w.x0, 0) for w in windows])  # past the level's edges nothing is read
+    x1 = np.array([min(w.x1, width) for w in windows]) - 1
+    m = max(1, -(-target // fw))
+    while m * fw < width:
+        w = m * fw
+        if np.all(np.floor_divide(x0, w) == np.floor_divide(x1, w)):
+            return w
+        m += 1
+        if m * fw > 4 * max(target, fw):  # a boundary this far off will not come: read by rows
+            return None
+    return None
+
+
+class FramePlan:
+    """Requests in reading order, the frames each needs, and when each frame is last used.
+
+    Reading order is top to bottom within column strips (see :func:`strip_width`) on levels wider
+    than a strip, so the band of decoded frames held for later tiles stays a strip wide on a wide
+    slide; levels without clean strip boundaries, and narrow ones, are read in rows.
+    """
+
+    def __init__(self, requests: Sequence[TileRequest], levels: dict[int, LevelGeometry], strip_px: int = STRIP_PX):
+        widths = {
+            lvl: strip_width([r.window for r in requests if r.level == lvl], geo, strip_px) for lvl, geo in levels.items()
+        }
+        self.strip_widths = widths
+
+        def order(r: TileRequest) -> tuple[int, int, int, int, int]:
+            w = widths.get(r.level)
+            return (r.level, max(r.window.x0, 0) // w if w else 0, r.window.y0, r.window.x0, r.network)
+
+        self.requests: tuple[TileRequest, ...] = tuple(sorted(requests, key=order))
         self.frames: list[tuple[FrameKey, ...]] = []
         self.last_use: dict[FrameKey, int] = {}
         for i, req in enumerate(self.requests):

@@ -76,7 +76,7 @@ def slide_call(task: Task, classes: tuple[CodedClass, ...], probabilities: np.nd
 def region_fractions(label_map: np.ndarray, classes: tuple[CodedClass, ...]) -> dict[str, float]:
     """Fraction of tissue pixels per class (0..1); all zeros when there is no tissue."""
     counts = np.zeros(256, np.int64)
-    band = max(1, (1 << 20) // max(1, label_map.shape[1]))  # ~1 Mpx at a time: bincount casts to int64
+    band = max(1, (1 << 16) // max(1, label_map.shape[1]))  # ~64 kpx at a time: bincount casts to int64
     for r0 in range(0, label_map.shape[0], band):
         counts += np.bincount(label_map[r0 : r0 + band].ravel(), minlength=256)
     tissue = counts[: len(classes)].sum()

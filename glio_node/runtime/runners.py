@@ -7,9 +7,12 @@ without TensorFlow.
 from __future__ import annotations
 
 from glio_node.bundle import LoadedBundle, Manifest
+from glio_node.errors import BadInput
+
+CPU_BATCH_SIZE = 8
 
 
-def prepare_device(device: str, manifest: Manifest) -> str:
+def prepare_device(device: str, manifest: Manifest, precision: str = "float32") -> str:
     """Apply ``device`` (auto, cpu, gpu) for the runtimes ``manifest`` uses; return what is used.
 
     Runs before any network is loaded (Keras must hear of the device before it builds tensors).
@@ -17,6 +20,11 @@ def prepare_device(device: str, manifest: Manifest) -> str:
     a bundle mixes runtimes that resolved differently.  Raises BadInput for ``gpu`` without one.
     """
     runtimes = {n.runtime for n in manifest.networks}
+    if precision != "float32" and "onnx" in runtimes:
+        raise BadInput(
+            f"--precision {precision} applies to Keras networks; this bundle's ONNX networks run in their "
+            "graphs' own dtypes: use --precision float32 (or export the graph in the precision you want)"
+        )
     used: list[str] = []
     if "keras" in runtimes:
         from glio_node.runtime.keras_runner import select_device  # noqa: PLC0415
@@ -29,7 +37,17 @@ def prepare_device(device: str, manifest: Manifest) -> str:
     return "+".join(dict.fromkeys(used)) or "cpu"
 
 
-def bundle_networks(bundle: LoadedBundle, batch_size: int) -> list:
+def choose_batch_size(bundle: LoadedBundle, used_device: str, precision: str = "float32") -> int:
+    """Tiles per model call when the operator gave none: from the device's free memory and the
+    Keras networks' activations (``keras_runner.choose_batch_size``); 8 for ONNX networks only."""
+    if any(n.spec.runtime == "keras" for n in bundle.networks):
+        from glio_node.runtime.keras_runner import choose_batch_size as keras_batch_size  # noqa: PLC0415
+
+        return keras_batch_size(bundle, used_device, precision)
+    return CPU_BATCH_SIZE
+
+
+def bundle_networks(bundle: LoadedBundle, batch_size: int, precision: str = "float32") -> list:
     """The bundle's networks, each with the runner of its runtime, ready for ``pipeline.analyze``."""
     networks = []
     for loaded in bundle.networks:
@@ -40,5 +58,5 @@ def bundle_networks(bundle: LoadedBundle, batch_size: int) -> list:
         else:
             from glio_node.runtime.keras_runner import KerasNetwork  # noqa: PLC0415
 
-            networks.append(KerasNetwork(loaded, batch_size))
+            networks.append(KerasNetwork(loaded, batch_size, precision))
     return networks

@@ -449,6 +449,7 @@ def algorithm_parameters(algorithm: Algorithm) -> dict[str, str]:
     params = {
         "bundle_sha256": algorithm.sha256,
         "intended_use": " ".join(algorithm.intended_use.split()),
+        "precision": algorithm.precision,
     }
     for origin in algorithm.origins:  # imported networks: where each came from, under which licence
         params[f"{origin.network}_source"] = _parameter_text(origin.source)

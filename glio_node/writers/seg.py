@@ -62,7 +62,7 @@ def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> lis
     if not 0 < n_classes < NOT_TISSUE:
         raise ValueError(f"{n_classes} region classes; a SEG carries 1..{NOT_TISSUE - 1}")
     label_map = np.asarray(result.label_map.array)
-    values = np.unique(label_map)
+    values = _values_present(label_map)
     bad = [int(v) for v in values if v != NOT_TISSUE and not 0 <= v < n_classes]
     if bad:
         raise ValueError(f"label map holds {bad}; allowed: 0..{n_classes - 1} and {NOT_TISSUE}")
@@ -174,6 +174,10 @@ def pyramid_levels(label_map: np.ndarray, n_classes: int, tile: int) -> list[np.
     Each coarse pixel takes the label that covers most of its block of level-0 pixels (blocks
     past the raster edge count only their real pixels); ties go to ``NOT_TISSUE``, then to the
     lower class index.
+
+    Worked in bands of level-0 rows a whole number of coarsest blocks high (about a megapixel
+    each), so every block of every level lies in one band: the temporaries are band-sized and
+    contiguous (the slide-sized arrays are the label map and the coarse levels, a third of it).
     """
     n_levels = 1
     rows, cols = label_map.shape
@@ -181,34 +185,56 @@ def pyramid_levels(label_map: np.ndarray, n_classes: int, tile: int) -> list[np.
         n_levels += 1
     if n_levels == 1:
         return [label_map]
-    best_label = [None] * n_levels
-    best_count = [None] * n_levels
-    for label in (NOT_TISSUE, *range(n_classes)):
-        counts = _sum2x2_phases(label_map, label)  # quarter-size, never a full-size temporary
-        if label != NOT_TISSUE and not counts.any():
-            continue
+    block = 2 ** (n_levels - 1)  # level-0 px per coarsest pixel, along each axis
+    padded_cols = math.ceil(cols / block) * block
+    band_rows = max(block, ((1 << 20) // padded_cols) // block * block)
+    shapes = [(math.ceil(rows / 2**k), math.ceil(cols / 2**k)) for k in range(n_levels)]
+    out = [np.empty(shape, np.uint8) for shape in shapes[1:]]
+    buffer = np.full((band_rows, padded_cols), _PAD, np.uint8)
+    for r0 in range(0, rows, band_rows):
+        r1 = min(rows, r0 + band_rows)
+        if r1 - r0 < band_rows:  # the last band: pad its rows up to whole coarsest blocks
+            h = math.ceil((r1 - r0) / block) * block
+            band = buffer[:h]
+            band[:] = _PAD
+        else:
+            band = buffer
+        band[: r1 - r0, :cols] = label_map[r0:r1]
+        best_label: list[np.ndarray | None] = [None] * n_levels
+        best_count: list[np.ndarray | None] = [None] * n_levels
+        for label in (NOT_TISSUE, *range(n_classes)):
+            equal = band == label
+            if label != NOT_TISSUE and not equal.any():
+                continue
+            counts = _sum2x2(equal.view(np.uint8), np.uint8)
+            for level in range(1, n_levels):
+                if level > 1:
+                    counts = _sum2x2(counts, np.uint16 if level <= 7 else np.uint32)
+                if best_count[level] is None:
+                    best_count[level] = counts.copy()
+                    best_label[level] = np.full(counts.shape, label, dtype=np.uint8)
+                else:
+                    better = counts > best_count[level]
+                    best_count[level][better] = counts[better]
+                    best_label[level][better] = label
         for level in range(1, n_levels):
-            if level > 1:
-                counts = _sum2x2(counts, np.uint16 if level <= 7 else np.uint32)
-            if best_count[level] is None:
-                best_count[level] = counts.copy()
-                best_label[level] = np.full(counts.shape, label, dtype=np.uint8)
-            else:
-                better = counts > best_count[level]
-                best_count[level][better] = counts[better]
-                best_label[level][better] = label
-    return [label_map, *best_label[1:]]
+            f = 2**level
+            y0, y1 = r0 // f, min(shapes[level][0], math.ceil(r1 / f))
+            out[level - 1][y0:y1] = best_label[level][: y1 - y0, : shapes[level][1]]
+    return [label_map, *out]
 
 
-def _sum2x2_phases(label_map: np.ndarray, label: int) -> np.ndarray:
-    """Pixels equal to ``label`` in each 2x2 block (uint8, 0..4), from the four block phases."""
-    rows, cols = label_map.shape
-    out = np.zeros(((rows + 1) // 2, (cols + 1) // 2), np.uint8)
-    out += label_map[0::2, 0::2] == label
-    out[: rows // 2] += label_map[1::2, 0::2] == label
-    out[:, : cols // 2] += label_map[0::2, 1::2] == label
-    out[: rows // 2, : cols // 2] += label_map[1::2, 1::2] == label
-    return out
+_PAD = NOT_TISSUE - 1  # band padding past the raster edge: never a class index (those stop at NOT_TISSUE - 2)
+
+
+def _values_present(label_map: np.ndarray) -> np.ndarray:
+    """The distinct values of a uint8 raster, a band of about a megapixel at a time (``np.unique``
+    would sort a copy of the whole raster)."""
+    seen = np.zeros(256, bool)
+    band = max(1, (1 << 20) // max(1, label_map.shape[1]))
+    for r0 in range(0, label_map.shape[0], band):
+        seen |= np.bincount(label_map[r0 : r0 + band].ravel(), minlength=256).astype(bool)
+    return np.flatnonzero(seen)
 
 
 def _sum2x2(a: np.ndarray, dtype: type) -> np.ndarray:

@@ -58,6 +58,46 @@ def test_tiles_match_direct_crops_and_each_frame_is_decoded_once(overlap):
     assert len(decodes) == plan.distinct_frames == 6 * 9
 
 
+def _frames_held(plan: FramePlan) -> int:
+    """Most frames decoded and still awaited by a later tile at any point of the plan."""
+    first: dict = {}
+    for i, keys in enumerate(plan.frames):
+        for key in keys:
+            first.setdefault(key, i)
+    events = sorted([(i, 1) for i in first.values()] + [(plan.last_use[k] + 1, -1) for k in first])
+    held = most = 0
+    for _, step in events:
+        held += step
+        most = max(most, held)
+    return most
+
+
+@pytest.mark.parametrize("overlap", [0, 16])
+def test_a_wide_level_is_read_in_column_strips_holding_a_strip_wide_band(overlap):
+    # 4096 x 64 frames of 64 px (a wide, short level), tiles of 80 px: the grid and the frames meet
+    # every 320 px, so without overlap strips of 320 px or more share no frame; with overlap no
+    # boundary is clean and the level is read in rows, as before.
+    rows, cols, frame = 640, 4096, 64
+    image = _image(rows, cols)
+    grid = TileGrid(raster_rows=rows, raster_cols=cols, tile_size=80, overlap=overlap)
+    geo = LevelGeometry(size=(rows, cols), frame_size=(frame, frame))
+    requests = [TileRequest(0, r, c, 0, level_window(grid, r, c, 1.0), 80) for r in range(grid.rows) for c in range(grid.cols)]
+    plan = FramePlan(requests, {0: geo}, strip_px=512)
+    by_rows = FramePlan(requests, {0: geo}, strip_px=10**9)
+    read_frame, decodes = _framed(image, frame)
+    padded = np.pad(image, ((80, 80), (80, 80), (0, 0)), constant_values=GLASS)
+    for req, tile in iter_tiles(plan, read_frame, threads=2, lookahead=8):
+        y, x = grid.tile_origin(req.row, req.col)
+        np.testing.assert_array_equal(tile, padded[y + 80 : y + 160, x + 80 : x + 160])
+    assert set(decodes.values()) == {1} and len(decodes) == plan.distinct_frames  # still decoded once each
+    if overlap:
+        assert plan.strip_widths[0] is None and _frames_held(plan) == _frames_held(by_rows)
+    else:
+        assert plan.strip_widths[0] == 640  # 10 frames: the first multiple of 320 px past 512
+        assert _frames_held(plan) <= 2 * 640 // frame  # two frame rows of one strip
+        assert _frames_held(by_rows) >= cols // frame  # a frame row of the whole level
+
+
 def test_a_finer_level_is_read_and_downsampled_to_the_network_tile():
     image = _image(256, 256, seed=1)
     grid = TileGrid(raster_rows=64, raster_cols=64, tile_size=32, overlap=0)  # raster at 4x coarser
