@@ -1,0 +1,219 @@
+"""Slide quality control with classical detectors: is this slide fit to be analysed, and where not?
+
+Nothing here is learned or downloaded; every threshold is a field of :class:`QcThresholds`
+(``[qc]`` in the settings, docs/configuration.md says why each default is what it is).
+
+Two kinds of evidence, both from pixels the pipeline reads anyway (decode amplification stays 1.00):
+
+- the low-resolution tissue image (about 8 µm/px, the one ``find_tissue`` builds):
+  pen marks (stained pixels whose hue is outside H&E's pink-to-purple range), folds and dark
+  debris (optical density far above any single tissue layer's), air bubbles / glass within the
+  tissue outline (round unstained holes: tears and lumens are not round), too little tissue;
+- the analysis tiles as they stream to the networks: focus, as the variance of the Laplacian of
+  the tile's grey levels over its stained pixels (:func:`focus_measure`), on the finest
+  network's tiles (where blur costs most; a coarse level hides it).
+
+:func:`lowres_artefacts` and :func:`qc_report` are pure functions on arrays; ``pipeline.analyze``
+calls them and masks the classifier tiles over artefacts out of the slide calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy import ndimage
+
+from glio_node.coding import QC_ARTEFACT_EXTENT, QC_ARTEFACTS, QC_LOW_TISSUE
+from glio_node.pipeline.tissue import TissueMask
+from glio_node.results import QcFinding, QcReport, Raster
+
+# Values of the artefact map (0 = none): the index into coding.QC_ARTEFACTS plus one.
+BLUR, PEN, DARK, BUBBLE = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class QcThresholds:
+    """Where each detector draws the line; checked once, here (``[qc]`` in the settings)."""
+
+    # Usable tissue (tissue minus artefacts) below this: "fail", too little to call a slide on.
+    min_tissue_mm2: float = 0.25
+    # Artefact patches smaller than this are ignored (a speck of ink, a dust grain).
+    min_artefact_mm2: float = 0.02
+    # Artefacts covering at least this fraction of the tissue: "fail"; any smaller artefact: "warn".
+    fail_artefact_fraction: float = 0.5
+    # A classifier tile with at least this fraction over artefacts is left out of the slide calls.
+    tile_max_artefact_fraction: float = 0.25
+    # Pen: saturation at least this, hue outside [he_hue_from_deg, 360) + [0, he_hue_to_deg].
+    pen_min_saturation: float = 0.3
+    he_hue_from_deg: float = 230.0  # hematoxylin's blue-purple (H&E at 8 µm/px: 250-340°)
+    he_hue_to_deg: float = 20.0  # eosin's red end
+    # Fold / dark debris: mean optical density of R, G, B at least this.  Dense H&E at 8 µm/px
+    # stays below 0.85 (the CMU-1 sample: 99.9th percentile 0.84); a fold of several layers,
+    # debris and black ink are darker.  A pale single fold is not found (docs/configuration.md).
+    dark_min_od: float = 0.9
+    # Bubble / glass within tissue: unstained (saturation below, brightness above) and round.
+    glass_max_saturation: float = 0.08
+    glass_min_brightness: float = 0.8
+    bubble_min_circularity: float = 0.6  # 4πA/P²: 1 for a disc; tears and lumens are far lower
+    # Focus: variance of the Laplacian of grey levels (0-255) over a tile's stained pixels.
+    # Sharp H&E at 0.5 µm/px measures 150-1500; a slide blurred by a few µm measures < 20.
+    focus_min_laplacian_var: float = 40.0
+    focus_min_stained_fraction: float = 0.5  # tiles with less stain are not judged for focus
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{f.name} = {value!r}: must be a number, 0 or more")
+        for key in (
+            "fail_artefact_fraction",
+            "tile_max_artefact_fraction",
+            "pen_min_saturation",
+            "glass_max_saturation",
+            "glass_min_brightness",
+            "bubble_min_circularity",
+            "focus_min_stained_fraction",
+        ):
+            if getattr(self, key) > 1:
+                raise ValueError(f"{key} = {getattr(self, key)}: must be between 0 and 1")
+        for key in ("he_hue_from_deg", "he_hue_to_deg"):
+            if getattr(self, key) >= 360:
+                raise ValueError(f"{key} = {getattr(self, key)}: must be below 360 degrees")
+
+
+def hue_saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HSV of an RGB uint8 image: hue in degrees [0, 360), saturation and value in [0, 1]."""
+    x = rgb.astype(np.float32) / 255.0
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    mx, mn = x.max(axis=2), x.min(axis=2)
+    d = mx - mn
+    safe = np.where(d > 0, d, 1.0)
+    hue = np.where(mx == r, ((g - b) / safe) % 6, np.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = np.where(d > 0, hue * 60.0, 0.0)
+    sat = np.where(mx > 0, d / np.maximum(mx, 1e-6), 0.0)
+    return hue, sat, mx
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Mean optical density of R, G and B (0 for white glass, about 2.4 for black)."""
+    return -np.log10(np.clip(rgb.astype(np.float32), 1, 255) / 255.0).mean(axis=2)
+
+
+def drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if not n:
+        return mask
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = sizes >= min_px
+    return keep[labels]
+
+
+def pen_mask(rgb: np.ndarray, t: QcThresholds) -> np.ndarray:
+    """Pixels of ink: saturated and of a hue H&E does not have (green, cyan, yellow, deep blue)."""
+    hue, sat, _ = hue_saturation_value(rgb)
+    in_he = (hue >= t.he_hue_from_deg) | (hue <= t.he_hue_to_deg)
+    return (sat >= t.pen_min_saturation) & ~in_he
+
+
+def dark_mask(rgb: np.ndarray, t: QcThresholds) -> np.ndarray:
+    """Pixels too dense for one layer of stained tissue: folds, debris, black ink."""
+    return optical_density(rgb) >= t.dark_min_od
+
+
+def bubble_mask(rgb: np.ndarray, tissue: np.ndarray, t: QcThresholds, min_px: float) -> np.ndarray:
+    """Round unstained patches inside the tissue outline: air bubbles (or a round glass gap)."""
+    _, sat, val = hue_saturation_value(rgb)
+    glass = tissue & (sat <= t.glass_max_saturation) & (val >= t.glass_min_brightness)
+    glass = ndimage.binary_opening(glass, iterations=1)
+    labels, n = ndimage.label(glass)
+    out = np.zeros_like(glass)
+    if not n:
+        return out
+    areas = ndimage.sum_labels(glass, labels, index=np.arange(1, n + 1))
+    edge = glass & ~ndimage.binary_erosion(glass)
+    perimeters = ndimage.sum_labels(edge, labels, index=np.arange(1, n + 1))
+    for i, (area, perimeter) in enumerate(zip(areas, perimeters), start=1):
+        # P = the count of boundary pixels: 4πA/P² is near 1 for a disc (above, for a small one)
+        # and far below 0.6 for a tear or a branching lumen, which are nearly all boundary.
+        if area >= min_px and perimeter > 0 and 4 * np.pi * area / perimeter**2 >= t.bubble_min_circularity:
+            out |= labels == i
+    return out
+
+
+def lowres_artefacts(rgb: np.ndarray, tissue: TissueMask, t: QcThresholds) -> np.ndarray:
+    """uint8 artefact map over the low-resolution image (0 none, PEN, DARK, BUBBLE).
+
+    ``rgb`` is the image the tissue mask was found on (same shape); artefacts count only where
+    the tissue mask is (pen on glass does not matter, pen on tissue does, and ink is often
+    taken for tissue).  Patches smaller than ``min_artefact_mm2`` are dropped.
+    """
+    if rgb.shape[:2] != tissue.mask.shape:
+        raise ValueError(f"image {rgb.shape[:2]} and tissue mask {tissue.mask.shape} differ in shape")
+    min_px = t.min_artefact_mm2 / tissue.mm_per_px**2
+    inside = tissue.mask
+    out = np.zeros(inside.shape, np.uint8)
+    # Later assignments win: a dark pen stroke is a pen mark, not debris.
+    for value, mask in (
+        (BUBBLE, bubble_mask(rgb, inside, t, min_px)),
+        (DARK, ndimage.binary_closing(dark_mask(rgb, t), iterations=1)),
+        (PEN, ndimage.binary_closing(pen_mask(rgb, t), iterations=2)),
+    ):
+        out[drop_small(mask & inside, min_px)] = value
+    return out
+
+
+def focus_measure(tile: np.ndarray, min_stained_fraction: float) -> float | None:
+    """Variance of the Laplacian of the tile's grey levels over its stained pixels.
+
+    ``tile``: RGB uint8 as the network gets it.  None when less than ``min_stained_fraction`` of
+    the tile is stained (glass has no focus to judge).  Stained = saturation at least 0.08 (pale
+    eosin is ~0.1, glass < 0.05) or grey level below 200; the Laplacian is the 4-neighbour one on
+    interior pixels.
+    """
+    x = tile.astype(np.float32)
+    grey = x.mean(axis=2)
+    mx, mn = x.max(axis=2), x.min(axis=2)
+    stained = ((mx - mn) >= 0.08 * np.maximum(mx, 1.0)) | (grey < 200.0)
+    stained = stained[1:-1, 1:-1]
+    if stained.mean() < min_stained_fraction:
+        return None
+    lap = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
+    return float(lap[stained].var())
+
+
+def qc_report(
+    artefacts: np.ndarray, tissue: TissueMask, t: QcThresholds, tiles_assessed_for_focus: int
+) -> QcReport:
+    """The verdict from the final artefact map (``lowres_artefacts`` plus out-of-focus tiles).
+
+    "fail": usable tissue below ``min_tissue_mm2``, or artefacts over at least
+    ``fail_artefact_fraction`` of the tissue; "warn": any artefact; else "pass".
+    """
+    px_mm2 = tissue.mm_per_px**2
+    inside = tissue.mask
+    findings: list[QcFinding] = []
+    art_px = 0
+    for value, concept in enumerate(QC_ARTEFACTS, start=1):
+        n = int(np.count_nonzero((artefacts == value) & inside))
+        if n:
+            art_px += n
+            findings.append(QcFinding(concept, n * px_mm2, "warn"))
+    tissue_px = int(np.count_nonzero(inside))
+    usable = (tissue_px - art_px) * px_mm2
+    verdict = "warn" if findings else "pass"
+    if tissue_px and art_px / tissue_px >= t.fail_artefact_fraction:
+        findings.append(QcFinding(QC_ARTEFACT_EXTENT, art_px * px_mm2, "fail"))
+        verdict = "fail"
+    if usable < t.min_tissue_mm2:
+        findings.append(QcFinding(QC_LOW_TISSUE, usable, "fail"))
+        verdict = "fail"
+    return QcReport(
+        verdict=verdict,
+        findings=tuple(findings),
+        artefact_classes=QC_ARTEFACTS,
+        artefact_map=Raster(artefacts, tissue.mm_per_px),
+        usable_tissue_mm2=usable,
+        tiles_assessed_for_focus=tiles_assessed_for_focus,
+    )
