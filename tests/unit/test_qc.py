@@ -205,3 +205,16 @@ def test_a_failed_slide_makes_every_call_indeterminate_with_the_reason(textured_
 def test_qc_off_gives_no_verdict(textured_slide_image):
     result, *_ = _analyze(textured_slide_image, qc=None)
     assert result.qc is None
+
+
+def test_the_qc_section_of_the_settings_sets_the_thresholds_and_names_a_bad_value(tmp_path):
+    from glio_node.config import load_settings
+    from glio_node.errors import ConfigError
+
+    config = tmp_path / "node.toml"
+    config.write_text("[qc]\nmin_tissue_mm2 = 2\nfocus_min_laplacian_var = 25.5\n")
+    qc = load_settings(config, environ={"GLIO_QC_PEN_MIN_SATURATION": "0.4"}).qc.thresholds()
+    assert qc == QcThresholds(min_tissue_mm2=2.0, focus_min_laplacian_var=25.5, pen_min_saturation=0.4)
+    assert load_settings(None, environ={}).qc.thresholds() == QcThresholds()
+    with pytest.raises(ConfigError, match=r"\[qc\] fail_artefact_fraction = 2.0: must be between 0 and 1 \(from GLIO_QC_FAIL_ARTEFACT_FRACTION\)"):
+        load_settings(None, environ={"GLIO_QC_FAIL_ARTEFACT_FRACTION": "2"})
