@@ -37,7 +37,8 @@ class QcThresholds:
     """Where each detector draws the line; checked once, here (``[qc]`` in the settings)."""
 
     # Usable tissue (tissue minus artefacts) below this: "fail", too little to call a slide on.
-    min_tissue_mm2: float = 0.25
+    # A floor (about eight classifier tiles of 80 µm); a biopsy programme would set its own.
+    min_tissue_mm2: float = 0.05
     # Artefact patches smaller than this are ignored (a speck of ink, a dust grain).
     min_artefact_mm2: float = 0.02
     # Artefacts covering at least this fraction of the tissue: "fail"; any smaller artefact: "warn".

@@ -103,7 +103,7 @@ def test_a_round_bubble_is_found_and_an_irregular_tear_is_not(lowres):
 
 def test_too_little_tissue_fails():
     image = np.full((300, 300, 3), 242, np.uint8)
-    image[100:140, 100:140] = he_tissue(40, 40, 8.0)  # 0.1 mm²
+    image[100:120, 100:120] = he_tissue(20, 20, 8.0)  # 0.026 mm²
     tissue = detect_tissue(image, 0.008)
     report = qc_report(lowres_artefacts(image, tissue, T), tissue, T, 0)
     assert report.verdict == "fail"
