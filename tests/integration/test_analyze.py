@@ -87,6 +87,16 @@ def test_analyze_writes_seg_sr_heatmaps_and_ann_that_validate_and_a_qupath_geojs
     for net in stats["networks"]:
         assert net["tiles_inferred"] == net["tiles_with_tissue"] > 0
     assert summary["calls"] == {"subtype": "Mesenchymal subtype", "mgmt": "MGMT promoter methylated", "egfr": "EGFR not amplified"}
+    # A clean synthetic slide passes slide QC; the verdict is in the summary and the SR.
+    assert summary["qc"]["verdict"] == "pass" and summary["qc"]["reasons"] == []
+    sr = hd.sr.srread(next(f for f in files if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR"))
+    verdicts = [
+        e.value.value
+        for g in sr.content.get_image_measurement_groups()
+        for e in g.get_qualitative_evaluations()
+        if e.name.value == "GLIO-QC"
+    ]
+    assert verdicts == ["GLIO-QC-PASS"]
 
 
 def test_the_demo_model_finds_the_painted_regions_and_labels(slide_cache, demo):
