@@ -129,18 +129,17 @@ def bubble_mask(rgb: np.ndarray, tissue: np.ndarray, t: QcThresholds, min_px: fl
     glass = tissue & (sat <= t.glass_max_saturation) & (val >= t.glass_min_brightness)
     glass = ndimage.binary_opening(glass, iterations=1)
     labels, n = ndimage.label(glass)
-    out = np.zeros_like(glass)
     if not n:
-        return out
-    areas = ndimage.sum_labels(glass, labels, index=np.arange(1, n + 1))
+        return np.zeros_like(glass)
+    index = np.arange(1, n + 1)
+    areas = ndimage.sum_labels(glass, labels, index=index)
     edge = glass & ~ndimage.binary_erosion(glass)
-    perimeters = ndimage.sum_labels(edge, labels, index=np.arange(1, n + 1))
-    for i, (area, perimeter) in enumerate(zip(areas, perimeters), start=1):
-        # P = the count of boundary pixels: 4πA/P² is near 1 for a disc (above, for a small one)
-        # and far below 0.6 for a tear or a branching lumen, which are nearly all boundary.
-        if area >= min_px and perimeter > 0 and 4 * np.pi * area / perimeter**2 >= t.bubble_min_circularity:
-            out |= labels == i
-    return out
+    perimeters = np.maximum(ndimage.sum_labels(edge, labels, index=index), 1)
+    # P = the count of boundary pixels: 4πA/P² is near 1 for a disc (above, for a small one)
+    # and far below 0.6 for a tear or a branching lumen, which are nearly all boundary.
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = (areas >= min_px) & (4 * np.pi * areas / perimeters**2 >= t.bubble_min_circularity)
+    return keep[labels]
 
 
 def lowres_artefacts(rgb: np.ndarray, tissue: TissueMask, t: QcThresholds) -> np.ndarray:
