@@ -27,15 +27,22 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from glio_node.coding import QC_VERDICTS
 from glio_node.errors import BadInput
 from glio_node.pipeline.frames import FramePlan, LevelGeometry, TileRequest, iter_tiles
 from glio_node.pipeline.levels import LevelInfo, choose_level
-from glio_node.pipeline.qc import BLUR, QcThresholds, drop_small, focus_measure, lowres_artefacts, qc_report
+from glio_node.pipeline.qc import (
+    QcThresholds,
+    focus_measure,
+    lowres_artefacts,
+    out_of_focus_mask,
+    qc_report,
+    with_blur,
+)
 from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, region_fractions, slide_call
 from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.pipeline.tissue import TISSUE_UM_PER_PX, TissueMask, detect_tissue, resample_mask
 from glio_node.ports import ModelRunner, SlideReader
-from glio_node.coding import QC_VERDICTS
 from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, QcReport, Raster
 
 # A classifier tile is analysed only when at least this fraction of it is tissue: a tile that is
@@ -155,7 +162,7 @@ def _plan_network(
     )
     if artefacts is not None and not is_seg and artefacts.any():
         # A classifier tile over a pen mark or a fold would only add noise to the slide call.
-        use.cells &= ~_cells_over(grid, artefacts, tissue.mm_per_px, use.raster_mm_per_px, max_artefact)
+        use.cells &= ~grid.cells_with_tissue(artefacts, tissue.mm_per_px, use.raster_mm_per_px, max_artefact)
     for head in network.heads:
         if head.task == "segmentation":
             use.seg = SegmentationStitcher(grid)
@@ -206,43 +213,19 @@ def _run_batch(use: _Use) -> None:
     use.pending.clear()
 
 
-def _cells_over(grid: TileGrid, mask: np.ndarray, mask_mm_per_px: float, raster_mm_per_px: float, fraction: float) -> np.ndarray:
-    """Cells of ``grid`` with at least ``fraction`` of their kept region (any, at 0) in ``mask``."""
-    return grid.cells_with_tissue(mask, mask_mm_per_px, raster_mm_per_px, fraction)
-
-
-def _paint_cells(out: np.ndarray, value: int, grid: TileGrid, cells: np.ndarray, raster_mm_per_px: float, mm_per_px: float, where: np.ndarray) -> None:
-    """Set ``out`` (a raster at ``mm_per_px``) to ``value`` under the kept region of each cell
-    in ``cells``, where ``where`` holds and ``out`` is still 0."""
-    f = raster_mm_per_px / mm_per_px
-    for r, c in zip(*np.nonzero(cells)):
-        y0, x0, y1, x1 = grid.kept_region(int(r), int(c))
-        sl = (slice(int(y0 * f), math.ceil(y1 * f)), slice(int(x0 * f), math.ceil(x1 * f)))
-        out[sl][(out[sl] == 0) & where[sl]] = value
-
-
 def _quality(uses: list[_Use], lowres: np.ndarray, tissue: TissueMask, t: QcThresholds) -> QcReport:
-    """Out-of-focus cells of the finest network(s) added to the low-resolution artefacts; the
+    """The finest network's out-of-focus cells added to the low-resolution artefacts; the
     classifier cells over the result taken out of the heatmaps (NaN: not analysed)."""
-
-    artefacts = lowres.copy()
-    assessed = 0
-    blur = np.zeros_like(artefacts)
-    for use in uses:
-        if use.focus is None:
-            continue
-        judged = ~np.isnan(use.focus)
-        assessed += int(judged.sum())
-        blurred = judged & (np.nan_to_num(use.focus, nan=np.inf) < t.focus_min_laplacian_var)
-        _paint_cells(blur, BLUR, use.grid, blurred, use.raster_mm_per_px, tissue.mm_per_px, tissue.mask)
-    blur_kept = drop_small(blur == BLUR, t.min_artefact_mm2 / tissue.mm_per_px**2)
-    artefacts[blur_kept & (artefacts == 0)] = BLUR
+    focused = [u for u in uses if u.focus is not None]
+    blurred = [out_of_focus_mask(u.focus, u.grid, u.raster_mm_per_px, tissue, t) for u in focused]
+    artefacts = with_blur(lowres, np.logical_or.reduce(blurred) if blurred else None, tissue, t)
     if artefacts.any():
         for use in uses:
             if use.heat:
-                out = _cells_over(use.grid, artefacts > 0, tissue.mm_per_px, use.raster_mm_per_px, t.tile_max_artefact_fraction)
+                out = use.grid.cells_with_tissue(artefacts > 0, tissue.mm_per_px, use.raster_mm_per_px, t.tile_max_artefact_fraction)
                 for stitcher in use.heat.values():
                     stitcher.probabilities[out] = np.nan
+    assessed = sum(int((~np.isnan(u.focus)).sum()) for u in focused)
     return qc_report(artefacts, tissue, t, assessed)
 
 

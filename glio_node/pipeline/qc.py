@@ -19,12 +19,14 @@ calls them and masks the classifier tiles over artefacts out of the slide calls.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy import ndimage
 
 from glio_node.coding import QC_ARTEFACT_EXTENT, QC_ARTEFACTS, QC_LOW_TISSUE
+from glio_node.pipeline.tiling import TileGrid
 from glio_node.pipeline.tissue import TissueMask
 from glio_node.results import QcFinding, QcReport, Raster
 
@@ -181,6 +183,29 @@ def focus_measure(tile: np.ndarray, min_stained_fraction: float) -> float | None
         return None
     lap = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
     return float(lap[stained].var())
+
+
+def out_of_focus_mask(
+    focus: np.ndarray, grid: TileGrid, raster_mm_per_px: float, tissue: TissueMask, t: QcThresholds
+) -> np.ndarray:
+    """Bool mask at the tissue mask's spacing: tissue under the kept region of each cell whose
+    ``focus`` (per cell of ``grid``, NaN = not judged) is below ``focus_min_laplacian_var``."""
+    out = np.zeros(tissue.mask.shape, bool)
+    f = raster_mm_per_px / tissue.mm_per_px
+    for r, c in zip(*np.nonzero(np.nan_to_num(focus, nan=np.inf) < t.focus_min_laplacian_var)):
+        y0, x0, y1, x1 = grid.kept_region(int(r), int(c))
+        out[int(y0 * f) : math.ceil(y1 * f), int(x0 * f) : math.ceil(x1 * f)] = True
+    return out & tissue.mask
+
+
+def with_blur(lowres: np.ndarray, blurred: np.ndarray | None, tissue: TissueMask, t: QcThresholds) -> np.ndarray:
+    """The final artefact map: ``lowres_artefacts``' map plus ``blurred`` (where nothing else
+    is), out-of-focus patches smaller than ``min_artefact_mm2`` (a stray tile) dropped."""
+    out = lowres.copy()
+    if blurred is not None:
+        kept = drop_small(blurred, t.min_artefact_mm2 / tissue.mm_per_px**2)
+        out[kept & (out == 0)] = BLUR
+    return out
 
 
 def qc_report(
