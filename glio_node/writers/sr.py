@@ -38,6 +38,7 @@ GLIO-EGFR      EGFR amplification status (head concept)
 GLIO-REGIONS   Glioblastoma histological region (head concept)
 AREAFRAC       Area fraction of tissue
 THRESHOLD      Decision threshold
+GLIO-QC...     slide QC: verdict, reasons, indeterminate reason (glio_node.coding QC_*)
 =============  ==================================================
 
 Class concepts (region classes, subtypes, MGMT/EGFR classes) come from the bundle's manifest
