@@ -210,3 +210,18 @@ def test_asking_for_a_gpu_where_there_is_none_is_refused(slide_cache, tmp_path, 
     code = main(["analyze", *map(str, slide.files), "--out", str(tmp_path), "--models", str(DEMO), "--device", "gpu"])
     assert code == 2
     assert "sees no GPU" in capsys.readouterr().err
+
+
+def test_analyze_takes_qc_thresholds_from_the_config_and_can_skip_qc(slide_cache, tmp_path, capsys):
+    slide = slide_cache.slide(SLIDE)
+    config = tmp_path / "node.toml"
+    config.write_text("[qc]\nmin_tissue_mm2 = 100\n")  # more tissue than any slide here has
+    base = ["analyze", str(slide.files[0].parent), "--models", str(DEMO), "--device", "cpu", "--json"]
+    assert main([*base, "--out", str(tmp_path / "strict"), "--config", str(config)]) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert strict["qc"]["verdict"] == "fail"
+    assert [r["code"] for r in strict["qc"]["reasons"]] == ["GLIO-QC-LOWTISS"]
+    assert set(strict["calls"].values()) == {"indeterminate"}
+    assert main([*base, "--out", str(tmp_path / "off"), "--no-qc"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert off["qc"] is None and "indeterminate" not in off["calls"].values()
