@@ -33,7 +33,8 @@ from glio_node.pipeline.frames import FramePlan, LevelGeometry, TileRequest, ite
 from glio_node.pipeline.levels import LevelInfo, choose_level
 from glio_node.pipeline.qc import (
     QcThresholds,
-    focus_measure,
+    FOCUS_PARTS,
+    focus_parts,
     lowres_artefacts,
     out_of_focus_mask,
     qc_report,
@@ -99,7 +100,7 @@ class _Use:
     pending: list = field(default_factory=list)
     inferred: int = 0
     model_seconds: float = 0.0
-    focus: np.ndarray | None = None  # per cell: variance of the Laplacian (NaN: not judged)
+    focus: np.ndarray | None = None  # per cell and tile part: variance of the Laplacian (NaN: not judged)
 
     @property
     def raster_mm_per_px(self) -> float:
@@ -225,7 +226,7 @@ def _quality(uses: list[_Use], lowres: np.ndarray, tissue: TissueMask, t: QcThre
                 out = use.grid.cells_with_tissue(artefacts > 0, tissue.mm_per_px, use.raster_mm_per_px, t.tile_max_artefact_fraction)
                 for stitcher in use.heat.values():
                     stitcher.probabilities[out] = np.nan
-    assessed = sum(int((~np.isnan(u.focus)).sum()) for u in focused)
+    assessed = sum(int((~np.isnan(u.focus)).any(axis=(2, 3)).sum()) for u in focused)
     return qc_report(artefacts, tissue, t, assessed)
 
 
@@ -276,7 +277,7 @@ def analyze(
         finest = min(u.raster_mm_per_px for u in uses)
         for u in uses:
             if u.raster_mm_per_px <= finest * (1 + 1e-6):
-                u.focus = np.full((u.grid.rows, u.grid.cols), np.nan, np.float32)
+                u.focus = np.full((u.grid.rows, u.grid.cols, FOCUS_PARTS, FOCUS_PARTS), np.nan, np.float32)
     seg_uses = [u for u in uses if u.seg is not None]
     if len(seg_uses) != 1:
         raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it needs exactly one")
@@ -295,9 +296,7 @@ def analyze(
     for req, tile in iter_tiles(plan, reads, options.decode_threads, options.lookahead):
         use = uses[req.network]
         if use.focus is not None and qc is not None:
-            measured = focus_measure(tile, qc.focus_min_stained_fraction)
-            if measured is not None:
-                use.focus[req.row, req.col] = measured
+            use.focus[req.row, req.col] = focus_parts(tile, qc.focus_min_stained_fraction)
         use.pending.append((req, tile))
         if len(use.pending) == batch:
             _run_batch(use)

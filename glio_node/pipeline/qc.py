@@ -10,8 +10,8 @@ Two kinds of evidence, both from pixels the pipeline reads anyway (decode amplif
   debris (optical density far above any single tissue layer's), air bubbles / glass within the
   tissue outline (round unstained holes: tears and lumens are not round), too little tissue;
 - the analysis tiles as they stream to the networks: focus, as the variance of the Laplacian of
-  the tile's green channel over its stained pixels (:func:`focus_measure`), on the finest
-  network's tiles (where blur costs most; a coarse level hides it).
+  the green channel over the stained pixels of each quarter tile (:func:`focus_parts`), on the
+  finest network's tiles (where blur costs most; a coarse level hides it).
 
 :func:`lowres_artefacts` and :func:`qc_report` are pure functions on arrays; ``pipeline.analyze``
 calls them and masks the classifier tiles over artefacts out of the slide calls.
@@ -196,16 +196,36 @@ def focus_measure(tile: np.ndarray, min_stained_fraction: float) -> float | None
     return float(lap[stained].var())
 
 
+FOCUS_PARTS = 2  # focus is judged per quarter of a tile: a blur's edge is found to half a tile
+
+
+def focus_parts(tile: np.ndarray, min_stained_fraction: float) -> np.ndarray:
+    """:func:`focus_measure` of each of the tile's ``FOCUS_PARTS`` x ``FOCUS_PARTS`` parts
+    (float32, NaN where not judged): a tile half in focus is then half out of focus, not sharp."""
+    n = tile.shape[0] // FOCUS_PARTS
+    out = np.full((FOCUS_PARTS, FOCUS_PARTS), np.nan, np.float32)
+    for i in range(FOCUS_PARTS):
+        for j in range(FOCUS_PARTS):
+            value = focus_measure(tile[i * n : (i + 1) * n, j * n : (j + 1) * n], min_stained_fraction)
+            if value is not None:
+                out[i, j] = value
+    return out
+
+
 def out_of_focus_mask(
     focus: np.ndarray, grid: TileGrid, raster_mm_per_px: float, tissue: TissueMask, t: QcThresholds
 ) -> np.ndarray:
-    """Bool mask at the tissue mask's spacing: tissue under the kept region of each cell whose
-    ``focus`` (per cell of ``grid``, NaN = not judged) is below ``focus_min_laplacian_var``."""
+    """Bool mask at the tissue mask's spacing: tissue under each tile part whose focus is below
+    ``focus_min_laplacian_var``.  ``focus``: (grid rows, grid cols, FOCUS_PARTS, FOCUS_PARTS),
+    NaN = not judged (:func:`focus_parts` of each tile the network got)."""
     out = np.zeros(tissue.mask.shape, bool)
     f = raster_mm_per_px / tissue.mm_per_px
-    for r, c in zip(*np.nonzero(np.nan_to_num(focus, nan=np.inf) < t.focus_min_laplacian_var)):
-        y0, x0, y1, x1 = grid.kept_region(int(r), int(c))
-        out[int(y0 * f) : math.ceil(y1 * f), int(x0 * f) : math.ceil(x1 * f)] = True
+    part = grid.tile_size / FOCUS_PARTS
+    for r, c, i, j in zip(*np.nonzero(np.nan_to_num(focus, nan=np.inf) < t.focus_min_laplacian_var)):
+        oy, ox = grid.tile_origin(int(r), int(c))
+        y0, x0 = oy + i * part, ox + j * part
+        out[max(0, int(y0 * f)) : max(0, math.ceil((y0 + part) * f)),
+            max(0, int(x0 * f)) : max(0, math.ceil((x0 + part) * f))] = True  # fmt: skip
     return out & tissue.mask
 
 
