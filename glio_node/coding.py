@@ -118,4 +118,8 @@ QC_VERDICTS: Mapping[str, CodedClass] = MappingProxyType(
         "fail": _local("GLIO-QC-FAIL", "fail", "Slide failed quality control"),
     }
 )
+QC_DISPLAY_RGB: Mapping[str, tuple[int, int, int]] = MappingProxyType(
+    {"out_of_focus": (128, 0, 255), "pen_mark": (0, 176, 80), "fold_or_debris": (96, 48, 0), "air_bubble": (0, 200, 255)}
+)
+"""Colours of the QC artefact regions in the GeoJSON (QuPath), apart from the region classes'."""
 INDETERMINATE_REASON = _local("GLIO-INDREASON", "indeterminate_reason", "Reason the call is indeterminate")

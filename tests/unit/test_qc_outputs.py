@@ -17,6 +17,8 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+import shapely
+import shapely.geometry
 from fastapi.testclient import TestClient
 from pydicom.sr.codedict import codes
 from sqlalchemy import select
@@ -163,7 +165,7 @@ def test_a_pen_marked_slide_shows_warn_and_the_pen_mark_on_the_status_page(tmp_p
     assert f'<div class="reason">Pen mark {pen_mm2:.2f} mm²</div>' in page
 
 
-def test_the_json_summary_carries_the_verdict_and_the_coded_reasons(tmp_path, pen_marked_slide):
+def test_the_summary_geojson_and_ann_carry_the_verdict_and_the_pen_mark(tmp_path, pen_marked_slide):
     runners = (FakeSegmenter(um_per_px=2.0), FakeClassifier(um_per_px=0.5, tile_size=160))
     summary = run_job(
         [tmp_path / "unused.dcm"], tmp_path / "out", tmp_path / "no-bundle",
@@ -175,3 +177,25 @@ def test_the_json_summary_carries_the_verdict_and_the_coded_reasons(tmp_path, pe
     assert reason["code"] == "GLIO-QC-PEN" and reason["meaning"] == "Pen mark" and reason["severity"] == "warn"
     assert reason["area_mm2"] > 0 and qc["usable_tissue_mm2"] > 0.25
     assert any(n.startswith("Slide QC: warn (pen mark") for n in summary.notes)
+
+    # QuPath: the verdict in the collection's properties, the pen mark as an annotation where it
+    # was drawn (level-0 px: rows 1000-1200, columns 300-1300), with its area.
+    collection = json.loads(Path(summary.geojson).read_text())
+    assert collection["properties"]["slide_qc"] == qc
+    (pen,) = [f for f in collection["features"] if f["properties"]["name"] == "QC: Pen mark"]
+    assert pen["properties"]["objectType"] == "annotation"
+    drawn = shapely.box(300, 1000, 1300, 1200)
+    found = shapely.geometry.shape(pen["geometry"])
+    assert found.is_valid and found.intersection(drawn).area / found.union(drawn).area >= 0.8
+    assert pen["properties"]["measurements"]["Area mm^2"] == pytest.approx(reason["area_mm2"], rel=1e-3)
+
+    # Slim: an ANN group coded GLIO-QC / GLIO-QC-PEN, as valid as the rest of the file.
+    (ann_path,) = [Path(o.path) for o in summary.objects if o.kind == "ann"]
+    ann = hd.ann.annread(ann_path)
+    (group,) = [g for g in ann.get_annotation_groups() if g.annotated_property_type.value == "GLIO-QC-PEN"]
+    assert group.annotated_property_category.value == "GLIO-QC"
+    assert group.graphic_type == hd.ann.GraphicTypeValues.POLYGON and group.number_of_annotations >= 1
+    _, areas, _ = group.get_measurements()
+    assert areas.sum() == pytest.approx(reason["area_mm2"], rel=0.05)
+    if dciodvfy.DCIODVFY:
+        dciodvfy.assert_valid(ann_path)
