@@ -85,6 +85,9 @@ def _print_summary(summary) -> None:
         probs = ", ".join(f"{k} {v:.2f}" for k, v in summary.probabilities[task].items())
         print(f"call        {task}: {call}  ({probs})")
     print("stages      " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items()))
+    if summary.qc is not None:
+        reasons = ", ".join(f"{r['meaning'].lower()} {r['area_mm2']:.2f} mm²" for r in summary.qc["reasons"])
+        print(f"slide QC    {summary.qc['verdict']}" + (f": {reasons}" if reasons else ""))
     for note in summary.notes:
         print(f"note        {note}")
     for f in summary.files:
@@ -94,13 +97,17 @@ def _print_summary(summary) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from glio_node.job import run_job
+    from glio_node.job import load_bundle_models, run_job
     from glio_node.pipeline.analyze import AnalysisOptions
+    from glio_node.pipeline.qc import QcThresholds
 
-    from glio_node.job import load_bundle_models
+    qc = None
+    if not args.no_qc:
+        from glio_node.config import load_settings
 
+        qc = load_settings(args.config).qc.thresholds() if args.config else QcThresholds()
     # batch size 0: chosen from the device's free memory once the device is known (8 on a CPU)
-    options = AnalysisOptions(batch_size=args.batch_size or 0, decode_threads=args.threads)
+    options = AnalysisOptions(batch_size=args.batch_size or 0, decode_threads=args.threads, qc=qc)
     summary = run_job(
         [Path(p) for p in args.paths],
         Path(args.out),
@@ -394,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--threads", type=int, default=2, help="frame decoding threads (default: 2)")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
+        p.add_argument("--config", help="TOML settings file whose [qc] section sets the slide-QC thresholds (default: built-in)")
+        p.add_argument("--no-qc", action="store_true", help="skip slide QC (no verdict; artefact tiles are not left out)")
 
     a = sub.add_parser("analyze", help="analyse one DICOM WSI series and write SEG, SR, heatmaps, ANN and a QuPath GeoJSON")
     a.add_argument("paths", nargs="+", help="the slide's DICOM files, or a folder holding them")

@@ -96,3 +96,30 @@ FALLBACK_DISPLAY_RGB: tuple[int, int, int] = (128, 128, 128)
 def display_rgb(c: CodedClass) -> tuple[int, int, int]:
     """The display colour of a region class (see REGION_DISPLAY_RGB)."""
     return REGION_DISPLAY_RGB.get(c.name, FALLBACK_DISPLAY_RGB)
+
+
+# Slide quality control (glio_node.pipeline.qc): the artefacts it finds, the verdict, and why a
+# call is indeterminate when the slide failed.  ``QC_ARTEFACTS[i - 1]`` is value ``i`` of the
+# artefact map (0 = no artefact); docs/coding.md lists them.
+QC_ARTEFACTS: tuple[CodedClass, ...] = (
+    _local("GLIO-QC-BLUR", "out_of_focus", "Out-of-focus region"),
+    _local("GLIO-QC-PEN", "pen_mark", "Pen mark"),
+    _local("GLIO-QC-DARK", "fold_or_debris", "Tissue fold or dark debris"),
+    _local("GLIO-QC-BUBBLE", "air_bubble", "Air bubble or glass within tissue"),
+)
+QC_LOW_TISSUE = _local("GLIO-QC-LOWTISS", "too_little_tissue", "Too little tissue")
+QC_ARTEFACT_EXTENT = _local("GLIO-QC-EXTENT", "artefacts_too_extensive", "Artefacts cover too much of the tissue")
+QC_CONCEPT = _local("GLIO-QC", "slide_qc", "Slide quality control")
+QC_REASON = _local("GLIO-QC-REASON", "qc_reason", "Quality control finding")
+QC_VERDICTS: Mapping[str, CodedClass] = MappingProxyType(
+    {
+        "pass": _local("GLIO-QC-PASS", "pass", "Slide passed quality control"),
+        "warn": _local("GLIO-QC-WARN", "warn", "Slide passed quality control with warnings"),
+        "fail": _local("GLIO-QC-FAIL", "fail", "Slide failed quality control"),
+    }
+)
+QC_DISPLAY_RGB: Mapping[str, tuple[int, int, int]] = MappingProxyType(
+    {"out_of_focus": (128, 0, 255), "pen_mark": (0, 176, 80), "fold_or_debris": (96, 48, 0), "air_bubble": (0, 200, 255)}
+)
+"""Colours of the QC artefact regions in the GeoJSON (QuPath), apart from the region classes'."""
+INDETERMINATE_REASON = _local("GLIO-INDREASON", "indeterminate_reason", "Reason the call is indeterminate")

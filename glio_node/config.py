@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from glio_node.errors import ConfigError
+from glio_node.pipeline.qc import QcThresholds
 
 ENV_PREFIX = "GLIO_"
 
@@ -365,6 +366,22 @@ class GeoJSONSettings:
 
 
 @dataclass(frozen=True)
+class QcSettings(QcThresholds):
+    """Slide QC thresholds: the fields and defaults of ``pipeline.qc.QcThresholds`` (each
+    explained there and in docs/configuration.md), checked as a ``[qc]`` section."""
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as exc:
+            raise ConfigError(f"[qc] {exc}") from None
+
+    def thresholds(self) -> QcThresholds:
+        """The plain thresholds the pipeline takes (``AnalysisOptions.qc``)."""
+        return QcThresholds(**{f.name: getattr(self, f.name) for f in fields(QcThresholds)})
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the worker service is configured with; valid once built."""
 
@@ -377,6 +394,7 @@ class Settings:
     status: StatusSettings = field(default_factory=StatusSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     geojson: GeoJSONSettings = field(default_factory=GeoJSONSettings)
+    qc: QcSettings = field(default_factory=QcSettings)
     source: Path | None = None  # the TOML file these came from; None: defaults and environment
 
     def __post_init__(self) -> None:
@@ -404,6 +422,7 @@ _SECTIONS: dict[str, type] = {
     "status": StatusSettings,
     "worker": WorkerSettings,
     "geojson": GeoJSONSettings,
+    "qc": QcSettings,
 }
 
 

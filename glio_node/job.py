@@ -41,6 +41,9 @@ class JobSummary:
     objects: tuple[WrittenObject, ...] = ()  # what was written, with its UIDs: nothing re-reads the files
     notes: tuple[str, ...] = ()
     geojson: str | None = None  # the QuPath GeoJSON of the same run (not a DICOM object)
+    # Slide QC: {"verdict": "pass"|"warn"|"fail", "reasons": [{code, name, meaning, area_mm2,
+    # severity}], "usable_tissue_mm2"}; None when QC was off.  Stored with the job (status page).
+    qc: dict | None = None
 
     @property
     def bundle(self) -> str:
@@ -223,4 +226,5 @@ def run_job(
         objects=written.objects,
         notes=result.notes,
         geojson=str(geojson),
+        qc=result.qc.as_dict() if result.qc is not None else None,
     )

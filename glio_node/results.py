@@ -77,6 +77,8 @@ class SlideCall:
     probabilities: tuple[float, ...]  # slide-level probability per class, same order as classes
     threshold: float
     call: CodedClass | None
+    # Why the call is indeterminate when it is not the threshold: the slide failed QC.
+    indeterminate_reason: CodedClass | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,50 @@ class Heatmap:
     task: Task
     classes: tuple[CodedClass, ...]
     probabilities: Raster
+
+
+@dataclass(frozen=True)
+class QcFinding:
+    """One reason of a QC verdict: an artefact (with its area) or a slide-wide problem."""
+
+    reason: CodedClass  # glio_node.coding QC_ARTEFACTS, QC_LOW_TISSUE or QC_ARTEFACT_EXTENT
+    area_mm2: float  # the artefact's area; for too little tissue, the usable tissue's area
+    severity: Literal["warn", "fail"]
+
+
+@dataclass(frozen=True)
+class QcReport:
+    """The slide's quality-control verdict (glio_node.pipeline.qc).
+
+    ``artefact_map`` is the hook for writers that draw artefact regions (GeoJSON, ANN): uint8 over
+    the slide (see the module docstring's geometry), value ``i`` = ``artefact_classes[i - 1]``,
+    0 = no artefact.  Tiles over artefacts were not used for slide calls; a "fail" verdict makes
+    every call indeterminate.
+    """
+
+    verdict: Literal["pass", "warn", "fail"]
+    findings: tuple[QcFinding, ...]
+    artefact_classes: tuple[CodedClass, ...]
+    artefact_map: Raster
+    usable_tissue_mm2: float  # tissue minus artefacts
+    tiles_assessed_for_focus: int  # tiles of the finest network with enough tissue to judge focus
+
+    def as_dict(self) -> dict:
+        """Plain JSON-able form (summary, store, status page): verdict, reasons, areas."""
+        return {
+            "verdict": self.verdict,
+            "reasons": [
+                {
+                    "code": f.reason.code_value,
+                    "name": f.reason.name,
+                    "meaning": f.reason.code_meaning,
+                    "area_mm2": round(f.area_mm2, 4),
+                    "severity": f.severity,
+                }
+                for f in self.findings
+            ],
+            "usable_tissue_mm2": round(self.usable_tissue_mm2, 4),
+        }
 
 
 @dataclass(frozen=True)
@@ -107,5 +153,6 @@ class AnalysisResult:
     # What of the source never arrived and was read as glass (not analysed); empty when whole.
     # The SR says so in a coded evaluation, so a partial answer never looks like a whole one.
     source_gaps: tuple[str, ...] = field(default=())
+    qc: QcReport | None = None  # None when QC was switched off
 
 NOT_TISSUE = 255

@@ -322,6 +322,33 @@ def convert_with_wsidicomizer(tiff: Path, spec: SlideSpec, out_dir: Path) -> Con
     return ConvertedSlide(out_dir, files, "wsidicomizer", spec, layout_for(spec))
 
 
+def write_rgb_pyramid_tiff(image: np.ndarray, um_per_px: float, path: Path, levels: int = 4, tile: int = 256) -> Path:
+    """An RGB uint8 image (level 0) as a tiled pyramidal TIFF like ``write_pyramidal_tiff``'s:
+    JPEG tiles (quality 95), resolution tags, each further level halved (PIL's box reduce)."""
+    import tifffile
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(path) as tiff:
+        level = image
+        for index in range(levels):
+            px_per_cm = 10_000.0 / (um_per_px * 2**index)
+            tiff.write(
+                level,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 95},
+                subsampling=(2, 1),
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if index == 0 else 1,
+                metadata=None,
+            )
+            level = np.asarray(Image.fromarray(level).reduce(2))
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # Malformed inputs: each a folder a user might hand to `glio-node analyze`.
 

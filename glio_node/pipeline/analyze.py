@@ -1,12 +1,15 @@
 """Analyse one opened slide with a bundle's networks: the core that ``analyze`` and the worker share.
 
 Top to bottom:
-1. tissue mask on a low-resolution level;
+1. tissue mask on a low-resolution level, and slide QC on the same image (pen, folds, bubbles);
 2. per network: the level to read (nearest its µm/px, or a finer one downsampled), its tile grid
-   on the analysis raster, and the grid cells that hold tissue;
+   on the analysis raster, and the grid cells that hold tissue (classifiers: and no artefact);
 3. one frame plan over all networks' tiles, read frame-aligned in background threads;
-4. batches to each network's runner as tiles arrive; outputs stitched as they come back;
-5. label map masked to tissue; slide-level calls; area fractions.
+4. batches to each network's runner as tiles arrive; outputs stitched as they come back; the
+   finest network's tiles measured for focus on the way (no second read);
+5. label map masked to tissue; out-of-focus tiles added to the artefacts; classifier tiles over
+   artefacts left out of the slide-level calls; QC verdict (a "fail" makes every call
+   indeterminate); area fractions.
 
 Nothing here holds the whole slide: the slide-sized arrays are the label map (1 byte per analysed
 pixel) and, band by band, the tissue mask at that resolution.
@@ -18,20 +21,30 @@ import math
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from glio_node.coding import QC_VERDICTS
 from glio_node.errors import BadInput
 from glio_node.pipeline.frames import FramePlan, LevelGeometry, TileRequest, iter_tiles
 from glio_node.pipeline.levels import LevelInfo, choose_level
+from glio_node.pipeline.qc import (
+    QcThresholds,
+    FOCUS_PARTS,
+    focus_parts,
+    lowres_artefacts,
+    out_of_focus_mask,
+    qc_report,
+    with_blur,
+)
 from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, region_fractions, slide_call
 from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.pipeline.tissue import TISSUE_UM_PER_PX, TissueMask, detect_tissue, resample_mask
 from glio_node.ports import ModelRunner, SlideReader
-from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, Raster
+from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, QcReport, Raster
 
 # A classifier tile is analysed only when at least this fraction of it is tissue: a tile that is
 # mostly glass says little about the tumour's molecular state.
@@ -43,6 +56,7 @@ class AnalysisOptions:
     batch_size: int = 8  # tiles per model call
     decode_threads: int = 2  # frame decoders running ahead of the model
     lookahead: int = 48  # tile requests whose frames are decoded ahead
+    qc: QcThresholds | None = QcThresholds()  # slide QC thresholds ([qc]); None: no QC
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class _Use:
     pending: list = field(default_factory=list)
     inferred: int = 0
     model_seconds: float = 0.0
+    focus: np.ndarray | None = None  # per cell and tile part: variance of the Laplacian (NaN: not judged)
 
     @property
     def raster_mm_per_px(self) -> float:
@@ -99,6 +114,12 @@ def _tissue_level(slide: SlideReader) -> LevelInfo:
 def find_tissue(slide: SlideReader) -> tuple[TissueMask, int]:
     """Tissue mask from the level nearest 8 µm/px, each frame reduced by a power of two that
     divides the frame size (so a single-level slide still gives a small image)."""
+    image, mm_per_px, level = tissue_image(slide)
+    return detect_tissue(image, mm_per_px), level
+
+
+def tissue_image(slide: SlideReader) -> tuple[np.ndarray, float, int]:
+    """The low-resolution RGB image tissue detection and QC look at: (image, mm/px, level)."""
     level = _tissue_level(slide)
     k = 1
     while (
@@ -116,10 +137,17 @@ def find_tissue(slide: SlideReader) -> tuple[TissueMask, int]:
                 frame = np.asarray(Image.fromarray(frame).reduce(k))
             image[fr * fh : (fr + 1) * fh, fc * fw : (fc + 1) * fw] = frame
     image = image[: math.ceil(level.rows / k), : math.ceil(level.cols / k)]
-    return detect_tissue(image, level.mm_per_px * k), level.index
+    return image, level.mm_per_px * k, level.index
 
 
-def _plan_network(network: ModelRunner, slide: SlideReader, tissue: TissueMask, index: int) -> tuple[_Use, list[TileRequest]]:
+def _plan_network(
+    network: ModelRunner,
+    slide: SlideReader,
+    tissue: TissueMask,
+    index: int,
+    artefacts: np.ndarray | None = None,
+    max_artefact: float = 1.0,
+) -> tuple[_Use, list[TileRequest]]:
     level, scale = choose_level(slide.levels, network.um_per_px)
     rows, cols = raster_shape(level.rows, level.cols, scale)
     grid = TileGrid(
@@ -133,6 +161,9 @@ def _plan_network(network: ModelRunner, slide: SlideReader, tissue: TissueMask, 
     use.cells = grid.cells_with_tissue(
         tissue.mask, tissue.mm_per_px, use.raster_mm_per_px, 0.0 if is_seg else CLASSIFIER_MIN_TISSUE
     )
+    if artefacts is not None and not is_seg and artefacts.any():
+        # A classifier tile over a pen mark or a fold would only add noise to the slide call.
+        use.cells &= ~grid.cells_with_tissue(artefacts, tissue.mm_per_px, use.raster_mm_per_px, max_artefact)
     for head in network.heads:
         if head.task == "segmentation":
             use.seg = SegmentationStitcher(grid)
@@ -183,6 +214,32 @@ def _run_batch(use: _Use) -> None:
     use.pending.clear()
 
 
+def _quality(uses: list[_Use], lowres: np.ndarray, tissue: TissueMask, t: QcThresholds) -> QcReport:
+    """The finest network's out-of-focus cells added to the low-resolution artefacts; the
+    classifier cells over the result taken out of the heatmaps (NaN: not analysed)."""
+    focused = [u for u in uses if u.focus is not None]
+    blurred = [out_of_focus_mask(u.focus, u.grid, u.raster_mm_per_px, tissue, t) for u in focused]
+    artefacts = with_blur(lowres, np.logical_or.reduce(blurred) if blurred else None, tissue, t)
+    if artefacts.any():
+        for use in uses:
+            if use.heat:
+                out = use.grid.cells_with_tissue(artefacts > 0, tissue.mm_per_px, use.raster_mm_per_px, t.tile_max_artefact_fraction)
+                for stitcher in use.heat.values():
+                    stitcher.probabilities[out] = np.nan
+    assessed = sum(int((~np.isnan(u.focus)).any(axis=(2, 3)).sum()) for u in focused)
+    return qc_report(artefacts, tissue, t, assessed)
+
+
+def _qc_note(report: QcReport) -> str:
+    reasons = ", ".join(f"{f.reason.code_meaning.lower()} {f.area_mm2:.2f} mm²" for f in report.findings)
+    text = f"Slide QC: {report.verdict}" + (f" ({reasons})" if reasons else "")
+    if report.verdict == "fail":
+        text += "; every slide-level call is indeterminate."
+    elif report.findings:
+        text += "; tiles over artefacts were left out of the slide-level calls."
+    return text
+
+
 def _mask_label_map(label_map: np.ndarray, tissue: TissueMask, mm_per_px: float, band: int | None = None) -> None:
     """``NOT_TISSUE`` outside the tissue mask, resampled band by band (about a megapixel each)."""
     band = band or max(1, (1 << 20) // max(1, label_map.shape[1]))
@@ -202,16 +259,27 @@ def analyze(
     """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to."""
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
-    tissue, tissue_level = find_tissue(slide)
+    image, tissue_mm_per_px, tissue_level = tissue_image(slide)
+    tissue = detect_tissue(image, tissue_mm_per_px)
+    qc = options.qc
+    lowres = lowres_artefacts(image, tissue, qc) if qc is not None else None
     stages["tissue"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     uses: list[_Use] = []
     requests: list[TileRequest] = []
     for i, network in enumerate(networks):
-        use, reqs = _plan_network(network, slide, tissue, i)
+        use, reqs = _plan_network(
+            network, slide, tissue, i, lowres > 0 if lowres is not None else None,
+            qc.tile_max_artefact_fraction if qc is not None else 1.0,
+        )
         uses.append(use)
         requests.extend(reqs)
+    if qc is not None and uses:
+        finest = min(u.raster_mm_per_px for u in uses)
+        for u in uses:
+            if u.raster_mm_per_px <= finest * (1 + 1e-6):
+                u.focus = np.full((u.grid.rows, u.grid.cols, FOCUS_PARTS, FOCUS_PARTS), np.nan, np.float32)
     seg_uses = [u for u in uses if u.seg is not None]
     if len(seg_uses) != 1:
         raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it needs exactly one")
@@ -229,6 +297,8 @@ def analyze(
     reads = _CountingReads(slide)
     for req, tile in iter_tiles(plan, reads, options.decode_threads, options.lookahead):
         use = uses[req.network]
+        if use.focus is not None and qc is not None:
+            use.focus[req.row, req.col] = focus_parts(tile, qc.focus_min_stained_fraction)
         use.pending.append((req, tile))
         if len(use.pending) == batch:
             _run_batch(use)
@@ -249,6 +319,7 @@ def analyze(
     label_map = seg.seg.label_map
     _mask_label_map(label_map, tissue, seg.raster_mm_per_px)
     region_classes = head_classes["segmentation"].classes
+    report = _quality(uses, lowres, tissue, qc) if qc is not None and lowres is not None else None
     heatmaps, calls = [], []
     for use in uses:
         for task, stitcher in use.heat.items():
@@ -257,9 +328,13 @@ def analyze(
                 Heatmap(task=task, classes=head.classes, probabilities=Raster(stitcher.probabilities, use.raster_mm_per_px * use.grid.tile_size))
             )
             calls.append(slide_call(task, head.classes, stitcher.slide_probabilities(), head.indeterminate_below))
+    if report is not None and report.verdict == "fail":
+        calls = [replace(c, call=None, indeterminate_reason=QC_VERDICTS["fail"]) for c in calls]
     notes = []
     if not tissue.mask.any():
         notes.append("No tissue was found on the slide; nothing was analysed.")
+    if report is not None and report.verdict != "pass":
+        notes.append(_qc_note(report))
     result = AnalysisResult(
         algorithm=algorithm,
         region_classes=region_classes,
@@ -269,6 +344,7 @@ def analyze(
         heatmaps=tuple(heatmaps),
         calls=tuple(calls),
         notes=tuple(notes),
+        qc=report,
     )
     stages["stitch"] = time.perf_counter() - t0
     stats = AnalysisStats(

@@ -177,6 +177,8 @@ class Job(Base):
     tiles_done: Mapped[int | None]  # progress of the running attempt (tiles inferred so far)
     tiles_total: Mapped[int | None]  # tiles the running attempt will infer (all networks)
     progress_at: Mapped[datetime | None]  # when tiles_done was last written (ETA, staleness)
+    # Slide QC of the finished analysis (job.JobSummary.qc): verdict, coded reasons with areas.
+    qc: Mapped[dict[str, Any] | None]
 
     series: Mapped[Series] = relationship(back_populates="job")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="job")

@@ -214,8 +214,10 @@ def finish_job(
     bundle: BundleInfo | None = None,
     stage_seconds: dict[str, float] | None = None,
     details: dict[str, Any] | None = None,
+    qc: dict[str, Any] | None = None,
 ) -> bool:
-    """Mark ``owner``'s running job done; audit ``job_finished`` with bundle and stage times.
+    """Mark ``owner``'s running job done; audit ``job_finished`` with bundle and stage times
+    (and the slide-QC verdict ``qc``, stored on the job for the status page).
 
     Returns False (and changes nothing) when ``owner`` no longer holds the lease.
     """
@@ -227,6 +229,7 @@ def finish_job(
         "lease_expires_at": None,
         "last_error": None,
         "stage_seconds": stage_seconds,
+        "qc": qc,
     }
     values.update(_bundle_values(bundle))
     row = _transition(session, job_id, owner, values)
@@ -244,6 +247,7 @@ def finish_job(
             "attempt": job.attempts,
             **_bundle_details(bundle),
             "stage_seconds": stage_seconds or {},
+            **({"qc_verdict": qc["verdict"]} if qc else {}),
             **(details or {}),
         },
     )

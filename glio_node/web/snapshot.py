@@ -66,6 +66,8 @@ class JobRow:
     deliveries: dict[str, int]  # delivery state -> count
     purged: bool
     patient: dict[str, str] | None = None  # only with show_patient_data
+    qc_verdict: str | None = None  # slide QC: "pass", "warn" or "fail"; None: not analysed or QC off
+    qc_reasons: tuple[str, ...] = ()  # e.g. "Pen mark 0.12 mm²", one per coded reason
 
 
 @dataclass(frozen=True)
@@ -192,9 +194,16 @@ def recent_jobs(session: Session, limit: int = RECENT_JOBS) -> list[JobRow]:
             reason=plain_reason(job),
             deliveries=dict(counts[job.id]),
             purged=job.purged_at is not None,
+            qc_verdict=(job.qc or {}).get("verdict"),
+            qc_reasons=qc_reasons(job.qc),
         )
         for job, series_uid, study_uid in rows
     ]
+
+
+def qc_reasons(qc: dict[str, Any] | None) -> tuple[str, ...]:
+    """The stored QC reasons in words: "Pen mark 0.12 mm²" (meaning and area of each code)."""
+    return tuple(f"{r['meaning']} {float(r['area_mm2']):.2f} mm²" for r in (qc or {}).get("reasons", ()))
 
 
 def _shown_state(job: Job, deliveries: Counter[str]) -> str:

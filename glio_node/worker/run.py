@@ -24,6 +24,7 @@ from typing import Any
 
 from glio_node.errors import BadInput, BundleError, PermanentError, TransientError
 from glio_node.job import BundleCache
+from glio_node.pipeline.analyze import AnalysisOptions
 from glio_node.redact import redacted_logger, series_tag, without_uids
 from glio_node.store import audit, deliveries, queue, series
 from glio_node.store.audit import Event
@@ -128,6 +129,7 @@ class JobRunner:
             summary = run(
                 paths, out_dir, self.bundle_dir, device=work.settings.worker.device,
                 bundles=self.bundles, progress=self._progress_writer(job.id),
+                options=AnalysisOptions(qc=work.settings.qc.thresholds()),
                 # The sweep queued this series whole, or incomplete past incomplete_wait_seconds
                 # (with its warning audited): analyse what arrived; the SR says what did not.
                 allow_gaps=True,
@@ -156,6 +158,7 @@ class JobRunner:
                 now,
                 bundle=bundle,
                 stage_seconds={k: round(v, 3) for k, v in summary.stage_seconds.items()},
+                qc=summary.qc,
                 details={
                     "objects": len(objects), "device": summary.device,
                     **({"notes": list(summary.notes)} if summary.notes else {}),

@@ -17,6 +17,9 @@ Decisions:
   (same simplification), but an ANN POLYGON is one simple ring with no holes: a polygon with
   holes is cut by a vertical line through each hole into hole-free pieces that cover exactly
   the same area.  Each annotation carries its area (SCT 42798000 "Area", mm²).
+- **One group per QC artefact kind present** (POLYGON, when slide QC ran): category
+  GLIO-QC "Slide quality control", type the artefact's code (GLIO-QC-BLUR, -PEN, -DARK,
+  -BUBBLE), from ``QcReport.artefact_map`` simplified like the regions, with each piece's Area.
 - **Classifier tiles as POINTs** at each analysed tile's centre, one group per (head, class)
   holding the tiles whose most probable class of that head it is (so Slim colours the points by
   the tile's top class); each point carries the probabilities of every class of its head as
@@ -40,8 +43,8 @@ from pydicom.sr.codedict import codes
 from shapely.geometry import LineString, MultiLineString, MultiPolygon, Polygon
 from shapely.ops import split
 
-from glio_node.coding import display_rgb
-from glio_node.pipeline.polygonise import RegionPolygons
+from glio_node.coding import FALLBACK_DISPLAY_RGB, QC_CONCEPT, QC_DISPLAY_RGB, display_rgb
+from glio_node.pipeline.polygonise import RegionPolygons, polygonise, simplify
 from glio_node.results import AnalysisResult
 from glio_node.writers import common
 from glio_node.writers.common import SourceSlide, WrittenObject
@@ -85,6 +88,31 @@ def write_ann(
                 measurements=[hd.ann.Measurements(AREA, areas, SQUARE_MM)],
                 description=f"{region.code_meaning}: region polygons of {algorithm.name}"[:1024],
                 display_color=hd.color.CIELabColor.from_rgb(*display_rgb(region)),
+            )
+        )
+    qc = result.qc
+    for value, artefact in enumerate(qc.artefact_classes if qc is not None else (), start=1):
+        raster = qc.artefact_map
+        mask = raster.array == value
+        pieces = hole_free_pieces(simplify(polygonise(mask), regions.tolerance_px)) if mask.any() else []
+        if not pieces:
+            continue
+        groups.append(
+            hd.ann.AnnotationGroup(
+                number=len(groups) + 1,
+                uid=uid("group", "qc", artefact.name),
+                label=f"QC: {artefact.code_meaning}"[:64],
+                annotated_property_category=common.coded(QC_CONCEPT),
+                annotated_property_type=common.coded(artefact),
+                graphic_type=hd.ann.GraphicTypeValues.POLYGON,
+                graphic_data=[to_slide(np.asarray(p.exterior.coords)[:-1] * raster.mm_per_px) for p in pieces],
+                algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm_id,
+                measurements=[
+                    hd.ann.Measurements(AREA, np.array([p.area for p in pieces]) * raster.mm_per_px**2, SQUARE_MM)
+                ],
+                description=f"{artefact.code_meaning}: slide QC found it; tiles over it were not used for the slide calls"[:1024],
+                display_color=hd.color.CIELabColor.from_rgb(*QC_DISPLAY_RGB.get(artefact.name, FALLBACK_DISPLAY_RGB)),
             )
         )
     for heatmap in result.heatmaps:

@@ -13,12 +13,17 @@ beside the DICOM objects, from the same label map and heatmaps:
   Code Meaning (QuPath's class name) and its display colour, the SEG's recommended display
   colour (``glio_node.coding.REGION_DISPLAY_RGB``).  Each carries its area in mm² and fraction of
   tissue as ``measurements``.
+- **QC artefacts** (annotations too, when slide QC ran and found any): one (multi)polygon per
+  artefact kind of ``QcReport.artefact_map`` (out of focus, pen mark, fold or debris, air
+  bubble), named "QC: <Code Meaning>", with its area in mm²; the tiles under them were left out
+  of the slide calls.
 - **Detections** (``objectType: "detection"``): one square per analysed classifier tile (the
   heatmap cells, no-tissue tiles left out), its per-class probabilities as ``measurements``
   named ``"<Code Meaning> probability"``; heads that share a tile grid share the detection.
 - **Collection properties**: the slide calls with their probabilities and thresholds, the bundle
   (name, version, SHA-256, intended use), "AI-generated, research use only" (and the DEMO notice
-  for a synthetic-data bundle), the source's Study/Series Instance UIDs (to match the file to its
+  for a synthetic-data bundle), the slide QC verdict with its coded reasons and areas
+  (``slide_qc``, ``QcReport.as_dict``; null with QC off), the source's Study/Series Instance UIDs (to match the file to its
   slide), the coordinate convention and the simplification tolerance.  QuPath ignores them on
   import; scripts and the vendor integrations read them.
 
@@ -40,9 +45,9 @@ from pydicom import Dataset
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from glio_node import __version__
-from glio_node.coding import TISSUE_DISPLAY_RGB, display_rgb
+from glio_node.coding import FALLBACK_DISPLAY_RGB, QC_DISPLAY_RGB, TISSUE_DISPLAY_RGB, display_rgb
 from glio_node.errors import BadInput
-from glio_node.pipeline.polygonise import RegionPolygons
+from glio_node.pipeline.polygonise import RegionPolygons, polygonise, simplify
 from glio_node.results import AnalysisResult, Heatmap
 from glio_node.writers.common import AI_NOTICE, DEMO_NOTICE
 
@@ -116,6 +121,7 @@ def geojson_collection(
                 },
             )
         )
+    features.extend(_qc_annotations(result, base, regions.tolerance_px))
     for group in _tile_groups(result.heatmaps):
         features.extend(_detections(group, base))
     return {
@@ -188,6 +194,30 @@ def _annotation(
     }
 
 
+def _qc_annotations(result: AnalysisResult, base: PixelMatrix, tolerance_px: float) -> list[dict[str, Any]]:
+    """The QC artefact regions (module docstring), from the artefact map at its own spacing."""
+    qc = result.qc
+    if qc is None:
+        return []
+    raster = qc.artefact_map
+    sx, sy = raster.mm_per_px / base.column_spacing_mm, raster.mm_per_px / base.row_spacing_mm
+    features = []
+    for value, artefact in enumerate(qc.artefact_classes, start=1):
+        mask = raster.array == value
+        if not mask.any():
+            continue
+        polygons = simplify(polygonise(mask), tolerance_px)
+        features.append(
+            _annotation(
+                f"QC: {artefact.code_meaning}",
+                QC_DISPLAY_RGB.get(artefact.name, FALLBACK_DISPLAY_RGB),
+                _scaled(polygons, sx, sy),
+                {"Area mm^2": float(mask.sum()) * raster.mm_per_px**2},
+            )
+        )
+    return features
+
+
 def _tile_groups(heatmaps: tuple[Heatmap, ...]) -> list[list[Heatmap]]:
     """Heatmaps on the same tile grid (same shape and cell size): one detection per tile."""
     groups: dict[tuple, list[Heatmap]] = {}
@@ -258,6 +288,7 @@ def _collection_properties(
             "intended_use": " ".join(algorithm.intended_use.split()),
         },
         "slide_calls": calls,
+        "slide_qc": result.qc.as_dict() if result.qc is not None else None,
         "tissue_area_mm2": result.tissue_area_mm2,
         "study_instance_uid": study_instance_uid,
         "series_instance_uid": series_instance_uid,

@@ -12,9 +12,15 @@ DCM 123110 "Artificial Intelligence", with the bundle's SHA-256 and intended use
 - TID 1411 group per region class: finding type = the class concept, referenced segment = that
   class's segment in the full-resolution SEG instance (level 0) with the slide level as its
   source; measurements: area fraction of tissue (99GLIO AREAFRAC) in %, and Area in mm2.
+- TID 1501 group "slide QC" (when QC ran): finding type (GLIO-QC, 99GLIO, "Slide quality
+  control"); qualitative evaluations: GLIO-QC = the verdict (GLIO-QC-PASS / -WARN / -FAIL), and
+  one GLIO-QC-REASON per finding (the artefact or slide-wide problem); measurement Area (mm2) of
+  the usable tissue (tissue minus artefacts).  Then one TID 1501 group per finding: finding type
+  = its concept (GLIO-QC-BLUR, -PEN, -DARK, -BUBBLE, -LOWTISS, -EXTENT), measurement Area in mm2.
 - TID 1501 group per slide-level call (subtype, MGMT, EGFR): finding type = the head's concept;
   qualitative evaluation head-concept = the called class, or (82334004, SCT, "Indeterminate")
-  when the top probability is below the head's threshold; measurement "Decision threshold"
+  when the top probability is below the head's threshold or the slide failed QC (then a second
+  evaluation GLIO-INDREASON = GLIO-QC-FAIL says so); measurement "Decision threshold"
   (99GLIO THRESHOLD, unit 1); source image = the slide level.
 - TID 1501 group per class probability of each call: finding type = the class concept;
   measurement (122157, DCM, "Probability"), unit (1, UCUM, "no units"), with the class's heatmap
@@ -32,6 +38,7 @@ GLIO-EGFR      EGFR amplification status (head concept)
 GLIO-REGIONS   Glioblastoma histological region (head concept)
 AREAFRAC       Area fraction of tissue
 THRESHOLD      Decision threshold
+GLIO-QC...     slide QC: verdict, reasons, indeterminate reason (glio_node.coding QC_*)
 =============  ==================================================
 
 Class concepts (region classes, subtypes, MGMT/EGFR classes) come from the bundle's manifest
@@ -47,7 +54,8 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from glio_node.results import AnalysisResult, SlideCall, Task
+from glio_node.coding import INDETERMINATE_REASON, QC_CONCEPT, QC_REASON, QC_VERDICTS
+from glio_node.results import AnalysisResult, QcReport, SlideCall, Task
 from glio_node.writers import common
 from glio_node.writers.common import SourceSlide, WrittenObject
 
@@ -131,6 +139,8 @@ def write_sr(
                 source_images=[slide_level],
             )
         )
+    if result.qc is not None:
+        groups.extend(_qc_groups(result.qc, algorithm_id, slide_level, tracking))
     seg0 = seg_levels[0]
     for index, region in enumerate(result.region_classes):
         fraction = float(result.region_area_fraction.get(region.name, 0.0))
@@ -234,12 +244,19 @@ def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking)
         )
     head = HEAD_CONCEPTS[call.task]
     value = INDETERMINATE if call.call is None else common.coded(call.call)
+    evaluations = [hd.sr.QualitativeEvaluation(name=head, value=value)]
+    if call.call is None and call.indeterminate_reason is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=common.coded(INDETERMINATE_REASON), value=common.coded(call.indeterminate_reason)
+            )
+        )
     groups = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(call.task, "call"),
             finding_type=head,
             algorithm_id=algorithm_id,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=head, value=value)],
+            qualitative_evaluations=evaluations,
             measurements=[
                 hd.sr.Measurement(name=THRESHOLD, value=float(call.threshold), unit=UNIT_NONE)
             ],
@@ -264,6 +281,38 @@ def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking)
                         referenced_images=referenced,
                     )
                 ],
+                source_images=[slide_level],
+            )
+        )
+    return groups
+
+
+def _qc_groups(qc: QcReport, algorithm_id, slide_level, tracking) -> list:
+    """The verdict with its reasons, then each finding's area (module docstring)."""
+    concept = common.coded(QC_CONCEPT)
+    groups = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking("qc", "verdict"),
+            finding_type=concept,
+            algorithm_id=algorithm_id,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(name=concept, value=common.coded(QC_VERDICTS[qc.verdict])),
+                *(
+                    hd.sr.QualitativeEvaluation(name=common.coded(QC_REASON), value=common.coded(f.reason))
+                    for f in qc.findings
+                ),
+            ],
+            measurements=[hd.sr.Measurement(name=AREA, value=float(qc.usable_tissue_mm2), unit=UNIT_MM2)],
+            source_images=[slide_level],
+        )
+    ]
+    for finding in qc.findings:
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking("qc", finding.reason.name),
+                finding_type=common.coded(finding.reason),
+                algorithm_id=algorithm_id,
+                measurements=[hd.sr.Measurement(name=AREA, value=float(finding.area_mm2), unit=UNIT_MM2)],
                 source_images=[slide_level],
             )
         )

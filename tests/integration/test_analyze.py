@@ -87,6 +87,16 @@ def test_analyze_writes_seg_sr_heatmaps_and_ann_that_validate_and_a_qupath_geojs
     for net in stats["networks"]:
         assert net["tiles_inferred"] == net["tiles_with_tissue"] > 0
     assert summary["calls"] == {"subtype": "Mesenchymal subtype", "mgmt": "MGMT promoter methylated", "egfr": "EGFR not amplified"}
+    # A clean synthetic slide passes slide QC; the verdict is in the summary and the SR.
+    assert summary["qc"]["verdict"] == "pass" and summary["qc"]["reasons"] == []
+    sr = hd.sr.srread(next(f for f in files if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR"))
+    verdicts = [
+        e.value.value
+        for g in sr.content.get_image_measurement_groups()
+        for e in g.get_qualitative_evaluations()
+        if e.name.value == "GLIO-QC"
+    ]
+    assert verdicts == ["GLIO-QC-PASS"]
 
 
 def test_the_demo_model_finds_the_painted_regions_and_labels(slide_cache, demo):
@@ -200,3 +210,18 @@ def test_asking_for_a_gpu_where_there_is_none_is_refused(slide_cache, tmp_path, 
     code = main(["analyze", *map(str, slide.files), "--out", str(tmp_path), "--models", str(DEMO), "--device", "gpu"])
     assert code == 2
     assert "sees no GPU" in capsys.readouterr().err
+
+
+def test_analyze_takes_qc_thresholds_from_the_config_and_can_skip_qc(slide_cache, tmp_path, capsys):
+    slide = slide_cache.slide(SLIDE)
+    config = tmp_path / "node.toml"
+    config.write_text("[qc]\nmin_tissue_mm2 = 100\n")  # more tissue than any slide here has
+    base = ["analyze", str(slide.files[0].parent), "--models", str(DEMO), "--device", "cpu", "--json"]
+    assert main([*base, "--out", str(tmp_path / "strict"), "--config", str(config)]) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert strict["qc"]["verdict"] == "fail"
+    assert [r["code"] for r in strict["qc"]["reasons"]] == ["GLIO-QC-LOWTISS"]
+    assert set(strict["calls"].values()) == {"indeterminate"}
+    assert main([*base, "--out", str(tmp_path / "off"), "--no-qc"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert off["qc"] is None and "indeterminate" not in off["calls"].values()

@@ -108,7 +108,8 @@ def test_a_confident_classifier_makes_the_call():
     image, _ = tissue_image()
     image[image[..., 0] < 245] = 20  # dark tissue: P(second class) = mean/255 is low in tissue tiles
     slide = FakeSlide(image, MM_PER_PX)
-    result, *_ = _run(slide, FakeSegmenter(), FakeClassifier(indeterminate_below=0.55))
+    # QC off: flat near-black "tissue" is dark debris to QC, and 0.02 mm² is too little tissue.
+    result, *_ = _run(slide, FakeSegmenter(), FakeClassifier(indeterminate_below=0.55), qc=None)
     (call,) = result.calls
     assert call.call == FakeClassifier().classes[0] and call.probabilities[0] > 0.55
 
@@ -162,7 +163,11 @@ def test_a_slide_of_glass_is_analysed_to_nothing_and_says_so():
     slide = FakeSlide(np.full((256, 384, 3), 245, np.uint8), MM_PER_PX)
     result, stats, _, (seg, cls) = _run(slide)
 
-    assert result.notes == ("No tissue was found on the slide; nothing was analysed.",)
+    assert result.notes == (
+        "No tissue was found on the slide; nothing was analysed.",
+        "Slide QC: fail (too little tissue 0.00 mm²); every slide-level call is indeterminate.",
+    )
+    assert result.qc.verdict == "fail" and result.qc.findings[0].reason.name == "too_little_tissue"
     assert (result.label_map.array == NOT_TISSUE).all()
     assert seg.calls == [] and cls.calls == [] and stats.frames_decoded == 0
     assert result.calls[0].call is None and all(math.isnan(p) for p in result.calls[0].probabilities)

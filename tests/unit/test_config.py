@@ -43,7 +43,7 @@ def test_example_config_sets_every_key():
 
     raw = tomllib.loads(EXAMPLE.read_text())
     s = Settings()
-    for section in ("node", "storage", "series", "models", "status", "worker", "geojson"):
+    for section in ("node", "storage", "series", "models", "status", "worker", "geojson", "qc"):
         names = {f.name for f in fields(getattr(s, section))}
         assert set(raw[section]) == names, section
     assert set(raw["destinations"][0]) == {f.name for f in fields(Destination)}
@@ -54,7 +54,7 @@ def test_docs_name_every_key_and_variable():
 
     doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     s = Settings()
-    for section in ("node", "storage", "series", "models", "status", "worker", "geojson"):
+    for section in ("node", "storage", "series", "models", "status", "worker", "geojson", "qc"):
         for f in fields(getattr(s, section)):
             assert f"GLIO_{section.upper()}_{f.name.upper()}" in doc
     assert "GLIO_DESTINATIONS_0_HOST" in doc
