@@ -41,6 +41,7 @@ class JobSummary:
     objects: tuple[WrittenObject, ...] = ()  # what was written, with its UIDs: nothing re-reads the files
     notes: tuple[str, ...] = ()
     geojson: str | None = None  # the QuPath GeoJSON of the same run (not a DICOM object)
+    calibration: dict[str, dict] = field(default_factory=dict)  # task -> {"calibrated": bool, "temperature": T (1.0 if not)}
 
     @property
     def bundle(self) -> str:
@@ -58,6 +59,11 @@ def _calls(result: AnalysisResult) -> tuple[dict[str, str], dict[str, dict[str, 
     calls = {c.task: (c.call.code_meaning if c.call else "indeterminate") for c in result.calls}
     probs = {c.task: {k.name: p for k, p in zip(c.classes, c.probabilities)} for c in result.calls}
     return calls, probs
+
+
+def _calibration(result: AnalysisResult) -> dict[str, dict]:
+    """Per call: whether its probabilities were temperature-scaled, and the temperature applied."""
+    return {c.task: {"calibrated": c.calibrated, "temperature": c.temperature if c.calibrated else 1.0} for c in result.calls}
 
 
 class BundleCache:
@@ -207,4 +213,5 @@ def run_job(
         objects=written.objects,
         notes=result.notes,
         geojson=str(geojson),
+        calibration=_calibration(result),
     )

@@ -76,6 +76,12 @@ class SlideCall:
     probabilities: tuple[float, ...]  # slide-level probability per class, same order as classes
     threshold: float
     call: CodedClass | None
+    temperature: float | None = None  # the temperature that calibrated ``probabilities``; None: not calibrated
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether ``probabilities`` were temperature-scaled (the bundle's head had a fitted temperature)."""
+        return self.temperature is not None
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,7 @@ class FakeHead:
     task: str
     classes: tuple[CodedClass, ...]
     indeterminate_below: float = 0.5
+    temperature: float | None = None  # None: not calibrated
 
 
 def red_bins(pixels: np.ndarray, n_classes: int) -> np.ndarray:

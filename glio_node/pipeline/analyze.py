@@ -254,7 +254,9 @@ def analyze(
             heatmaps.append(
                 Heatmap(task=task, classes=head.classes, probabilities=Raster(stitcher.probabilities, use.raster_mm_per_px * use.grid.tile_size))
             )
-            calls.append(slide_call(task, head.classes, stitcher.slide_probabilities(), head.indeterminate_below))
+            calls.append(
+                slide_call(task, head.classes, stitcher.slide_probabilities(), head.indeterminate_below, head.temperature)
+            )
     notes = []
     if not tissue.mask.any():
         notes.append("No tissue was found on the slide; nothing was analysed.")
