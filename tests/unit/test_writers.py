@@ -588,6 +588,8 @@ def test_the_geojson_counts_level0_pixels_and_carries_tiles_calls_and_notices(tm
                                "intended_use": DEMO.intended_use}
     assert props["slide_calls"]["mgmt"]["call"] == "indeterminate"
     assert props["slide_calls"]["subtype"]["probabilities"]["Mesenchymal"] == pytest.approx(0.6)
+    assert (props["slide_calls"]["subtype"]["calibrated"], props["slide_calls"]["subtype"]["temperature"]) == (True, 1.7)
+    assert (props["slide_calls"]["mgmt"]["calibrated"], props["slide_calls"]["mgmt"]["temperature"]) == (False, 1.0)
 
 
 def test_a_base_level_without_spacing_cannot_give_qupath_coordinates():
