@@ -648,6 +648,7 @@ def calibration_report(cal: CalibrationConfig, chosen: dict[str, dict], validati
         t, th = c["temperature"], c["threshold"]
         entry = {
             "temperature": t,
+            "temperature_at_bound": bool(math.isclose(t, cal.temperature_min, rel_tol=1e-3) or math.isclose(t, cal.temperature_max, rel_tol=1e-3)),
             "threshold": {"value": th.threshold, "chosen_on": "validation", "target_met": th.target_met},
         }
         for name, set_metrics in (("validation", validation), ("test", test)):
@@ -909,7 +910,8 @@ def _card_calibration(metrics: dict) -> list[str]:
             f"selective accuracy >= {cal['target_accuracy']} while at least {cal['min_coverage']:.0%} of them are called "
             "(when none does, the most accurate threshold keeping that coverage, marked \"no\" under target met). "
             f"ECE: top-label expected calibration error, {cal['ece']['bins']} equal-width bins. Test figures were computed once, "
-            "after T and the threshold were chosen; with few validation slides both are rough."
+            "after T and the threshold were chosen; with few validation slides both are rough, and a T marked (bound) stopped at "
+            "the search's bound (separable or wholly wrong validation slides): treat its probabilities with care."
         ),
         "",
         "| head | T | threshold | target met | val slides | val ECE before -> after | val coverage / sel. acc. | test ECE before -> after | test coverage / sel. acc. |",
@@ -919,7 +921,7 @@ def _card_calibration(metrics: dict) -> list[str]:
         c = cal[t]
         v, te = c.get("validation", {}), c.get("test", {})
         lines.append(
-            f"| {t} | {c['temperature']:.3f} | {c['threshold']['value']:.3f} | {'yes' if c['threshold']['target_met'] else 'no'} | "
+            f"| {t} | {c['temperature']:.3f}{' (bound)' if c.get('temperature_at_bound') else ''} | {c['threshold']['value']:.3f} | {'yes' if c['threshold']['target_met'] else 'no'} | "
             f"{v.get('slides', 0)} | {f(v, 'ece_before')} -> {f(v, 'ece_after')} | {f(v, 'coverage')} / {f(v, 'selective_accuracy')} | "
             f"{f(te, 'ece_before')} -> {f(te, 'ece_after')} | {f(te, 'coverage')} / {f(te, 'selective_accuracy')} |"
         )

@@ -103,6 +103,7 @@ def _check_calibration(run_dir, tmp_path, metrics, manifest, card, summary):
         c = cal[task]
         assert c["threshold"]["chosen_on"] == "validation" and c["validation"]["slides"] == 1 and c["test"]["slides"] == 2
         assert 0.1 <= c["temperature"] <= 10.0
+        assert c["temperature_at_bound"] and c["temperature"] in (pytest.approx(0.1), pytest.approx(10.0)), "one validation slide: its NLL is monotone in T"
         assert heads[task].temperature == pytest.approx(c["temperature"]) == pytest.approx(v[f"val_{task}_temperature"])
         assert heads[task].indeterminate_below == pytest.approx(c["threshold"]["value"]) == pytest.approx(v[f"val_{task}_indeterminate_below"])
         assert {f"val_{task}_ece_before", f"val_{task}_ece_after", f"test_{task}_ece_before", f"test_{task}_ece_after", f"test_{task}_coverage"} <= set(v)
