@@ -177,6 +177,7 @@ class HeadSpec:
     activation: str = "softmax"  # one of ACTIVATIONS
     indeterminate_below: float = 0.0  # classifier heads: the slide call is indeterminate below this top probability
     output: TensorSpec | None = None  # format 2, ONNX networks: the graph output that carries this head
+    temperature: float | None = None  # format 2, classifier heads: fitted temperature; None (absent): 1.0, not calibrated
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -205,6 +206,12 @@ class HeadSpec:
                 "set it to 0.0 for segmentation"
             )
         object.__setattr__(self, "indeterminate_below", float(self.indeterminate_below))
+        if self.temperature is not None:
+            if not _is_number(self.temperature) or not 0.0 < self.temperature < math.inf:
+                raise BundleError(f"{where}: temperature {self.temperature!r} must be a finite number greater than 0")
+            if self.task == "segmentation":
+                raise BundleError(f"{where}: temperature {self.temperature} applies to classifier heads only; leave it out")
+            object.__setattr__(self, "temperature", float(self.temperature))
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -393,6 +400,11 @@ class Manifest:
                         f"network {n.name!r}: format 1 holds keras tile networks without origin only; "
                         "write the manifest as format 2"
                     )
+                if any(h.temperature is not None for h in n.heads):
+                    raise BundleError(
+                        f"network {n.name!r}: format 1 heads have no temperature (read as 1.0); "
+                        "write the manifest as format 2"
+                    )
         files = [f for n in self.networks for f in n.files]
         for kind, values in (("name", [n.name for n in self.networks]), ("file", files)):
             if len(set(values)) != len(values):
@@ -492,7 +504,7 @@ def network_from_toml(
     heads = []
     for j, h in enumerate(_list_of_tables(n, "heads", where), start=1):
         hwhere = f"{where} ({n['name']!r}) [[networks.heads]] #{j}"
-        _take(h, hwhere, ("task", "activation", "classes"), ("indeterminate_below",) + (("output",) if fmt >= 2 else ()))
+        _take(h, hwhere, ("task", "activation", "classes"), ("indeterminate_below",) + (("output", "temperature") if fmt >= 2 else ()))
         classes = []
         for k, c in enumerate(_list_of_tables(h, "classes", hwhere), start=1):
             _take(
@@ -508,6 +520,7 @@ def network_from_toml(
                 activation=h["activation"],
                 indeterminate_below=h.get("indeterminate_below", 0.0),
                 output=_tensor_from_toml(h["output"], f"{hwhere} output") if "output" in h else None,
+                temperature=h.get("temperature"),
             )
         )
     origin = None
@@ -861,6 +874,8 @@ def _network_to_toml(n: NetworkSpec, fmt: int) -> dict[str, Any]:
     heads = []
     for h in n.heads:
         head: dict[str, Any] = {"task": h.task, "activation": h.activation, "indeterminate_below": h.indeterminate_below}
+        if h.temperature is not None:  # Manifest allows it in format 2 only
+            head["temperature"] = h.temperature
         if h.output is not None:
             head["output"] = _tensor_to_toml(h.output)
         head["classes"] = [_class_to_toml(c) for c in h.classes]

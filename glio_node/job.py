@@ -44,6 +44,7 @@ class JobSummary:
     # Slide QC: {"verdict": "pass"|"warn"|"fail", "reasons": [{code, name, meaning, area_mm2,
     # severity}], "usable_tissue_mm2"}; None when QC was off.  Stored with the job (status page).
     qc: dict | None = None
+    calibration: dict[str, dict] = field(default_factory=dict)  # task -> {"calibrated": bool, "temperature": T (1.0 if not)}
 
     @property
     def bundle(self) -> str:
@@ -61,6 +62,11 @@ def _calls(result: AnalysisResult) -> tuple[dict[str, str], dict[str, dict[str, 
     calls = {c.task: (c.call.code_meaning if c.call else "indeterminate") for c in result.calls}
     probs = {c.task: {k.name: p for k, p in zip(c.classes, c.probabilities)} for c in result.calls}
     return calls, probs
+
+
+def _calibration(result: AnalysisResult) -> dict[str, dict]:
+    """Per call: whether its probabilities were temperature-scaled, and the temperature applied."""
+    return {c.task: {"calibrated": c.calibrated, "temperature": c.temperature if c.calibrated else 1.0} for c in result.calls}
 
 
 class BundleCache:
@@ -227,4 +233,5 @@ def run_job(
         notes=result.notes,
         geojson=str(geojson),
         qc=result.qc.as_dict() if result.qc is not None else None,
+        calibration=_calibration(result),
     )

@@ -70,7 +70,8 @@ class Head(Protocol):
 
     task: str  # "segmentation" or a classifier task (e.g. "subtype")
     classes: tuple[CodedClass, ...]
-    indeterminate_below: float  # a slide call below this probability is "indeterminate"
+    indeterminate_below: float  # a slide call below this (calibrated) probability is "indeterminate"
+    temperature: float | None  # temperature scaling fitted on validation slides; None: not calibrated
 
 
 @runtime_checkable

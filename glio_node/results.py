@@ -79,6 +79,12 @@ class SlideCall:
     call: CodedClass | None
     # Why the call is indeterminate when it is not the threshold: the slide failed QC.
     indeterminate_reason: CodedClass | None = None
+    temperature: float | None = None  # the temperature that calibrated ``probabilities``; None: not calibrated
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether ``probabilities`` were temperature-scaled (the bundle's head had a fitted temperature)."""
+        return self.temperature is not None
 
 
 @dataclass(frozen=True)

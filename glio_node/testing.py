@@ -160,6 +160,7 @@ class FakeHead:
     task: str
     classes: tuple[CodedClass, ...]
     indeterminate_below: float = 0.5
+    temperature: float | None = None  # None: not calibrated
 
 
 def red_bins(pixels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -207,11 +208,12 @@ class FakeClassifier:
     indeterminate_below: float = 0.6
     batch_size: int = 8
     calls: list[int] = field(default_factory=list)
+    temperature: float | None = None  # the head's calibration; None: not calibrated
 
     def __post_init__(self) -> None:
         if len(self.classes) != 2:
             raise ValueError(f"FakeClassifier has two classes, got {len(self.classes)}")
-        self.heads = (FakeHead(self.task, self.classes, self.indeterminate_below),)
+        self.heads = (FakeHead(self.task, self.classes, self.indeterminate_below, self.temperature),)
 
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         _check_batch(self, tiles)

@@ -66,6 +66,16 @@ def _train(args: argparse.Namespace) -> int:
             print(f"{task}: pixel accuracy {_with_ci(m['accuracy'], ci['accuracy'])}, mean Dice {_with_ci(m['mean_dice'], ci['mean_dice'])}, MCC {_with_ci(m['mcc'], ci['mcc'])}")
         else:
             print(f"{task}: tile accuracy {_with_ci(m['tile']['accuracy'], m['tile']['ci']['accuracy'])}, slide accuracy {_with_ci(m['slide']['accuracy'], m['slide']['ci']['accuracy'])}")
+    calibration = metrics.get("calibration", {})
+    for task, c in calibration.items():
+        if not isinstance(c, dict) or "temperature" not in c:
+            continue
+        te = c.get("test", {})
+        print(
+            f"{task}: temperature {c['temperature']:.3f} and threshold {c['threshold']['value']:.3f} chosen on validation; "
+            f"test ECE {te.get('ece_before', float('nan')):.3f} -> {te.get('ece_after', float('nan')):.3f}, "
+            f"coverage {te.get('coverage', float('nan')):.2f}"
+        )
     return 0
 
 

@@ -60,3 +60,58 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], title: str, out: Path
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_reliability(curves: Mapping[str, Mapping[str, Sequence[float]]], title: str, out: Path) -> Path:
+    """Reliability diagram: per curve (e.g. "validation, before"), each non-empty bin's mean top
+    probability against its accuracy, marker area by slide count; the diagonal is perfect calibration.
+    A curve is ``{"counts", "confidence", "accuracy"}`` as training.calibration.Reliability holds them."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=1, label="perfectly calibrated")
+    for name, curve in curves.items():
+        counts = np.asarray(curve["counts"], dtype=float)
+        seen = counts > 0
+        conf = np.asarray(curve["confidence"], dtype=float)[seen]
+        acc = np.asarray(curve["accuracy"], dtype=float)[seen]
+        ax.plot(conf, acc, marker="o", linestyle="--" if "before" in name else "-", label=f"{name} ({int(counts.sum())} slides)")
+        ax.scatter(conf, acc, s=12 + 40 * counts[seen] / max(counts.max(), 1), alpha=0.4)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("mean top-class probability (bin)")
+    ax.set_ylabel("accuracy (bin)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_coverage_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], threshold: float, title: str, out: Path) -> Path:
+    """Selective accuracy against coverage as the threshold rises, one line per set (``{"coverage",
+    "selective_accuracy"}``); the chosen threshold's point on each set is marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.0), dpi=100)
+    for name, curve in curves.items():
+        cov = np.asarray(curve["coverage"], dtype=float)
+        acc = np.asarray(curve["selective_accuracy"], dtype=float)
+        order = np.argsort(cov, kind="stable")
+        ax.plot(cov[order], acc[order], marker="o", markersize=4, label=name)
+        th = np.asarray(curve["threshold"], dtype=float)
+        at = th >= threshold
+        if at.any():
+            i = int(np.argmax(at))
+            ax.scatter([cov[i]], [acc[i]], s=60, marker="x", color="black")
+    ax.set_xlim(-0.02, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("coverage (fraction of slides called)")
+    ax.set_ylabel("selective accuracy (of those called)")
+    ax.set_title(f"{title}; x: threshold {threshold:.2f}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

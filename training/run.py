@@ -34,7 +34,9 @@ import numpy as np
 from glio_node import coding
 from glio_node.bundle import HeadSpec, Manifest, NetworkSpec, normalize, write_bundle
 from training.augment import Augmentation, make_dataset
+from glio_node.pipeline.calibration import calibrate
 from training.bootstrap import classification_intervals, confusion_intervals
+from training.calibration import choose_threshold, coverage_accuracy, fit_temperature, reliability
 from training.dataset import LABEL_VALUES, REGION_NAMES, load_dataset
 from training.errors import ConfigError
 from training.losses import categorical_crossentropy, get_loss
@@ -79,6 +81,27 @@ class NetConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """``[calibration]``: what is chosen on the validation slides for each classifier head (docs/training.md)."""
+
+    enabled: bool = True  # false: no temperature, the fixed INDETERMINATE_BELOW thresholds
+    temperature_min: float = 0.5  # bounds of the 1-D temperature search (0.5: at most a square of the odds)
+    temperature_max: float = 10.0
+    target_accuracy: float = 0.9  # the indeterminate threshold: lowest giving this selective accuracy ...
+    min_coverage: float = 0.5  # ... while calling at least this fraction of the validation slides
+    ece_bins: int = 10  # equal-width top-label bins of the expected calibration error
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.temperature_min < self.temperature_max:
+            raise ConfigError(f"calibration: temperature_min {self.temperature_min} and temperature_max {self.temperature_max} must satisfy 0 < min < max")
+        for name in ("target_accuracy", "min_coverage"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"calibration.{name} {getattr(self, name)} must be in [0, 1]")
+        if not isinstance(self.ece_bins, int) or self.ece_bins < 1:
+            raise ConfigError(f"calibration.ece_bins {self.ece_bins!r} must be a whole number >= 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One run, read from a TOML file (training/configs/*.toml; docs/training.md lists the keys)."""
 
@@ -101,6 +124,7 @@ class RunConfig:
     test_fraction: float = 0.2  # fixed split: this fraction of the patients is the test set
     stratify: str = "subtype"  # every class of this task in every set; "none" for datasets too small for that
     synthetic: SyntheticParameters | None = None  # write the dataset with these when it is missing
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
@@ -145,6 +169,7 @@ class RunConfig:
                 test_fraction=float(split.get("test_fraction", 0.2)),
                 stratify=str(split.get("stratify", "subtype")),
                 synthetic=SyntheticParameters.from_table(data["synthetic"]) if "synthetic" in data else None,
+                calibration=CalibrationConfig(**data.get("calibration", {})),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"run config {path}: {exc}; see docs/training.md for the keys") from exc
@@ -485,13 +510,18 @@ def train_split(cfg: RunConfig, records, split: Split, tiles: _Tiles, run_dir: P
         clf = build_classifier(cl.tile_size, heads, base_filters=cl.base_filters, blocks=cl.depth, name="molecular", bn_momentum=cl.bn_momentum)
         clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss=losses)
         clf.fit(**fit, epochs=cl.epochs, callbacks=callbacks)
+    validation = score_set(cfg, unet, clf, split.validation, tiles, by_id)
+    chosen = choose_calibration(cfg.calibration, validation)  # validation only: the test set is not scored yet
+    test = score_set(cfg, unet, clf, split.test, tiles, by_id)
     metrics = {
         "sets": _set_sizes(split, by_id),
-        "validation": score_set(cfg, unet, clf, split.validation, tiles, by_id),
-        "test": score_set(cfg, unet, clf, split.test, tiles, by_id),
+        "validation": validation,
+        "test": test,
+        "calibration": calibration_report(cfg.calibration, chosen, validation, test),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     _write_confusion_csvs(run_dir, metrics["test"])
+    _write_calibration_plots(run_dir, metrics["calibration"])
     return FoldResult(metrics, unet, clf)
 
 
@@ -552,6 +582,80 @@ def score_set(cfg: RunConfig, unet, clf, slide_ids: tuple[str, ...], tiles: _Til
             [by_id[s].patient_id for s in scored], classes, seed=cfg.seed,
         )
         out[task] = {"tile": tile, "slide": slide}
+    return out
+
+
+def _slide_arrays(set_metrics: dict, task: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """One set's slide-level mean probabilities (n, C) and truth (n,) of ``task``, or None."""
+    slides = set_metrics.get(task, {}).get("slide", {}).get("slides", {})
+    if not slides:
+        return None
+    ids = sorted(slides)
+    return np.array([slides[i]["probabilities"] for i in ids], dtype=np.float64), np.array([slides[i]["truth"] for i in ids])
+
+
+def choose_calibration(cal: CalibrationConfig, validation: dict) -> dict[str, dict]:
+    """Per classifier head with validation slides: the temperature fitted on them and the
+    indeterminate threshold chosen on their calibrated probabilities.  Sees the validation set only."""
+    if not cal.enabled:
+        return {}
+    chosen = {}
+    for task in CLS_TASKS:
+        arrays = _slide_arrays(validation, task)
+        if arrays is None:
+            continue
+        probs, truth = arrays
+        t = fit_temperature(probs, truth, (cal.temperature_min, cal.temperature_max))
+        chosen[task] = {"temperature": t, "threshold": choose_threshold(calibrate(probs, t), truth, cal.target_accuracy, cal.min_coverage)}
+    return chosen
+
+
+def _calibration_on(set_metrics: dict, task: str, t: float, threshold: float, bins: int) -> dict | None:
+    arrays = _slide_arrays(set_metrics, task)
+    if arrays is None:
+        return None
+    probs, truth = arrays
+    after = calibrate(probs, t)
+    before_r, after_r = reliability(probs, truth, bins), reliability(after, truth, bins)
+    called = after.max(axis=1) >= threshold
+    thresholds, coverage, accuracy = coverage_accuracy(after, truth)
+    return {
+        "slides": len(truth),
+        "ece_before": before_r.ece,
+        "ece_after": after_r.ece,
+        "coverage": float(called.mean()),
+        "selective_accuracy": float((after.argmax(1) == truth)[called].mean()) if called.any() else float("nan"),
+        "reliability_before": {"counts": before_r.counts.tolist(), "confidence": before_r.confidence.tolist(), "accuracy": before_r.accuracy.tolist()},
+        "reliability_after": {"counts": after_r.counts.tolist(), "confidence": after_r.confidence.tolist(), "accuracy": after_r.accuracy.tolist()},
+        "coverage_accuracy": {"threshold": thresholds.tolist(), "coverage": coverage.tolist(), "selective_accuracy": accuracy.tolist()},
+    }
+
+
+def calibration_report(cal: CalibrationConfig, chosen: dict[str, dict], validation: dict, test: dict) -> dict:
+    """metrics.json's ``calibration``: how it was chosen, and per head the temperature, the
+    threshold with the set it was chosen on, and on each set the ECE before and after, the
+    coverage and selective accuracy at the threshold, the reliability bins and the coverage-accuracy curve."""
+    out: dict = {
+        "method": "temperature scaling of the slide-level probabilities (mean of tile probabilities), NLL minimised by a bounded 1-D search",
+        "fitted_on": "validation",
+        "ece": {"bins": cal.ece_bins, "binning": "equal-width bins of the top-class probability (top-label ECE)"},
+        "target_accuracy": cal.target_accuracy,
+        "min_coverage": cal.min_coverage,
+        "temperature_bounds": [cal.temperature_min, cal.temperature_max],
+        "enabled": cal.enabled,
+    }
+    for task, c in chosen.items():
+        t, th = c["temperature"], c["threshold"]
+        entry = {
+            "temperature": t,
+            "temperature_at_bound": bool(math.isclose(t, cal.temperature_min, rel_tol=1e-3) or math.isclose(t, cal.temperature_max, rel_tol=1e-3)),
+            "threshold": {"value": th.threshold, "chosen_on": "validation", "target_met": th.target_met},
+        }
+        for name, set_metrics in (("validation", validation), ("test", test)):
+            scored = _calibration_on(set_metrics, task, t, th.threshold, cal.ece_bins)
+            if scored is not None:
+                entry[name] = scored
+        out[task] = entry
     return out
 
 
@@ -730,9 +834,17 @@ def model_card(cfg: RunConfig, metrics: dict, commit: str, split, images: list[s
         f"## Validation set ({sets['validation']['patients']} patients; chose epochs and checkpoints, optimistic)",
         "",
         *_card_set_table(metrics["validation"]),
+        *_card_calibration(metrics),
     ]
     if images:
-        lines += ["## Plots", "", "Loss per epoch (training and validation) and final confusion matrices on the test patients.", ""]
+        lines += [
+            "## Plots",
+            "",
+            "Loss per epoch (training and validation), final confusion matrices on the test patients, and per head the "
+            "reliability diagram (validation before and after temperature scaling, test) and the coverage-accuracy curve "
+            "(calibrated probabilities, validation and test; x marks the chosen threshold).",
+            "",
+        ]
         lines += [f"![{name}]({prefix}{name})" for name in images] + [""]
     return "\n".join(lines)
 
@@ -750,9 +862,70 @@ def _write_confusion_csvs(run_dir: Path, metrics: dict) -> None:
         plot_confusion(np.asarray(cm), classes, f"{task}, test {unit}", run_dir / f"confusion-{task}-final.png")
 
 
+def _write_calibration_plots(run_dir: Path, calibration: dict) -> None:
+    """reliability-<task>.png (validation before and after temperature scaling, test after) and
+    coverage-<task>.png (coverage-accuracy curves of the calibrated probabilities, validation and test)."""
+    from training.plots import plot_coverage_accuracy, plot_reliability
+
+    for task in CLS_TASKS:
+        if task not in calibration:
+            continue
+        c = calibration[task]
+        curves = {}
+        if "validation" in c:
+            curves["validation, before"] = c["validation"]["reliability_before"]
+            curves[f"validation, after (T = {c['temperature']:.2f})"] = c["validation"]["reliability_after"]
+        if "test" in c:
+            curves["test, before"] = c["test"]["reliability_before"]
+            curves["test, after"] = c["test"]["reliability_after"]
+        plot_reliability(curves, f"{task}: slide reliability, {calibration['ece']['bins']} bins", run_dir / f"reliability-{task}.png")
+        sets = {("test (scored once)" if name == "test" else name): c[name]["coverage_accuracy"] for name in ("validation", "test") if name in c}
+        plot_coverage_accuracy(sets, c["threshold"]["value"], f"{task}: chosen on validation", run_dir / f"coverage-{task}.png")
+
+
 def _card_images(run_dir: Path, metrics: dict) -> list[str]:
     names = [f"metrics-{net}.png" for net in ("regions", "molecular")] + [f"confusion-{task}-final.png" for task in metrics["test"]]
+    names += [f"{kind}-{task}.png" for task in CLS_TASKS for kind in ("reliability", "coverage")]
     return [n for n in names if (run_dir / n).is_file()]
+
+
+def _card_calibration(metrics: dict) -> list[str]:
+    """The model card's calibration and abstention section (empty without calibration)."""
+    cal = metrics.get("calibration", {})
+    tasks = [t for t in CLS_TASKS if t in cal]
+    if not tasks:
+        return []
+
+    def f(entry: dict, key: str) -> str:
+        return f"{entry[key]:.3f}" if key in entry and _finite(entry[key]) else "n/a"
+
+    lines = [
+        "## Calibration and abstention (chosen on the validation set)",
+        "",
+        (
+            f"Each head's slide probabilities (mean of tile probabilities) are temperature-scaled, `softmax(log p / T)`, with T "
+            f"fitted on the validation slides by minimising their negative log-likelihood (bounded search in "
+            f"[{cal['temperature_bounds'][0]}, {cal['temperature_bounds'][1]}]); the worker applies T before the threshold. "
+            f"The indeterminate threshold is the lowest calibrated top probability at which the validation slides called reach "
+            f"selective accuracy >= {cal['target_accuracy']} while at least {cal['min_coverage']:.0%} of them are called "
+            "(when none does, the most accurate threshold keeping that coverage, marked \"no\" under target met). "
+            f"ECE: top-label expected calibration error, {cal['ece']['bins']} equal-width bins. Test figures were computed once, "
+            "after T and the threshold were chosen; with few validation slides both are rough, and a T marked (bound) stopped at "
+            "the search's bound (separable or wholly wrong validation slides): treat its probabilities with care."
+        ),
+        "",
+        "| head | T | threshold | target met | val slides | val ECE before -> after | val coverage / sel. acc. | test ECE before -> after | test coverage / sel. acc. |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in tasks:
+        c = cal[t]
+        v, te = c.get("validation", {}), c.get("test", {})
+        lines.append(
+            f"| {t} | {c['temperature']:.3f}{' (bound)' if c.get('temperature_at_bound') else ''} | {c['threshold']['value']:.3f} | {'yes' if c['threshold']['target_met'] else 'no'} | "
+            f"{v.get('slides', 0)} | {f(v, 'ece_before')} -> {f(v, 'ece_after')} | {f(v, 'coverage')} / {f(v, 'selective_accuracy')} | "
+            f"{f(te, 'ece_before')} -> {f(te, 'ece_after')} | {f(te, 'coverage')} / {f(te, 'selective_accuracy')} |"
+        )
+    return lines + ["", "Reliability diagrams (`reliability-<head>.png`) and coverage-accuracy curves (`coverage-<head>.png`, validation and test marked as such) are under Plots.", ""]
 
 
 def write_model_card(run_dir: Path, cfg: RunConfig, metrics: dict, commit: str, split, card_dir: Path | None) -> None:
@@ -785,7 +958,32 @@ def _summary(metrics: dict) -> dict[str, float]:
             out[prefix + key] = value
             if ci is not None and _finite(ci[0]) and _finite(ci[1]):
                 out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = ci
-    return {k: float(v) for k, v in out.items()}
+    out.update(_calibration_summary(metrics.get("calibration", {})))
+    return {k: float(v) for k, v in out.items() if _finite(v)}
+
+
+def _calibration_summary(calibration: dict) -> dict[str, float]:
+    """``[validation]`` keys of calibration: the temperature and threshold (``val_``: chosen on
+    validation), the target they were chosen for, and per set the ECE before and after
+    temperature scaling and the coverage and selective accuracy at the threshold."""
+    out: dict[str, float] = {}
+    if not any(t in calibration for t in CLS_TASKS):
+        return out
+    out["val_calibration_target_accuracy"] = calibration["target_accuracy"]
+    out["val_calibration_min_coverage"] = calibration["min_coverage"]
+    out["calibration_ece_bins"] = calibration["ece"]["bins"]
+    for task in CLS_TASKS:
+        if task not in calibration:
+            continue
+        c = calibration[task]
+        out[f"val_{task}_temperature"] = c["temperature"]
+        out[f"val_{task}_indeterminate_below"] = c["threshold"]["value"]
+        out[f"val_{task}_threshold_target_met"] = 1.0 if c["threshold"]["target_met"] else 0.0
+        for set_name, prefix in (("validation", "val_"), ("test", "test_")):
+            if set_name in c:
+                for key in ("ece_before", "ece_after", "coverage", "selective_accuracy"):
+                    out[f"{prefix}{task}_{key}"] = c[set_name][key]
+    return out
 
 
 def config_digest(config_path: Path) -> str:
@@ -820,6 +1018,16 @@ def provenance(cfg: RunConfig, config_path: Path, commit: str, framework: str) -
     )
 
 
+def _classifier_head(task: str, calibration: dict) -> HeadSpec:
+    """A molecular head with the temperature and threshold chosen on validation; without them
+    (calibration off, no validation slide labelled for the task) not calibrated, fixed threshold."""
+    chosen = calibration.get(task)
+    if chosen is None:
+        return HeadSpec(task=task, classes=coding.CLASSES_BY_TASK[task], indeterminate_below=INDETERMINATE_BELOW[task])
+    return HeadSpec(task=task, classes=coding.CLASSES_BY_TASK[task], indeterminate_below=chosen["threshold"]["value"],
+                    temperature=chosen["temperature"])
+
+
 def export_bundle(cfg: RunConfig, unet, clf, metrics: dict, commit: str, config_path: Path) -> Path:
     """Write models/<name>/ with the manifest of docs/model-bundle.md."""
     import keras
@@ -833,7 +1041,7 @@ def export_bundle(cfg: RunConfig, unet, clf, metrics: dict, commit: str, config_
         NetworkSpec(
             name="molecular", file="molecular.keras", sha256=None, tile_size=cfg.classifier.tile_size,
             um_per_px=cfg.classifier.um_per_px, overlap=0, normalization=cfg.normalization,
-            heads=tuple(HeadSpec(task=t, classes=coding.CLASSES_BY_TASK[t], indeterminate_below=INDETERMINATE_BELOW[t]) for t in CLS_TASKS),
+            heads=tuple(_classifier_head(t, metrics.get("calibration", {})) for t in CLS_TASKS),
         ),
     )
     manifest = Manifest(

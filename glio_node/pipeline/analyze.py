@@ -327,7 +327,9 @@ def analyze(
             heatmaps.append(
                 Heatmap(task=task, classes=head.classes, probabilities=Raster(stitcher.probabilities, use.raster_mm_per_px * use.grid.tile_size))
             )
-            calls.append(slide_call(task, head.classes, stitcher.slide_probabilities(), head.indeterminate_below))
+            calls.append(
+                slide_call(task, head.classes, stitcher.slide_probabilities(), head.indeterminate_below, head.temperature)
+            )
     if report is not None and report.verdict == "fail":
         calls = [replace(c, call=None, indeterminate_reason=QC_VERDICTS["fail"]) for c in calls]
     notes = []

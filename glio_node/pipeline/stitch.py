@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from glio_node.pipeline.calibration import calibrate
 from glio_node.pipeline.tiling import TileGrid
 from glio_node.results import NOT_TISSUE, CodedClass, SlideCall, Task
 
@@ -62,15 +63,28 @@ def mean_tile_probabilities(probabilities: np.ndarray) -> np.ndarray | None:
     return flat[seen].mean(axis=0)
 
 
-def slide_call(task: Task, classes: tuple[CodedClass, ...], probabilities: np.ndarray | None, threshold: float) -> SlideCall:
-    """The slide-level call: the most probable class if it reaches ``threshold``, else indeterminate."""
+def slide_call(
+    task: Task,
+    classes: tuple[CodedClass, ...],
+    probabilities: np.ndarray | None,
+    threshold: float,
+    temperature: float | None = None,
+) -> SlideCall:
+    """The slide-level call: the most probable class if it reaches ``threshold``, else indeterminate.
+
+    With a ``temperature`` (the head's, fitted on validation slides) the probabilities are
+    calibrated first (:func:`glio_node.pipeline.calibration.calibrate`): the threshold was chosen
+    on calibrated probabilities, and the call reports them.  None: not calibrated.
+    """
     if probabilities is None:
         probs = tuple(float("nan") for _ in classes)
-        return SlideCall(task=task, classes=classes, probabilities=probs, threshold=threshold, call=None)
+        return SlideCall(task=task, classes=classes, probabilities=probs, threshold=threshold, call=None, temperature=temperature)
+    if temperature is not None:
+        probabilities = calibrate(probabilities, temperature)
     probs = tuple(float(p) for p in probabilities)
     best = int(np.argmax(probabilities))
     call = classes[best] if probs[best] >= threshold else None
-    return SlideCall(task=task, classes=classes, probabilities=probs, threshold=threshold, call=call)
+    return SlideCall(task=task, classes=classes, probabilities=probs, threshold=threshold, call=call, temperature=temperature)
 
 
 def region_fractions(label_map: np.ndarray, classes: tuple[CodedClass, ...]) -> dict[str, float]:

@@ -20,7 +20,8 @@ beside the DICOM objects, from the same label map and heatmaps:
 - **Detections** (``objectType: "detection"``): one square per analysed classifier tile (the
   heatmap cells, no-tissue tiles left out), its per-class probabilities as ``measurements``
   named ``"<Code Meaning> probability"``; heads that share a tile grid share the detection.
-- **Collection properties**: the slide calls with their probabilities and thresholds, the bundle
+- **Collection properties**: the slide calls with their probabilities, thresholds and calibration
+  (whether temperature-scaled, and the temperature), the bundle
   (name, version, SHA-256, intended use), "AI-generated, research use only" (and the DEMO notice
   for a synthetic-data bundle), the slide QC verdict with its coded reasons and areas
   (``slide_qc``, ``QcReport.as_dict``; null with QC off), the source's Study/Series Instance UIDs (to match the file to its
@@ -269,6 +270,8 @@ def _collection_properties(
         c.task: {
             "call": c.call.code_meaning if c.call else "indeterminate",
             "threshold": c.threshold,
+            "calibrated": c.calibrated,  # probabilities temperature-scaled with the bundle's fitted T
+            "temperature": c.temperature if c.calibrated else 1.0,
             "probabilities": {
                 k.code_meaning: (None if math.isnan(p) else p)
                 for k, p in zip(c.classes, c.probabilities)

@@ -20,8 +20,11 @@ DCM 123110 "Artificial Intelligence", with the bundle's SHA-256 and intended use
 - TID 1501 group per slide-level call (subtype, MGMT, EGFR): finding type = the head's concept;
   qualitative evaluation head-concept = the called class, or (82334004, SCT, "Indeterminate")
   when the top probability is below the head's threshold or the slide failed QC (then a second
-  evaluation GLIO-INDREASON = GLIO-QC-FAIL says so); measurement "Decision threshold"
-  (99GLIO THRESHOLD, unit 1); source image = the slide level.
+  evaluation GLIO-INDREASON = GLIO-QC-FAIL says so); qualitative evaluation "Probability
+  calibration" (99GLIO CALIB) = CALTS (temperature scaling fitted on validation slides) or CALNONE
+  (not calibrated); measurements "Decision threshold" (99GLIO THRESHOLD, unit 1) and
+  "Calibration temperature" (99GLIO CALTEMP, unit 1; 1.0 when not calibrated); source image =
+  the slide level.
 - TID 1501 group per class probability of each call: finding type = the class concept;
   measurement (122157, DCM, "Probability"), unit (1, UCUM, "no units"), with the class's heatmap
   (Parametric Map) as the measurement's source image when one was written (the slide-level value
@@ -39,6 +42,10 @@ GLIO-REGIONS   Glioblastoma histological region (head concept)
 AREAFRAC       Area fraction of tissue
 THRESHOLD      Decision threshold
 GLIO-QC...     slide QC: verdict, reasons, indeterminate reason (glio_node.coding QC_*)
+CALIB          Probability calibration (question)
+CALTS          Temperature scaling fitted on validation slides (answer)
+CALNONE        Not calibrated (answer)
+CALTEMP        Calibration temperature
 =============  ==================================================
 
 Class concepts (region classes, subtypes, MGMT/EGFR classes) come from the bundle's manifest
@@ -68,6 +75,10 @@ HEAD_CONCEPTS: dict[Task, hd.sr.CodedConcept] = {
 }
 AREA_FRACTION = hd.sr.CodedConcept("AREAFRAC", _L, "Area fraction of tissue")
 THRESHOLD = hd.sr.CodedConcept("THRESHOLD", _L, "Decision threshold")
+CALIBRATION = hd.sr.CodedConcept("CALIB", _L, "Probability calibration")
+CALIBRATED = hd.sr.CodedConcept("CALTS", _L, "Temperature scaling fitted on validation slides")
+NOT_CALIBRATED = hd.sr.CodedConcept("CALNONE", _L, "Not calibrated")
+TEMPERATURE = hd.sr.CodedConcept("CALTEMP", _L, "Calibration temperature")
 SOURCE_COMPLETENESS = hd.sr.CodedConcept("SRCCOMPL", _L, "Source image completeness")
 SOURCE_INCOMPLETE = hd.sr.CodedConcept(
     "SRCINCOMPL", _L, "Incomplete source: missing frames were not analysed"
@@ -256,9 +267,20 @@ def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking)
             tracking_identifier=tracking(call.task, "call"),
             finding_type=head,
             algorithm_id=algorithm_id,
-            qualitative_evaluations=evaluations,
+            qualitative_evaluations=[
+                *evaluations,
+                hd.sr.QualitativeEvaluation(
+                    name=CALIBRATION, value=CALIBRATED if call.calibrated else NOT_CALIBRATED
+                ),
+            ],
             measurements=[
-                hd.sr.Measurement(name=THRESHOLD, value=float(call.threshold), unit=UNIT_NONE)
+                hd.sr.Measurement(name=THRESHOLD, value=float(call.threshold), unit=UNIT_NONE),
+                # T = 1.0 when not calibrated: the probabilities reported are the network's own
+                hd.sr.Measurement(
+                    name=TEMPERATURE,
+                    value=float(call.temperature if call.calibrated else 1.0),
+                    unit=UNIT_NONE,
+                ),
             ],
             source_images=[slide_level],
         )

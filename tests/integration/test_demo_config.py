@@ -26,10 +26,11 @@ DEMO = ROOT / "models" / "glio-demo"
 
 
 def _shape(manifest) -> list[tuple]:
-    """What the worker depends on: networks, tiles, spacing, stitching, input scaling, heads and codes."""
+    """What the worker depends on: networks, tiles, spacing, stitching, input scaling, heads and codes.
+    Not the thresholds and temperatures: those are chosen on each run's validation slides."""
     return [
         (n.name, n.tile_size, n.um_per_px, n.overlap, n.normalization,
-         [(h.task, h.activation, h.indeterminate_below, [(c.name, c.code_value, c.coding_scheme_designator) for c in h.classes]) for h in n.heads])
+         [(h.task, h.activation, [(c.name, c.code_value, c.coding_scheme_designator) for c in h.classes]) for h in n.heads])
         for n in manifest.networks
     ]
 
@@ -42,6 +43,7 @@ def test_the_shipped_demo_bundle_was_built_from_the_demo_config():
         "(the command is at the top of the config) or revert the config"
     )
     cfg = RunConfig.load(CONFIGS / "glio-demo.toml")
+    assert cfg.calibration.enabled, "a rebuilt demo bundle carries temperatures and thresholds chosen on validation"
     assert (manifest.name, manifest.version, manifest.is_demo, manifest.intended_use) == (cfg.name, cfg.version, True, cfg.intended_use)
     assert "synthetic slides only" in manifest.provenance and "no patient data" in manifest.provenance
     assert manifest.validation["regions_mean_dice"] > 0.8 and manifest.validation["subtype_slide_accuracy"] > 0.8
@@ -65,6 +67,9 @@ def test_the_demo_config_at_toy_size_trains_a_bundle_shaped_like_the_shipped_one
     smoke = load_bundle(bundle).manifest
     assert _shape(smoke) == _shape(load_bundle(DEMO).manifest)
     assert smoke.is_demo and "synthetic slides only" in smoke.provenance
+    classifiers = [h for n in smoke.networks for h in n.heads if h.task != "segmentation"]
+    assert classifiers and all(h.temperature is not None for h in classifiers), "the demo config calibrates by default"
+    assert all(smoke.validation[f"val_{h.task}_indeterminate_below"] == h.indeterminate_below for h in classifiers)
 
     (run_dir,) = (tmp_path / "runs").iterdir()
     split = json.loads((run_dir / "split.json").read_text())

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from glio_node.bundle import verify_bundle
@@ -85,6 +86,53 @@ def test_train_writes_a_run_folder_and_a_bundle_the_worker_analyses_with(tmp_pat
     verify = subprocess.run([sys.executable, "-m", "glio_node.cli", "models", "verify", str(tmp_path / "models" / "glio-ci")], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stderr[-3000:]
     slide = tmp_path / "dataset" / "slides" / split["test"][0]
-    analyze = subprocess.run([sys.executable, "-m", "glio_node.cli", "analyze", str(slide), "--out", str(tmp_path / "out"), "--models", str(tmp_path / "models" / "glio-ci")], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=300)
+    analyze = subprocess.run([sys.executable, "-m", "glio_node.cli", "analyze", str(slide), "--out", str(tmp_path / "out"), "--models", str(tmp_path / "models" / "glio-ci"), "--json"], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=300)
     assert analyze.returncode == 0, analyze.stderr[-3000:]
     assert any((tmp_path / "out").rglob("*.dcm"))
+    _check_calibration(run_dir, tmp_path, metrics, manifest, card, json.loads(analyze.stdout[analyze.stdout.index("{"):]))
+
+
+def _check_calibration(run_dir, tmp_path, metrics, manifest, card, summary):
+    """Temperature and threshold were chosen on the validation slide, travel in the manifest, and
+    the worker calibrates the mean tile probabilities with that temperature before calling."""
+    cal = metrics["calibration"]
+    assert cal["fitted_on"] == "validation" and cal["ece"]["bins"] == 10
+    v = manifest.validation
+    heads = {h.task: h for n in manifest.networks for h in n.heads}
+    for task in ("subtype", "mgmt", "egfr"):
+        c = cal[task]
+        assert c["threshold"]["chosen_on"] == "validation" and c["validation"]["slides"] == 1 and c["test"]["slides"] == 2
+        assert 0.1 <= c["temperature"] <= 10.0
+        assert c["temperature_at_bound"] and c["temperature"] in (pytest.approx(0.1), pytest.approx(10.0)), "one validation slide: its NLL is monotone in T"
+        assert heads[task].temperature == pytest.approx(c["temperature"]) == pytest.approx(v[f"val_{task}_temperature"])
+        assert heads[task].indeterminate_below == pytest.approx(c["threshold"]["value"]) == pytest.approx(v[f"val_{task}_indeterminate_below"])
+        assert {f"val_{task}_ece_before", f"val_{task}_ece_after", f"test_{task}_ece_before", f"test_{task}_ece_after", f"test_{task}_coverage"} <= set(v)
+        assert c["validation"]["coverage"] == 1.0, "the threshold is at most the one validation slide's top probability"
+    assert v["val_calibration_target_accuracy"] == 0.9 and v["val_calibration_min_coverage"] == 0.5
+    assert "## Calibration and abstention (chosen on the validation set)" in card and "| mgmt |" in card
+    assert "![reliability-mgmt.png](glio-ci/reliability-mgmt.png)" in card and "![coverage-mgmt.png](glio-ci/coverage-mgmt.png)" in card
+    assert (run_dir / "reliability-subtype.png").is_file() and (tmp_path / "cards" / "glio-ci" / "coverage-egfr.png").is_file()
+
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from glio_node.pipeline.calibration import calibrate
+
+    (geojson,) = (tmp_path / "out").rglob("*.geojson")
+    tiles = [f["properties"]["measurements"] for f in json.loads(geojson.read_text())["features"] if f["properties"].get("objectType") == "detection"]
+    (sr_path,) = (tmp_path / "out").rglob("sr-*.dcm")
+    report = hd.sr.srread(sr_path).content
+    groups = report.get_image_measurement_groups()
+    sr_probability = {g.finding_type.value: g.get_measurements(name=codes.DCM.Probability)[0].value for g in groups if g.get_measurements(name=codes.DCM.Probability)}
+    temperature = {g.finding_type.value: g.get_measurements(name=hd.sr.CodedConcept("CALTEMP", "99GLIO", "Calibration temperature"))[0].value
+                   for g in groups if g.get_measurements(name=hd.sr.CodedConcept("CALTEMP", "99GLIO", "Calibration temperature"))}
+    for task, head_code in (("subtype", "GLIO-SUBTYPE"), ("mgmt", "GLIO-MGMT"), ("egfr", "GLIO-EGFR")):
+        head = heads[task]
+        mean = np.array([[t[f"{c.code_meaning} probability"] for c in head.classes] for t in tiles]).mean(axis=0)
+        expected = calibrate(mean, head.temperature)
+        assert [sr_probability[c.code_value] for c in head.classes] == pytest.approx(list(expected), rel=1e-4, abs=1e-6)
+        assert summary["probabilities"][task] == pytest.approx({c.name: p for c, p in zip(head.classes, expected)}, rel=1e-4, abs=1e-6)
+        assert summary["calibration"][task] == {"calibrated": True, "temperature": pytest.approx(head.temperature)}
+        assert temperature[head_code] == pytest.approx(head.temperature)
+        called = expected.max() >= head.indeterminate_below
+        assert (summary["calls"][task] != "indeterminate") == called

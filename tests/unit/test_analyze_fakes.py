@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from glio_node.errors import BadInput
 from glio_node.pipeline.analyze import AnalysisOptions, analyze
+from glio_node.pipeline.calibration import calibrate
 from glio_node.results import NOT_TISSUE
 from glio_node.testing import (
     FAKE_ALGORITHM,
@@ -102,6 +103,17 @@ def test_each_heatmap_cell_is_the_mean_of_its_tile_and_the_slide_call_their_mean
     assert call.threshold == cls.indeterminate_below
     best = int(np.argmax(call.probabilities))
     assert call.call == (cls.classes[best] if call.probabilities[best] >= call.threshold else None)
+
+
+def test_a_calibrated_head_calls_on_its_temperature_scaled_mean(slide):
+    raw, *_ = _run(slide, FakeSegmenter(), FakeClassifier())
+    calibrated, *_ = _run(slide, FakeSegmenter(), FakeClassifier(temperature=0.25))
+    (before,), (after,) = raw.calls, calibrated.calls
+    assert not before.calibrated and after.calibrated and after.temperature == 0.25
+    np.testing.assert_allclose(after.probabilities, calibrate(np.array(before.probabilities), 0.25), rtol=1e-6)
+    np.testing.assert_array_equal(calibrated.heatmaps[0].probabilities.array, raw.heatmaps[0].probabilities.array)  # tiles: as the network gave them
+    best = int(np.argmax(after.probabilities))
+    assert after.call == (after.classes[best] if after.probabilities[best] >= after.threshold else None)
 
 
 def test_a_confident_classifier_makes_the_call():

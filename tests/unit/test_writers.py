@@ -164,7 +164,7 @@ def make_result(
             Heatmap("egfr", EGFR, grid(2)),
         ),
         calls=(
-            SlideCall("subtype", SUBTYPES, (0.1, 0.6, 0.2, 0.1), 0.5, SUBTYPES[1]),
+            SlideCall("subtype", SUBTYPES, (0.1, 0.6, 0.2, 0.1), 0.5, SUBTYPES[1], temperature=1.7),
             SlideCall("mgmt", MGMT, (0.45, 0.55), 0.6, mgmt_call),
             SlideCall("egfr", EGFR, (0.2, 0.8), 0.5, EGFR[1]),
         ),
@@ -346,6 +346,20 @@ def test_sr_reports_calls_probabilities_areas_and_references(written):
     assert calls["GLIO-SUBTYPE"].meaning == "Mesenchymal"
     assert calls["GLIO-EGFR"].value == "GLIO-EGFR-A"
     assert calls["GLIO-MGMT"] == codes.SCT.Indeterminate  # mgmt_call=None: top 0.55 < 0.6
+
+    calibration, temperature = {}, {}
+    for group in report.get_image_measurement_groups():
+        head = group.finding_type.value
+        for evaluation in group.get_qualitative_evaluations(name=hd.sr.CodedConcept("CALIB", "99GLIO", "Probability calibration")):
+            calibration[head] = evaluation.value.meaning
+        for m in group.get_measurements(name=hd.sr.CodedConcept("CALTEMP", "99GLIO", "Calibration temperature")):
+            temperature[head] = m.value
+    assert calibration == {
+        "GLIO-SUBTYPE": "Temperature scaling fitted on validation slides",
+        "GLIO-MGMT": "Not calibrated",
+        "GLIO-EGFR": "Not calibrated",
+    }
+    assert temperature == {"GLIO-SUBTYPE": pytest.approx(1.7), "GLIO-MGMT": 1.0, "GLIO-EGFR": 1.0}
 
     probabilities = {
         g.finding_type.value: g.get_measurements(name=codes.DCM.Probability)[0].value
@@ -574,6 +588,8 @@ def test_the_geojson_counts_level0_pixels_and_carries_tiles_calls_and_notices(tm
                                "intended_use": DEMO.intended_use}
     assert props["slide_calls"]["mgmt"]["call"] == "indeterminate"
     assert props["slide_calls"]["subtype"]["probabilities"]["Mesenchymal"] == pytest.approx(0.6)
+    assert (props["slide_calls"]["subtype"]["calibrated"], props["slide_calls"]["subtype"]["temperature"]) == (True, 1.7)
+    assert (props["slide_calls"]["mgmt"]["calibrated"], props["slide_calls"]["mgmt"]["temperature"]) == (False, 1.0)
 
 
 def test_a_base_level_without_spacing_cannot_give_qupath_coordinates():
