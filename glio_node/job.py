@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from glio_node.pipeline.analyze import AnalysisOptions, AnalysisStats, analyze
+from glio_node.ood import OodGate
 from glio_node.ports import ModelRunner, SlideReader
 from glio_node.results import Algorithm, AnalysisResult
 
@@ -41,6 +42,9 @@ class JobSummary:
     objects: tuple[WrittenObject, ...] = ()  # what was written, with its UIDs: nothing re-reads the files
     notes: tuple[str, ...] = ()
     geojson: str | None = None  # the QuPath GeoJSON of the same run (not a DICOM object)
+    # The OOD gate's verdict: {"network", "slide_score", "slide_threshold", "out_of_distribution"};
+    # None when the bundle has no [ood] table.
+    ood: dict | None = None
 
     @property
     def bundle(self) -> str:
@@ -55,9 +59,29 @@ class JobSummary:
 
 
 def _calls(result: AnalysisResult) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    calls = {c.task: (c.call.code_meaning if c.call else "indeterminate") for c in result.calls}
+    calls = {c.task: (c.call.code_meaning if c.call else call_text_indeterminate(c)) for c in result.calls}
     probs = {c.task: {k.name: p for k, p in zip(c.classes, c.probabilities)} for c in result.calls}
     return calls, probs
+
+
+def call_text_indeterminate(call) -> str:
+    """How a withheld call reads in the summary: the OOD gate's reason is said."""
+    return OUT_OF_DISTRIBUTION_TEXT if call.out_of_distribution else "indeterminate"
+
+
+OUT_OF_DISTRIBUTION_TEXT = "indeterminate (out of distribution)"
+
+
+def _ood_summary(result: AnalysisResult) -> dict | None:
+    v = result.ood
+    if v is None:
+        return None
+    return {
+        "network": v.network,
+        "slide_score": v.slide_score,
+        "slide_threshold": v.slide_threshold,
+        "out_of_distribution": v.out_of_distribution,
+    }
 
 
 class BundleCache:
@@ -94,6 +118,7 @@ class Models:
     algorithm: Algorithm
     runners: tuple[ModelRunner, ...]
     device: str  # what was used: "cpu" or "gpu:N"
+    ood: OodGate | None = None  # the bundle's out-of-distribution gate, when it has one
 
 
 # The job's two seams (the defaults below are the real adapters; glio_node.testing has fakes):
@@ -120,7 +145,7 @@ def load_bundle_models(bundle_dir: Path, device: str, batch_size: int, bundles: 
 
     used_device = prepare_device(device, load_manifest(bundle_dir))
     bundle = bundles.get(bundle_dir, device) if bundles is not None else load_bundle(bundle_dir, device)
-    return Models(bundle.algorithm, tuple(bundle_networks(bundle, batch_size)), used_device)
+    return Models(bundle.algorithm, tuple(bundle_networks(bundle, batch_size)), used_device, bundle.ood)
 
 
 def run_job(
@@ -157,7 +182,7 @@ def run_job(
         models = load_models(Path(bundle_dir), device, options.batch_size, bundles)
         stages["load_models"] = time.perf_counter() - t0
 
-        result, stats, seg_level = analyze(slide, models.runners, models.algorithm, options, progress)
+        result, stats, seg_level = analyze(slide, models.runners, models.algorithm, options, progress, models.ood)
         stages.update(stats.stage_seconds)
         if slide.gaps:  # only with allow_gaps; said even when no missing frame was needed
             missing = slide.missing_frames_read
@@ -207,4 +232,5 @@ def run_job(
         objects=written.objects,
         notes=result.notes,
         geojson=str(geojson),
+        ood=_ood_summary(result),
     )

@@ -38,6 +38,17 @@ class ModelOrigin:
 
 
 @dataclass(frozen=True)
+class TestEvidence:
+    """A call's validation evidence: the bundle's test-set figure for that head (manifest [validation])."""
+
+    metric: str  # e.g. "slide balanced accuracy"
+    value: float
+    ci_low: float | None  # patient-level bootstrap 95 % interval, when the manifest has it
+    ci_high: float | None
+    patients: int | None  # test patients
+
+
+@dataclass(frozen=True)
 class Algorithm:
     """The model bundle that produced a result: carried into every output and the audit trail."""
 
@@ -47,6 +58,11 @@ class Algorithm:
     intended_use: str  # e.g. "DEMO model trained on synthetic slides. Research use only. Not for diagnosis."
     is_demo: bool  # True for bundles trained on synthetic data
     origins: tuple[ModelOrigin, ...] = ()  # imported networks' sources and licences, named in every output
+    # Per network: the stain normalisation applied to its tiles, method and reference, in words.
+    normalizations: tuple[tuple[str, str], ...] = ()
+    # Per classifier task: its test-set figure; a task not listed has "no test-set figure".
+    test_evidence: tuple[tuple[str, TestEvidence], ...] = ()
+    dataset: str = ""  # what the bundle was trained and tested on (from the manifest's provenance)
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,9 @@ class SlideCall:
     probabilities: tuple[float, ...]  # slide-level probability per class, same order as classes
     threshold: float
     call: CodedClass | None
+    # True when the OOD gate withheld the call (call is then None): the slide is unlike the
+    # bundle's training slides, so "indeterminate (out of distribution)", whatever the probabilities.
+    out_of_distribution: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,21 @@ class Heatmap:
     task: Task
     classes: tuple[CodedClass, ...]
     probabilities: Raster
+
+
+@dataclass(frozen=True)
+class OodResult:
+    """The out-of-distribution gate's verdict on one slide (glio_node/ood.py).
+
+    ``tile_scores.array``: (grid_rows, grid_cols) score per tile of the gate network's grid,
+    NaN where no tile was analysed; about 1 for a typical training tile.
+    """
+
+    network: str  # the bundle network whose features were scored
+    slide_score: float | None  # median tile score; None when no tile was analysed
+    slide_threshold: float  # fitted on validation slides
+    out_of_distribution: bool
+    tile_scores: Raster
 
 
 @dataclass(frozen=True)
@@ -106,5 +140,6 @@ class AnalysisResult:
     # What of the source never arrived and was read as glass (not analysed); empty when whole.
     # The SR says so in a coded evaluation, so a partial answer never looks like a whole one.
     source_gaps: tuple[str, ...] = field(default=())
+    ood: OodResult | None = None  # the OOD gate's verdict, when the bundle has one
 
 NOT_TISSUE = 255

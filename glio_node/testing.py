@@ -207,6 +207,7 @@ class FakeClassifier:
     indeterminate_below: float = 0.6
     batch_size: int = 8
     calls: list[int] = field(default_factory=list)
+    features: bool = False  # also return colour_features under FEATURES_KEY (the OOD gate's input)
 
     def __post_init__(self) -> None:
         if len(self.classes) != 2:
@@ -216,7 +217,18 @@ class FakeClassifier:
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         _check_batch(self, tiles)
         self.calls.append(len(tiles))
-        return {self.task: mean_intensity(tiles)}
+        out = {self.task: mean_intensity(tiles)}
+        if self.features:
+            from glio_node.ood import FEATURES_KEY
+
+            out[FEATURES_KEY] = colour_features(tiles)
+        return out
+
+
+def colour_features(tiles: np.ndarray) -> np.ndarray:
+    """(n, 6) float32 per-tile features: mean and standard deviation of R, G, B / 255."""
+    x = tiles.reshape(len(tiles), -1, 3).astype(np.float64) / 255.0
+    return np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=1).astype(np.float32)
 
 
 def _check_batch(runner: FakeSegmenter | FakeClassifier, tiles: np.ndarray) -> None:

@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -30,8 +30,9 @@ from glio_node.pipeline.levels import LevelInfo, choose_level
 from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, region_fractions, slide_call
 from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.pipeline.tissue import TISSUE_UM_PER_PX, TissueMask, detect_tissue, resample_mask
+from glio_node.ood import FEATURES_KEY, OodGate, slide_score, tile_scores
 from glio_node.ports import ModelRunner, SlideReader
-from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, Raster
+from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, OodResult, Raster, SlideCall
 
 # A classifier tile is analysed only when at least this fraction of it is tissue: a tile that is
 # mostly glass says little about the tumour's molecular state.
@@ -84,6 +85,7 @@ class _Use:
     seg: SegmentationStitcher | None = None
     heat: dict[str, HeatmapStitcher] = field(default_factory=dict)
     pending: list = field(default_factory=list)
+    ood_scores: np.ndarray | None = None  # (grid rows, cols) tile OOD scores, for the gate's network
     inferred: int = 0
     model_seconds: float = 0.0
 
@@ -168,19 +170,46 @@ class _CountingReads:
         return sum(self.counts.values())
 
 
-def _run_batch(use: _Use) -> None:
+def _run_batch(use: _Use, ood: OodGate | None = None) -> None:
     tiles = np.stack([t for _, t in use.pending])
     t0 = time.perf_counter()
     outputs = use.network.predict(tiles)
     use.model_seconds += time.perf_counter() - t0
+    if use.ood_scores is not None and ood is not None:
+        if FEATURES_KEY not in outputs:
+            raise BadInput(
+                f"the bundle's [ood] gate needs features from network {use.network.name!r}, which returned none; "
+                "check the manifest's [ood] features"
+            )
+        scores = tile_scores(ood.reference, outputs[FEATURES_KEY])
+        for i, (req, _) in enumerate(use.pending):
+            use.ood_scores[req.row, req.col] = scores[i]
     for i, (req, _) in enumerate(use.pending):
         for task, value in outputs.items():
+            if task == FEATURES_KEY:
+                continue
             if task == "segmentation" and use.seg is not None:
                 use.seg.add(req.row, req.col, value[i])
             elif task in use.heat:
                 use.heat[task].add(req.row, req.col, value[i])
     use.inferred += len(use.pending)
     use.pending.clear()
+
+
+def _ood_verdict(ood: OodGate, use: _Use) -> OodResult:
+    score = slide_score(use.ood_scores)
+    return OodResult(
+        network=ood.network,
+        slide_score=score,
+        slide_threshold=ood.slide_threshold,
+        out_of_distribution=ood.is_out(score),
+        tile_scores=Raster(use.ood_scores, use.raster_mm_per_px * use.grid.tile_size),
+    )
+
+
+def withhold_out_of_distribution(call: SlideCall) -> SlideCall:
+    """The call as the OOD gate leaves it: no class, marked out of distribution; probabilities kept."""
+    return replace(call, call=None, out_of_distribution=True)
 
 
 def _mask_label_map(label_map: np.ndarray, tissue: TissueMask, mm_per_px: float, band: int = 512) -> None:
@@ -196,8 +225,13 @@ def analyze(
     algorithm: Algorithm,
     options: AnalysisOptions = AnalysisOptions(),
     progress: Callable[[int, int], None] | None = None,
+    ood: OodGate | None = None,
 ) -> tuple[AnalysisResult, AnalysisStats, LevelInfo]:
-    """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to."""
+    """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to.
+
+    ``ood``: the bundle's out-of-distribution gate; the network it names scores each of its
+    tiles, and a slide whose median score passes the gate's threshold gets every call withheld
+    as "indeterminate (out of distribution)" (``result.ood`` holds the scores)."""
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     tissue, tissue_level = find_tissue(slide)
@@ -208,8 +242,12 @@ def analyze(
     requests: list[TileRequest] = []
     for i, network in enumerate(networks):
         use, reqs = _plan_network(network, slide, tissue, i)
+        if ood is not None and network.name == ood.network:
+            use.ood_scores = np.full((use.grid.rows, use.grid.cols), np.nan, dtype=np.float32)
         uses.append(use)
         requests.extend(reqs)
+    if ood is not None and not any(u.ood_scores is not None for u in uses):
+        raise BadInput(f"the bundle's [ood] gate names network {ood.network!r}, which the bundle does not run")
     seg_uses = [u for u in uses if u.seg is not None]
     if len(seg_uses) != 1:
         raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it needs exactly one")
@@ -229,14 +267,14 @@ def analyze(
         use = uses[req.network]
         use.pending.append((req, tile))
         if len(use.pending) == batch:
-            _run_batch(use)
+            _run_batch(use, ood)
             done += batch
             if progress:
                 progress(done, total)
     for use in uses:
         if use.pending:
             done += len(use.pending)
-            _run_batch(use)
+            _run_batch(use, ood)
     if progress:
         progress(done, total)
     stages["inference"] = time.perf_counter() - t0
@@ -258,6 +296,16 @@ def analyze(
     notes = []
     if not tissue.mask.any():
         notes.append("No tissue was found on the slide; nothing was analysed.")
+    verdict = None
+    if ood is not None:
+        verdict = _ood_verdict(ood, next(u for u in uses if u.ood_scores is not None))
+        if verdict.out_of_distribution:
+            calls = [withhold_out_of_distribution(c) for c in calls]
+            notes.append(
+                f"The slide is unlike the bundle's training slides (out-of-distribution score "
+                f"{verdict.slide_score:.2f} above the threshold {verdict.slide_threshold:.2f}): every call "
+                "is indeterminate (out of distribution)."
+            )
     result = AnalysisResult(
         algorithm=algorithm,
         region_classes=region_classes,
@@ -267,6 +315,7 @@ def analyze(
         heatmaps=tuple(heatmaps),
         calls=tuple(calls),
         notes=tuple(notes),
+        ood=verdict,
     )
     stages["stitch"] = time.perf_counter() - t0
     stats = AnalysisStats(

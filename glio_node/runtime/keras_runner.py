@@ -17,7 +17,8 @@ from typing import Literal
 import numpy as np
 
 from glio_node.bundle import LoadedBundle, LoadedNetwork, normalize
-from glio_node.errors import BadInput
+from glio_node.errors import BadInput, BundleError
+from glio_node.ood import FEATURES_KEY
 
 Device = Literal["auto", "cpu", "gpu"]
 
@@ -94,6 +95,7 @@ class KerasNetwork:
 
     loaded: LoadedNetwork
     batch_size: int
+    features: str | None = None  # [ood] features: also return this layer's output per tile (FEATURES_KEY)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -103,6 +105,7 @@ class KerasNetwork:
             raise ValueError(f"network {spec.name!r} runs on {spec.runtime}: use runtime/runners.bundle_networks")
         self.name, self.tile_size, self.um_per_px = spec.name, spec.tile_size, spec.um_per_px
         self.overlap, self.heads = spec.overlap, spec.heads
+        self._model = self.loaded.model if self.features is None else with_features(self.loaded.model, self.features)
 
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         """``tiles``: (n, T, T, 3) uint8 with n <= batch_size."""
@@ -112,12 +115,30 @@ class KerasNetwork:
         x = normalize(tiles, self.loaded.spec.normalization)
         if n < self.batch_size:
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), np.float32)])
-        outputs = self.loaded.model.predict_on_batch(x)
+        outputs = self._model.predict_on_batch(x)
         result: dict[str, np.ndarray] = {}
         for task, value in outputs.items():
             value = np.asarray(value)[:n]
+            if task == FEATURES_KEY:
+                value = value.reshape(n, -1)
             result[task] = value.argmax(axis=-1).astype(np.uint8) if task == "segmentation" else value.astype(np.float32)
         return result
+
+
+def with_features(model, layer: str):
+    """``model`` with one more output, ``FEATURES_KEY``: the output of ``layer`` (the OOD gate's
+    features, e.g. the classifier's global-average-pooled ``"features"``).  Same weights, one pass."""
+    import keras
+
+    try:
+        output = model.get_layer(layer).output
+    except ValueError:
+        names = [lyr.name for lyr in model.layers]
+        raise BundleError(
+            f"[ood] features layer {layer!r} is not a layer of network {model.name!r} (layers: {', '.join(names[-8:])}, ...); "
+            "fix the manifest's [ood] features or re-fit the reference"
+        ) from None
+    return keras.Model(model.inputs, {**model.output, FEATURES_KEY: output}, name=f"{model.name}_with_features")
 
 
 def bundle_networks(bundle: LoadedBundle, batch_size: int) -> list[KerasNetwork]:
