@@ -39,7 +39,7 @@ import numpy as np
 
 from glio_node.errors import BundleError
 from glio_node.ood import OodGate, OodReferenceError, load_reference
-from glio_node.results import Algorithm, CodedClass, ModelOrigin, TestEvidence
+from glio_node.results import Algorithm, CodedClass, ModelOrigin, ValidationEvidence
 
 if TYPE_CHECKING:  # keras is imported lazily: reading a manifest must not pull in TensorFlow
     import keras
@@ -363,6 +363,7 @@ class OodSpec:
     quantile: float = 0.95
     margin: float = 1.5
     validation_slides: int = 0  # how many validation slides the threshold was fitted on
+    slide_threshold_low: float = 0.0  # a slide scoring below this is out of distribution too (0: one-sided)
 
     def __post_init__(self) -> None:
         if not isinstance(self.network, str) or not _NAME.match(self.network):
@@ -383,7 +384,12 @@ class OodSpec:
             raise BundleError(f"[ood] margin {self.margin!r} must be a number of at least 1")
         if not _is_int(self.validation_slides) or self.validation_slides < 0:
             raise BundleError(f"[ood] validation_slides {self.validation_slides!r} must be a non-negative integer")
-        for key in ("slide_threshold", "quantile", "margin"):
+        if not _is_number(self.slide_threshold_low) or not 0 <= self.slide_threshold_low < self.slide_threshold:
+            raise BundleError(
+                f"[ood] slide_threshold_low {self.slide_threshold_low!r} must be a number from 0 up to "
+                f"slide_threshold {self.slide_threshold!r}"
+            )
+        for key in ("slide_threshold", "quantile", "margin", "slide_threshold_low"):
             object.__setattr__(self, key, float(getattr(self, key)))
 
 
@@ -630,7 +636,7 @@ def _manifest_from_toml(doc: Mapping[str, Any]) -> Manifest:
 
 
 _OOD_KEYS = ("network", "features", "file", "sha256", "slide_threshold")
-_OOD_OPTIONAL = ("statistic", "quantile", "margin", "validation_slides")
+_OOD_OPTIONAL = ("statistic", "quantile", "margin", "validation_slides", "slide_threshold_low")
 
 
 def _ood_from_toml(table: object) -> OodSpec:
@@ -896,7 +902,7 @@ def _load_gate(directory: Path, manifest: Manifest) -> OodGate | None:
         reference = load_reference(directory / manifest.ood.file)
     except OodReferenceError as exc:
         raise BundleError(f"{directory}: {exc}") from None
-    return OodGate(manifest.ood.network, reference, manifest.ood.slide_threshold)
+    return OodGate(manifest.ood.network, reference, manifest.ood.slide_threshold, manifest.ood.slide_threshold_low)
 
 
 def normalization_description(normalization: str) -> str:
@@ -920,7 +926,7 @@ def normalization_description(normalization: str) -> str:
 _EVIDENCE_METRICS = (("slide_balanced_accuracy", "slide balanced accuracy"), ("slide_accuracy", "slide accuracy"))
 
 
-def test_evidence(validation: Mapping[str, float], task: str) -> TestEvidence | None:
+def test_evidence(validation: Mapping[str, float], task: str) -> ValidationEvidence | None:
     """The test-set figure of ``task`` in a manifest's [validation] table: the slide balanced
     accuracy (else the slide accuracy) with its interval and the test patients; None without one."""
     for key, words in _EVIDENCE_METRICS:
@@ -928,7 +934,7 @@ def test_evidence(validation: Mapping[str, float], task: str) -> TestEvidence | 
         if k in validation:
             low, high = validation.get(f"{k}_ci_low"), validation.get(f"{k}_ci_high")
             patients = validation.get("test_patients")
-            return TestEvidence(words, validation[k], low, high, int(patients) if patients is not None else None)
+            return ValidationEvidence(words, validation[k], low, high, int(patients) if patients is not None else None)
     return None
 
 
@@ -1031,7 +1037,7 @@ def manifest_to_toml(manifest: Manifest) -> str:
         o = manifest.ood
         doc["ood"] = {
             "network": o.network, "features": o.features, "file": o.file, "sha256": o.sha256,
-            "slide_threshold": o.slide_threshold, "statistic": o.statistic, "quantile": o.quantile,
+            "slide_threshold": o.slide_threshold, "slide_threshold_low": o.slide_threshold_low, "statistic": o.statistic, "quantile": o.quantile,
             "margin": o.margin, "validation_slides": o.validation_slides,
         }
     header = (

@@ -42,7 +42,7 @@ class JobSummary:
     objects: tuple[WrittenObject, ...] = ()  # what was written, with its UIDs: nothing re-reads the files
     notes: tuple[str, ...] = ()
     geojson: str | None = None  # the QuPath GeoJSON of the same run (not a DICOM object)
-    # The OOD gate's verdict: {"network", "slide_score", "slide_threshold", "out_of_distribution"};
+    # The OOD gate's verdict: {"network", "slide_score", "slide_threshold", "slide_threshold_low", "out_of_distribution"};
     # None when the bundle has no [ood] table.
     ood: dict | None = None
 
@@ -80,6 +80,7 @@ def _ood_summary(result: AnalysisResult) -> dict | None:
         "network": v.network,
         "slide_score": v.slide_score,
         "slide_threshold": v.slide_threshold,
+        "slide_threshold_low": v.slide_threshold_low,
         "out_of_distribution": v.out_of_distribution,
     }
 

@@ -16,10 +16,19 @@ more component::
     score = sqrt((sum_i z_i^2 / lam_i + r2 / rho) / (k + 1))
 
 so a typical training tile scores about 1, whatever D and k are.  A slide's score is the
-**median** of its tiles' scores (robust to a few odd tiles: pen marks, folds).  The slide
-threshold is fitted on the validation slides only (``fit_slide_threshold``): ``margin`` times
-the ``quantile`` of their slide scores (defaults 1.5 x the 0.95 quantile); the test patients
-never see it.  The reference is stored as a ``.npz`` of plain arrays (no pickle), hashed in the
+**median** of its tiles' scores (robust to a few odd tiles: pen marks, folds).
+
+The gate is **two-sided**.  A slide is out of distribution when its score is above the upper
+threshold, ``margin`` x the ``quantile`` of the validation slides' scores, or below the lower
+one, the ``1 - quantile`` quantile divided by ``margin`` (defaults 1.5 and 0.95; both fitted on
+the validation slides only, the test patients never see them).  The lower side is there
+because a network shown something it has never seen often does not answer with large, odd
+features but with weak ones near the training mean ("feature collapse"): the real H&E sample
+CMU-1 scores about 0.5 with the demo classifier, lower than any synthetic slide.  In k + 1
+dimensions a typical tile lies on a shell at distance about 1, not at the centre, so a whole
+slide of tiles at the centre is as atypical as one far out (the typical-set test of Nalisnick
+et al., 2019, "Detecting out-of-distribution inputs to deep generative models using
+typicality").  The reference is stored as a ``.npz`` of plain arrays (no pickle), hashed in the
 manifest like the weights and verified before it is parsed.
 
 Pure numpy: the pipeline scores the features a runner returns, training fits the reference.
@@ -36,7 +45,7 @@ import numpy as np
 
 FEATURES_KEY = "ood_features"
 """The key under which a runner returns its per-tile feature vectors (n, D) beside its heads."""
-DEFAULT_COMPONENTS = 16
+DEFAULT_COMPONENTS = 4  # more components fit the training patients' small directions: held-out slides score high
 DEFAULT_QUANTILE = 0.95
 DEFAULT_MARGIN = 1.5
 _ARRAYS = ("mean", "components", "variances", "residual_variance")
@@ -127,6 +136,14 @@ def fit_slide_threshold(validation_slide_scores, quantile: float = DEFAULT_QUANT
     return float(margin * np.quantile(s, quantile))
 
 
+def fit_lower_threshold(validation_slide_scores, quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN) -> float:
+    """The ``1 - quantile`` quantile of the validation slides' scores divided by ``margin``."""
+    s = np.asarray([v for v in validation_slide_scores if v is not None and np.isfinite(v)], dtype=np.float64)
+    if s.size == 0:
+        raise OodReferenceError("no validation slide has a tile to score: the OOD threshold needs validation slides with tissue")
+    return float(np.quantile(s, 1.0 - quantile) / margin)
+
+
 def save_reference(reference: OodReference, path: str | os.PathLike[str]) -> None:
     """Write the reference as an uncompressed ``.npz`` of float64 arrays (no object arrays)."""
     buffer = io.BytesIO()
@@ -170,7 +187,8 @@ class OodGate:
     network: str  # the bundle network whose runner returns FEATURES_KEY
     reference: OodReference
     slide_threshold: float  # a slide scoring above this is out of distribution
+    slide_threshold_low: float = 0.0  # ... and one scoring below this (0: one-sided)
 
     def is_out(self, score: float | None) -> bool:
         """A slide without scored tiles is not called out of distribution (it has no calls anyway)."""
-        return score is not None and score > self.slide_threshold
+        return score is not None and not self.slide_threshold_low <= score <= self.slide_threshold

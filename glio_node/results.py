@@ -38,7 +38,7 @@ class ModelOrigin:
 
 
 @dataclass(frozen=True)
-class TestEvidence:
+class ValidationEvidence:
     """A call's validation evidence: the bundle's test-set figure for that head (manifest [validation])."""
 
     metric: str  # e.g. "slide balanced accuracy"
@@ -61,7 +61,7 @@ class Algorithm:
     # Per network: the stain normalisation applied to its tiles, method and reference, in words.
     normalizations: tuple[tuple[str, str], ...] = ()
     # Per classifier task: its test-set figure; a task not listed has "no test-set figure".
-    test_evidence: tuple[tuple[str, TestEvidence], ...] = ()
+    test_evidence: tuple[tuple[str, ValidationEvidence], ...] = ()
     dataset: str = ""  # what the bundle was trained and tested on (from the manifest's provenance)
 
 
@@ -120,9 +120,10 @@ class OodResult:
 
     network: str  # the bundle network whose features were scored
     slide_score: float | None  # median tile score; None when no tile was analysed
-    slide_threshold: float  # fitted on validation slides
+    slide_threshold: float  # fitted on validation slides: out above this ...
     out_of_distribution: bool
     tile_scores: Raster
+    slide_threshold_low: float = 0.0  # ... or below this (feature collapse; 0: one-sided)
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,7 @@ def _ood_verdict(ood: OodGate, use: _Use) -> OodResult:
         slide_threshold=ood.slide_threshold,
         out_of_distribution=ood.is_out(score),
         tile_scores=Raster(use.ood_scores, use.raster_mm_per_px * use.grid.tile_size),
+        slide_threshold_low=ood.slide_threshold_low,
     )
 
 
@@ -303,8 +304,8 @@ def analyze(
             calls = [withhold_out_of_distribution(c) for c in calls]
             notes.append(
                 f"The slide is unlike the bundle's training slides (out-of-distribution score "
-                f"{verdict.slide_score:.2f} above the threshold {verdict.slide_threshold:.2f}): every call "
-                "is indeterminate (out of distribution)."
+                f"{verdict.slide_score:.2f} outside {verdict.slide_threshold_low:.2f} to {verdict.slide_threshold:.2f}): "
+                "every call is indeterminate (out of distribution)."
             )
     result = AnalysisResult(
         algorithm=algorithm,

@@ -427,7 +427,10 @@ def provenance_statement(algorithm: Algorithm) -> str:
 
 
 def stain_statement(algorithm: Algorithm) -> str:
-    """The stain normalisation each network's tiles had, method and reference, in one sentence."""
+    """The stain normalisation each network's tiles had, method and reference, in one sentence
+    ("" when the algorithm record names none)."""
+    if not algorithm.normalizations:
+        return ""
     return "Stain normalisation: " + "; ".join(f"{n}: {words}" for n, words in algorithm.normalizations) + "."
 
 
@@ -452,10 +455,10 @@ def contributing_equipment(algorithm: Algorithm, extra: str = "") -> list[hd.Con
 
 
 def _with_extra(text: str, extra: str) -> str:
-    """``extra`` (e.g. the stain statement) before the provenance, so ST's 1024 characters keep it."""
+    """``extra`` (e.g. the stain statement) after the provenance (whose notices come first)."""
     if not extra:
         return text
-    joined = f"{extra} {text}"
+    joined = f"{text} {extra}"
     return joined if len(joined) <= 1024 else joined[:1021].rstrip() + "..."
 
 

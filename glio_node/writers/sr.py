@@ -36,7 +36,8 @@ GLIO-OOD       Indeterminate (out of distribution): a call withheld by the OOD g
 OODCHECK       Out-of-distribution check (finding and evaluation)
 GLIO-INDIST    Within the training distribution
 OODSCORE       Out-of-distribution score (median tile score; ~1 typical of training)
-OODTHRESH      Out-of-distribution threshold (fitted on validation slides)
+OODTHRESH      Out-of-distribution upper threshold (fitted on validation slides)
+OODTHRLOW      Out-of-distribution lower threshold (fitted on validation slides)
 TESTMETRIC     Test-set metric (its name in the call's algorithm parameters)
 TESTCILOW      Test-set metric 95% CI lower limit
 TESTCIHIGH     Test-set metric 95% CI upper limit
@@ -56,7 +57,7 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from glio_node.results import AnalysisResult, SlideCall, Task, TestEvidence
+from glio_node.results import AnalysisResult, SlideCall, Task, ValidationEvidence
 from glio_node.writers import common
 from glio_node.writers.common import SourceSlide, WrittenObject
 
@@ -77,7 +78,8 @@ OUT_OF_DISTRIBUTION = hd.sr.CodedConcept("GLIO-OOD", _L, "Indeterminate (out of 
 OOD_CHECK = hd.sr.CodedConcept("OODCHECK", _L, "Out-of-distribution check")
 IN_DISTRIBUTION = hd.sr.CodedConcept("GLIO-INDIST", _L, "Within the training distribution")
 OOD_SCORE = hd.sr.CodedConcept("OODSCORE", _L, "Out-of-distribution score")
-OOD_THRESHOLD = hd.sr.CodedConcept("OODTHRESH", _L, "Out-of-distribution threshold")
+OOD_THRESHOLD = hd.sr.CodedConcept("OODTHRESH", _L, "Out-of-distribution upper threshold")
+OOD_THRESHOLD_LOW = hd.sr.CodedConcept("OODTHRLOW", _L, "Out-of-distribution lower threshold")
 TEST_METRIC = hd.sr.CodedConcept("TESTMETRIC", _L, "Test-set metric")
 TEST_CI_LOW = hd.sr.CodedConcept("TESTCILOW", _L, "Test-set metric 95% CI lower limit")
 TEST_CI_HIGH = hd.sr.CodedConcept("TESTCIHIGH", _L, "Test-set metric 95% CI upper limit")
@@ -252,7 +254,7 @@ def write_sr(
     )
 
 
-def _with_evidence(algorithm, algorithm_id, evidence: TestEvidence | None) -> hd.sr.AlgorithmIdentification:
+def _with_evidence(algorithm, algorithm_id, evidence: ValidationEvidence | None) -> hd.sr.AlgorithmIdentification:
     """The call's algorithm identification: the bundle's, plus its test-set evidence in words."""
     params = [f"{k}={v}" for k, v in common.algorithm_parameters(algorithm).items()]
     if evidence is None:
@@ -270,7 +272,7 @@ def _with_evidence(algorithm, algorithm_id, evidence: TestEvidence | None) -> hd
     )
 
 
-def _evidence_measurements(evidence: TestEvidence | None) -> list:
+def _evidence_measurements(evidence: ValidationEvidence | None) -> list:
     if evidence is None:
         return []
     out = [hd.sr.Measurement(name=TEST_METRIC, value=float(evidence.value), unit=UNIT_NONE)]
@@ -288,7 +290,10 @@ def _ood_group(result: AnalysisResult, algorithm_id, slide_level, ood_map, track
     """The OOD gate's verdict: in or out, the slide score (median tile score) and the threshold."""
     verdict = result.ood
     referenced = [hd.sr.SourceImageForMeasurement.from_source_image(ood_map)] if ood_map is not None else None
-    measurements = [hd.sr.Measurement(name=OOD_THRESHOLD, value=float(verdict.slide_threshold), unit=UNIT_NONE)]
+    measurements = [
+        hd.sr.Measurement(name=OOD_THRESHOLD_LOW, value=float(verdict.slide_threshold_low), unit=UNIT_NONE),
+        hd.sr.Measurement(name=OOD_THRESHOLD, value=float(verdict.slide_threshold), unit=UNIT_NONE),
+    ]
     if verdict.slide_score is not None:
         measurements.insert(
             0, hd.sr.Measurement(name=OOD_SCORE, value=float(verdict.slide_score), unit=UNIT_NONE, referenced_images=referenced)
@@ -307,7 +312,7 @@ def _ood_group(result: AnalysisResult, algorithm_id, slide_level, ood_map, track
     )
 
 
-def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking, evidence: TestEvidence | None = None) -> list:
+def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking, evidence: ValidationEvidence | None = None) -> list:
     if len(call.probabilities) != len(call.classes):
         raise ValueError(
             f"{call.task} call has {len(call.probabilities)} probabilities for "

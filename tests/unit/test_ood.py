@@ -11,6 +11,7 @@ from glio_node.job import _calls
 from glio_node.ood import (
     OodGate,
     OodReferenceError,
+    fit_lower_threshold,
     fit_reference,
     fit_slide_threshold,
     load_reference,
@@ -53,6 +54,7 @@ def test_a_training_like_tile_scores_about_one_and_a_shifted_one_far_more():
 
 def test_the_slide_threshold_is_a_margin_times_a_quantile_of_the_validation_slides():
     assert fit_slide_threshold([1.0, 1.0, 2.0], quantile=1.0, margin=1.5) == pytest.approx(3.0)
+    assert fit_lower_threshold([1.0, 2.0, 2.0], quantile=1.0, margin=2.0) == pytest.approx(0.5)
     with pytest.raises(OodReferenceError, match="no validation slide has a tile"):
         fit_slide_threshold([None])
 
@@ -104,3 +106,28 @@ def test_a_slide_unlike_them_gets_every_call_indeterminate_out_of_distribution()
     assert all(not np.isnan(p) for c in result.calls for p in c.probabilities)  # kept for the record
     assert _calls(result)[0] == {"mgmt": "indeterminate (out of distribution)"}
     assert any("out of distribution" in n for n in result.notes)
+
+
+def test_the_manifests_ood_table_is_checked_on_construction():
+    from dataclasses import replace
+    from pathlib import Path
+
+    from glio_node.bundle import BundleError, OodSpec, load_manifest
+
+    demo = load_manifest(Path(__file__).resolve().parents[2] / "models" / "glio-demo")
+    spec = OodSpec("molecular", "features", "ood-reference.npz", None, slide_threshold=2.0, slide_threshold_low=0.8)
+    with pytest.raises(BundleError, match=r"\[ood\] needs manifest format 2"):
+        replace(demo, ood=spec)  # the shipped demo manifest is format 1
+    with pytest.raises(BundleError, match=r"\[ood\] network 'encoder' is not a network of the bundle \(regions, molecular\)"):
+        replace(demo, format=2, ood=replace(spec, network="encoder"))
+    with pytest.raises(BundleError, match=r"\[ood\] file 'ood.pkl' must be a plain file name inside the bundle ending in .npz"):
+        replace(spec, file="ood.pkl")
+    with pytest.raises(BundleError, match=r"slide_threshold_low 3.0 must be a number from 0 up to slide_threshold 2.0"):
+        replace(spec, slide_threshold_low=3.0)
+    assert replace(demo, format=2, ood=spec).ood.slide_threshold == 2.0
+
+
+def test_the_gate_is_two_sided():
+    reference = fit_reference(np.random.default_rng(2).normal(size=(40, 4)), components=2)
+    gate = OodGate("n", reference, slide_threshold=2.0, slide_threshold_low=0.5)
+    assert [gate.is_out(s) for s in (0.4, 0.5, 1.0, 2.0, 2.1, None)] == [True, False, False, False, True, False]
