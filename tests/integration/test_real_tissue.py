@@ -122,12 +122,20 @@ def test_real_skin_tissue_gets_every_call_indeterminate_out_of_distribution(gate
         assert_valid(path)
 
 
-def test_held_out_synthetic_slides_keep_their_right_calls_with_the_gate_on(gated_demo, slide_cache, tmp_path):
-    slide = slide_cache.slide(HELD_OUT)
+CALLS = {
+    # the slide -> its painted signature as the summary words it
+    "small": {"subtype": "Classical subtype", "mgmt": "MGMT promoter unmethylated", "egfr": "EGFR not amplified"},
+    "held_out": {"subtype": "Mesenchymal subtype", "mgmt": "MGMT promoter methylated", "egfr": "EGFR not amplified"},
+}
+
+
+@pytest.mark.parametrize("which", sorted(CALLS))
+def test_held_out_synthetic_slides_keep_their_right_calls_with_the_gate_on(gated_demo, slide_cache, small_slide, tmp_path, which):
+    slide = small_slide if which == "small" else slide_cache.slide(HELD_OUT)
     summary = run_job(list(slide.level_files), tmp_path / "out", gated_demo, device="cpu")
 
-    assert not summary.ood["out_of_distribution"], summary.ood
-    assert summary.calls == {"subtype": "Mesenchymal subtype", "mgmt": "MGMT promoter methylated", "egfr": "EGFR not amplified"}
+    assert not summary.ood["out_of_distribution"], summary.ood  # measured for small: 1.14, in 0.63 to 1.97
+    assert summary.calls == CALLS[which]
 
 
 def test_tissue_detection_finds_the_real_tissue(cmu_files):
