@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from glio_node.errors import BundleError
-from glio_node.results import Algorithm, CodedClass, ModelOrigin
+from glio_node.ood import OodGate, OodReferenceError, load_reference
+from glio_node.results import Algorithm, CodedClass, ModelOrigin, ValidationEvidence
 
 if TYPE_CHECKING:  # keras is imported lazily: reading a manifest must not pull in TensorFlow
     import keras
@@ -349,6 +350,57 @@ class NetworkSpec:
 
 
 @dataclass(frozen=True)
+class OodSpec:
+    """The bundle's out-of-distribution gate (format 2 ``[ood]``, glio_node/ood.py).
+
+    ``network`` names the bundle network whose per-tile features are compared with the
+    reference; ``features`` names where they come from: for a keras network the layer whose
+    output is taken (e.g. ``"features"``, the classifier's global-average-pooled layer), for an
+    onnx network a graph output, for an encoder its embeddings.  ``file`` (``.npz``, hashed like
+    the weights) holds the reference; ``slide_threshold`` was fitted on validation slides only as
+    ``margin`` x their ``quantile`` slide score.
+    """
+
+    network: str
+    features: str
+    file: str
+    sha256: str | None  # None only before write_bundle hashes it
+    slide_threshold: float
+    statistic: str = "median"  # of the tile scores: the slide score (the only one today)
+    quantile: float = 0.95
+    margin: float = 1.5
+    validation_slides: int = 0  # how many validation slides the threshold was fitted on
+    slide_threshold_low: float = 0.0  # a slide scoring below this is out of distribution too (0: one-sided)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.network, str) or not _NAME.match(self.network):
+            raise BundleError(f"[ood] network {self.network!r} must name a network of the bundle")
+        if not isinstance(self.features, str) or not _TENSOR_NAME.match(self.features):
+            raise BundleError(f"[ood] features {self.features!r} must be a layer or output name (1 to 128 characters, no spaces)")
+        if not isinstance(self.file, str) or not _FILE.match(self.file) or not self.file.endswith(".npz"):
+            raise BundleError(f"[ood] file {self.file!r} must be a plain file name inside the bundle ending in .npz")
+        if self.sha256 is not None and (not isinstance(self.sha256, str) or not _SHA256.match(self.sha256)):
+            raise BundleError(f"[ood] sha256 {self.sha256!r} must be 64 lower-case hexadecimal digits")
+        if not _is_number(self.slide_threshold) or self.slide_threshold <= 0:
+            raise BundleError(f"[ood] slide_threshold {self.slide_threshold!r} must be a positive number")
+        if self.statistic != "median":
+            raise BundleError(f"[ood] statistic {self.statistic!r} is unknown; allowed: median")
+        if not _is_number(self.quantile) or not 0 < self.quantile <= 1:
+            raise BundleError(f"[ood] quantile {self.quantile!r} must be a number in (0, 1]")
+        if not _is_number(self.margin) or self.margin < 1:
+            raise BundleError(f"[ood] margin {self.margin!r} must be a number of at least 1")
+        if not _is_int(self.validation_slides) or self.validation_slides < 0:
+            raise BundleError(f"[ood] validation_slides {self.validation_slides!r} must be a non-negative integer")
+        if not _is_number(self.slide_threshold_low) or not 0 <= self.slide_threshold_low < self.slide_threshold:
+            raise BundleError(
+                f"[ood] slide_threshold_low {self.slide_threshold_low!r} must be a number from 0 up to "
+                f"slide_threshold {self.slide_threshold!r}"
+            )
+        for key in ("slide_threshold", "quantile", "margin", "slide_threshold_low"):
+            object.__setattr__(self, key, float(getattr(self, key)))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A bundle's manifest.toml, parsed and checked."""
 
@@ -362,6 +414,7 @@ class Manifest:
     networks: tuple[NetworkSpec, ...]
     validation: Mapping[str, float] = field(default_factory=dict)  # held-out metrics, free-form keys
     format: int = FORMAT
+    ood: OodSpec | None = None  # format 2: the out-of-distribution gate, glio_node/ood.py
 
     def __post_init__(self) -> None:
         if not _is_int(self.format) or self.format not in READABLE_FORMATS:
@@ -418,6 +471,18 @@ class Manifest:
                         "each task must come from exactly one network"
                     )
                 seen[task] = network.name
+        if self.ood is not None:
+            if not isinstance(self.ood, OodSpec):
+                raise BundleError(f"ood must be an OodSpec, got {type(self.ood).__name__}")
+            if self.format < 2:
+                raise BundleError("[ood] needs manifest format 2; write the manifest as format 2")
+            if self.ood.network not in {n.name for n in self.networks}:
+                raise BundleError(
+                    f"[ood] network {self.ood.network!r} is not a network of the bundle "
+                    f"({', '.join(n.name for n in self.networks)})"
+                )
+            if self.ood.file in files:
+                raise BundleError(f"[ood] file {self.ood.file!r} is also a network's file; give it its own name")
         checked: dict[str, float] = {}
         for key, value in dict(self.validation).items():
             if not isinstance(key, str) or not _NAME.match(key):
@@ -550,7 +615,7 @@ def network_from_toml(
 
 
 def _manifest_from_toml(doc: Mapping[str, Any]) -> Manifest:
-    _take(doc, "the manifest", ("format", "bundle", "networks"), ("validation",))
+    _take(doc, "the manifest", ("format", "bundle", "networks"), ("validation", "ood"))
     fmt = doc["format"]
     if not _is_int(fmt) or fmt not in READABLE_FORMATS:  # checked first: a newer format may have a different layout
         raise BundleError(
@@ -579,7 +644,17 @@ def _manifest_from_toml(doc: Mapping[str, Any]) -> Manifest:
         networks=tuple(networks),
         validation=doc.get("validation", {}),
         format=doc["format"],
+        ood=_ood_from_toml(doc["ood"]) if "ood" in doc else None,
     )
+
+
+_OOD_KEYS = ("network", "features", "file", "sha256", "slide_threshold")
+_OOD_OPTIONAL = ("statistic", "quantile", "margin", "validation_slides", "slide_threshold_low")
+
+
+def _ood_from_toml(table: object) -> OodSpec:
+    t = _take(table, "[ood]", _OOD_KEYS, _OOD_OPTIONAL)  # type: ignore[arg-type]
+    return OodSpec(**{k: t[k] for k in _OOD_KEYS + _OOD_OPTIONAL if k in t})
 
 
 def _read_manifest(path: str | os.PathLike[str]) -> tuple[Path, bytes, Manifest]:
@@ -615,6 +690,11 @@ def _read_manifest(path: str | os.PathLike[str]) -> tuple[Path, bytes, Manifest]
                 f"licence file {network.origin.licence_file} of network {network.name!r} is missing from "
                 f"{directory}; re-copy the bundle or import the network again"
             )
+    if manifest.ood is not None and not (directory / manifest.ood.file).is_file():
+        raise BundleError(
+            f"OOD reference file {manifest.ood.file} is missing from {directory}; re-copy the bundle or "
+            "fit it again with `python -m training fit-ood`"
+        )
     return directory, data, manifest
 
 
@@ -638,18 +718,21 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 def _verify(path: str | os.PathLike[str]) -> tuple[Path, bytes, Manifest]:
     directory, data, manifest = _read_manifest(path)
+    checks = []
     for network in manifest.networks:
-        checks = [("weights", network.file, network.sha256)]
+        checks.append(("weights", network.file, network.sha256))
         if network.origin is not None:
             checks.append(("licence", network.origin.licence_file, network.origin.licence_sha256))
-        for what, name, expected in checks:
-            actual = sha256_file(directory / name)
-            if actual != expected:
-                raise BundleError(
-                    f"{what} file {name} in {directory} fails its SHA-256 check: manifest says "
-                    f"{expected}, file has {actual}; the file is corrupt or was changed: re-copy the "
-                    "bundle or re-export it"
-                )
+    if manifest.ood is not None:
+        checks.append(("OOD reference", manifest.ood.file, manifest.ood.sha256))
+    for what, name, expected in checks:
+        actual = sha256_file(directory / name)
+        if actual != expected:
+            raise BundleError(
+                f"{what} file {name} in {directory} fails its SHA-256 check: manifest says "
+                f"{expected}, file has {actual}; the file is corrupt or was changed: re-copy the "
+                "bundle or re-export it"
+            )
     return directory, data, manifest
 
 
@@ -681,6 +764,7 @@ class LoadedBundle:
     manifest: Manifest
     manifest_sha256: str  # SHA-256 of manifest.toml's bytes: the bundle fingerprint
     networks: tuple[LoadedNetwork, ...]
+    ood: OodGate | None = None  # the out-of-distribution gate, when the manifest has [ood]
 
     @property
     def algorithm(self) -> Algorithm:
@@ -697,6 +781,11 @@ class LoadedBundle:
                 for n in m.networks
                 if n.origin is not None
             ),
+            normalizations=tuple((n.name, normalization_description(n.normalization)) for n in m.networks),
+            test_evidence=tuple(
+                (task, e) for task in m.tasks if (e := test_evidence(m.validation, task)) is not None
+            ),
+            dataset=dataset_description(m.provenance),
         )
 
     def network_for(self, task: str) -> LoadedNetwork:
@@ -814,7 +903,58 @@ def load_bundle(path: str | os.PathLike[str], device: str = "auto") -> LoadedBun
         manifest=manifest,
         manifest_sha256=hashlib.sha256(data).hexdigest(),
         networks=tuple(loaded),
+        ood=_load_gate(directory, manifest),
     )
+
+
+def _load_gate(directory: Path, manifest: Manifest) -> OodGate | None:
+    """The [ood] reference (already hash-verified by ``_verify``) as the pipeline's gate."""
+    if manifest.ood is None:
+        return None
+    try:
+        reference = load_reference(directory / manifest.ood.file)
+    except OodReferenceError as exc:
+        raise BundleError(f"{directory}: {exc}") from None
+    return OodGate(manifest.ood.network, reference, manifest.ood.slide_threshold, manifest.ood.slide_threshold_low)
+
+
+def normalization_description(normalization: str) -> str:
+    """A manifest ``normalization`` in words, with its reference: what outputs record was applied."""
+    from glio_node.pipeline import stain  # noqa: PLC0415 - pipeline imports bundle
+
+    if normalization == "scale_0_1":
+        return "no stain normalisation (RGB / 255)"
+    if normalization == "imagenet":
+        return f"no stain normalisation (RGB / 255; ImageNet mean {IMAGENET_MEAN} std {IMAGENET_STD})"
+    if normalization == "reinhard":
+        return f"Reinhard to the lab reference mean {stain.REFERENCE_MEAN} std {stain.REFERENCE_STD}"
+    if normalization == "macenko":
+        return (
+            f"Macenko to the reference H&E stain matrix {stain.REFERENCE_STAIN_MATRIX} "
+            f"max concentrations {stain.REFERENCE_MAX_C}"
+        )
+    raise ValueError(f"normalization {normalization!r} is unknown; allowed: {', '.join(NORMALIZATIONS)}")
+
+
+_EVIDENCE_METRICS = (("slide_balanced_accuracy", "slide balanced accuracy"), ("slide_accuracy", "slide accuracy"))
+
+
+def test_evidence(validation: Mapping[str, float], task: str) -> ValidationEvidence | None:
+    """The test-set figure of ``task`` in a manifest's [validation] table: the slide balanced
+    accuracy (else the slide accuracy) with its interval and the test patients; None without one."""
+    for key, words in _EVIDENCE_METRICS:
+        k = f"test_{task}_{key}"
+        if k in validation:
+            low, high = validation.get(f"{k}_ci_low"), validation.get(f"{k}_ci_high")
+            patients = validation.get("test_patients")
+            return ValidationEvidence(words, validation[k], low, high, int(patients) if patients is not None else None)
+    return None
+
+
+def dataset_description(provenance: str) -> str:
+    """What the bundle was trained on, from its provenance ("... on <data>; seed ..."), else the whole text."""
+    match = re.search(r" on (.+?); seed ", provenance)
+    return (match.group(1) if match else provenance)[:256]
 
 
 def normalize(tiles: np.ndarray, normalization: str) -> np.ndarray:
@@ -906,6 +1046,15 @@ def manifest_to_toml(manifest: Manifest) -> str:
         "networks": [_network_to_toml(n, manifest.format) for n in manifest.networks],
         "validation": dict(manifest.validation),
     }
+    if manifest.ood is not None:
+        if manifest.ood.sha256 is None:
+            raise BundleError("the [ood] reference has no sha256; write the bundle with write_bundle")
+        o = manifest.ood
+        doc["ood"] = {
+            "network": o.network, "features": o.features, "file": o.file, "sha256": o.sha256,
+            "slide_threshold": o.slide_threshold, "slide_threshold_low": o.slide_threshold_low, "statistic": o.statistic, "quantile": o.quantile,
+            "margin": o.margin, "validation_slides": o.validation_slides,
+        }
     header = (
         f"# glio-node model bundle manifest, format {manifest.format} (docs/model-bundle.md).\n"
         "# Written by glio_node.bundle.write_bundle: edit nothing by hand, the sha256 fields and the\n"
@@ -935,6 +1084,7 @@ def write_bundle(
     manifest: Manifest,
     models: Mapping[str, keras.Model | str | os.PathLike[str]],
     licences: Mapping[str, str | os.PathLike[str]] | None = None,
+    ood_reference: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Save ``models`` (network name -> Keras model, or the path of a weights file) as a bundle in ``out_dir``.
 
@@ -943,6 +1093,7 @@ def write_bundle(
     state, to its network's ``file`` with ``model.save``; a path (an ONNX graph, or a ``.keras``
     file of another bundle) is copied byte for byte after an ONNX graph's signature is checked;
     ``licences`` (network name -> licence text file) are copied to each origin's ``licence_file``;
+    ``ood_reference`` (a ``.npz`` of glio_node.ood.save_reference) is copied to ``manifest.ood.file``;
     everything is hashed, and the manifest is written with the hashes.  The bundle is assembled
     in a temporary folder beside ``out_dir`` and moved into place at the end, replacing any
     previous bundle there, so a reader never sees a manifest that names weights from another run.
@@ -959,6 +1110,8 @@ def write_bundle(
         raise BundleError(
             f"licence files given for {sorted(licences)}, but the networks with an origin are {sorted(with_origin)}"
         )
+    if (ood_reference is None) != (manifest.ood is None):
+        raise BundleError("give an ood_reference file exactly when the manifest has an [ood] table")
     for spec in manifest.networks:
         given = models[spec.name]
         if isinstance(given, (str, os.PathLike)):
@@ -987,6 +1140,9 @@ def write_bundle(
                 spec = replace(spec, origin=replace(spec.origin, licence_sha256=sha256_file(licence)))
             networks.append(spec)
         final = replace(manifest, networks=tuple(networks))
+        if manifest.ood is not None:
+            shutil.copyfile(ood_reference, staging / manifest.ood.file)  # type: ignore[arg-type]
+            final = replace(final, ood=replace(manifest.ood, sha256=sha256_file(staging / manifest.ood.file)))
         (staging / MANIFEST_NAME).write_text(manifest_to_toml(final), encoding="utf-8")
         verify_bundle(staging)
         if out_dir.exists():

@@ -139,6 +139,7 @@ def import_onnx(
     models: dict[str, Any] = {spec.name: onnx_file}
     licences: dict[str, Any] = {spec.name: licence_file}
     replaced: list[NetworkSpec] = []
+    reference = None  # the base bundle's OOD reference, carried over when its network is kept
     if into is None:
         missing = [k for k in ("name", "version", "intended_use", "is_demo") if k not in bundle_table]
         if missing:
@@ -166,11 +167,18 @@ def import_onnx(
                 licences[n.name] = base_dir / n.origin.licence_file
         if replaced:
             how += f" It replaces network(s) {', '.join(repr(n.name) for n in replaced)} of {base.name} {base.version}."
+        ood = base.ood
+        if ood is not None and ood.network in {n.name for n in replaced}:
+            ood = None  # the gate's reference describes the replaced network's features
+            how += f" Its out-of-distribution gate (network {base.ood.network!r}) was dropped with that network."
         overrides = {k: v for k, v in bundle_table.items() if k != "provenance"}
         manifest = replace(
             base, format=FORMAT, uid=f"2.25.{uuid.uuid4().int}", created=now,
             provenance=" ".join(p for p in (base.provenance, bundle_table.get("provenance", ""), how) if p),
-            networks=(*kept, spec), validation=_validation_without(dict(base.validation), replaced), **overrides,
+            networks=(*kept, spec), validation=_validation_without(dict(base.validation), replaced), ood=ood,
+            **overrides,
         )
-    written = write_bundle(out_dir, manifest, models, licences)
+        if ood is not None:
+            reference = base_dir / ood.file
+    written = write_bundle(out_dir, manifest, models, licences, ood_reference=reference)
     return written, [n.name for n in replaced]

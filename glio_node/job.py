@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from glio_node.pipeline.analyze import AnalysisOptions, AnalysisStats, analyze
+from glio_node.ood import OodGate
 from glio_node.ports import ModelRunner, SlideReader
 from glio_node.results import Algorithm, AnalysisResult
 
@@ -45,6 +46,9 @@ class JobSummary:
     # severity}], "usable_tissue_mm2"}; None when QC was off.  Stored with the job (status page).
     qc: dict | None = None
     calibration: dict[str, dict] = field(default_factory=dict)  # task -> {"calibrated": bool, "temperature": T (1.0 if not)}
+    # The OOD gate's verdict: {"network", "slide_score", "slide_threshold", "slide_threshold_low", "out_of_distribution"};
+    # None when the bundle has no [ood] table.
+    ood: dict | None = None
 
     @property
     def bundle(self) -> str:
@@ -59,7 +63,7 @@ class JobSummary:
 
 
 def _calls(result: AnalysisResult) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    calls = {c.task: (c.call.code_meaning if c.call else "indeterminate") for c in result.calls}
+    calls = {c.task: (c.call.code_meaning if c.call else call_text_indeterminate(c)) for c in result.calls}
     probs = {c.task: {k.name: p for k, p in zip(c.classes, c.probabilities)} for c in result.calls}
     return calls, probs
 
@@ -67,6 +71,25 @@ def _calls(result: AnalysisResult) -> tuple[dict[str, str], dict[str, dict[str, 
 def _calibration(result: AnalysisResult) -> dict[str, dict]:
     """Per call: whether its probabilities were temperature-scaled, and the temperature applied."""
     return {c.task: {"calibrated": c.calibrated, "temperature": c.temperature if c.calibrated else 1.0} for c in result.calls}
+def call_text_indeterminate(call) -> str:
+    """How a withheld call reads in the summary: the OOD gate's reason is said."""
+    return OUT_OF_DISTRIBUTION_TEXT if call.out_of_distribution else "indeterminate"
+
+
+OUT_OF_DISTRIBUTION_TEXT = "indeterminate (out of distribution)"
+
+
+def _ood_summary(result: AnalysisResult) -> dict | None:
+    v = result.ood
+    if v is None:
+        return None
+    return {
+        "network": v.network,
+        "slide_score": v.slide_score,
+        "slide_threshold": v.slide_threshold,
+        "slide_threshold_low": v.slide_threshold_low,
+        "out_of_distribution": v.out_of_distribution,
+    }
 
 
 class BundleCache:
@@ -104,6 +127,7 @@ class Models:
     runners: tuple[ModelRunner, ...]
     device: str  # what was used: "cpu" or "gpu:N"
     batch_size: int | None = None  # tiles per model call the runners were built for (None: the job's)
+    ood: OodGate | None = None  # the bundle's out-of-distribution gate, when it has one
 
 
 # The job's two seams (the defaults below are the real adapters; glio_node.testing has fakes):
@@ -139,7 +163,7 @@ def load_bundle_models(
     bundle = bundles.get(bundle_dir, device) if bundles is not None else load_bundle(bundle_dir, device)
     batch_size = batch_size or choose_batch_size(bundle, used_device, precision)
     algorithm = replace(bundle.algorithm, precision=precision)
-    return Models(algorithm, tuple(bundle_networks(bundle, batch_size, precision)), used_device, batch_size)
+    return Models(algorithm, tuple(bundle_networks(bundle, batch_size, precision)), used_device, batch_size, bundle.ood)
 
 
 # The name before bundles could hold ONNX networks (bench/ and older callers).
@@ -182,7 +206,7 @@ def run_job(
         if not options.batch_size:  # 0: the loader chose it from the device
             options = replace(options, batch_size=models.batch_size or 8)
 
-        result, stats, seg_level = analyze(slide, models.runners, models.algorithm, options, progress)
+        result, stats, seg_level = analyze(slide, models.runners, models.algorithm, options, progress, models.ood)
         stages.update(stats.stage_seconds)
         if slide.gaps:  # only with allow_gaps; said even when no missing frame was needed
             missing = slide.missing_frames_read
@@ -234,4 +258,5 @@ def run_job(
         geojson=str(geojson),
         qc=result.qc.as_dict() if result.qc is not None else None,
         calibration=_calibration(result),
+        ood=_ood_summary(result),
     )

@@ -38,6 +38,17 @@ class ModelOrigin:
 
 
 @dataclass(frozen=True)
+class ValidationEvidence:
+    """A call's validation evidence: the bundle's test-set figure for that head (manifest [validation])."""
+
+    metric: str  # e.g. "slide balanced accuracy"
+    value: float
+    ci_low: float | None  # patient-level bootstrap 95 % interval, when the manifest has it
+    ci_high: float | None
+    patients: int | None  # test patients
+
+
+@dataclass(frozen=True)
 class Algorithm:
     """The model bundle that produced a result: carried into every output and the audit trail."""
 
@@ -48,6 +59,11 @@ class Algorithm:
     is_demo: bool  # True for bundles trained on synthetic data
     origins: tuple[ModelOrigin, ...] = ()  # imported networks' sources and licences, named in every output
     precision: str = "float32"  # compute dtype of the networks' bodies (softmax float32 always)
+    # Per network: the stain normalisation applied to its tiles, method and reference, in words.
+    normalizations: tuple[tuple[str, str], ...] = ()
+    # Per classifier task: its test-set figure; a task not listed has "no test-set figure".
+    test_evidence: tuple[tuple[str, ValidationEvidence], ...] = ()
+    dataset: str = ""  # what the bundle was trained and tested on (from the manifest's provenance)
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,9 @@ class SlideCall:
     def calibrated(self) -> bool:
         """Whether ``probabilities`` were temperature-scaled (the bundle's head had a fitted temperature)."""
         return self.temperature is not None
+    # True when the OOD gate withheld the call (call is then None): the slide is unlike the
+    # bundle's training slides, so "indeterminate (out of distribution)", whatever the probabilities.
+    out_of_distribution: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,19 @@ class QcReport:
             ],
             "usable_tissue_mm2": round(self.usable_tissue_mm2, 4),
         }
+class OodResult:
+    """The out-of-distribution gate's verdict on one slide (glio_node/ood.py).
+
+    ``tile_scores.array``: (grid_rows, grid_cols) score per tile of the gate network's grid,
+    NaN where no tile was analysed; about 1 for a typical training tile.
+    """
+
+    network: str  # the bundle network whose features were scored
+    slide_score: float | None  # median tile score; None when no tile was analysed
+    slide_threshold: float  # fitted on validation slides: out above this ...
+    out_of_distribution: bool
+    tile_scores: Raster
+    slide_threshold_low: float = 0.0  # ... or below this (feature collapse; 0: one-sided)
 
 
 @dataclass(frozen=True)
@@ -160,5 +192,6 @@ class AnalysisResult:
     # The SR says so in a coded evaluation, so a partial answer never looks like a whole one.
     source_gaps: tuple[str, ...] = field(default=())
     qc: QcReport | None = None  # None when QC was switched off
+    ood: OodResult | None = None  # the OOD gate's verdict, when the bundle has one
 
 NOT_TISSUE = 255

@@ -209,6 +209,7 @@ class FakeClassifier:
     batch_size: int = 8
     calls: list[int] = field(default_factory=list)
     temperature: float | None = None  # the head's calibration; None: not calibrated
+    features: bool = False  # also return colour_features under FEATURES_KEY (the OOD gate's input)
 
     def __post_init__(self) -> None:
         if len(self.classes) != 2:
@@ -218,7 +219,18 @@ class FakeClassifier:
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         _check_batch(self, tiles)
         self.calls.append(len(tiles))
-        return {self.task: mean_intensity(tiles)}
+        out = {self.task: mean_intensity(tiles)}
+        if self.features:
+            from glio_node.ood import FEATURES_KEY
+
+            out[FEATURES_KEY] = colour_features(tiles)
+        return out
+
+
+def colour_features(tiles: np.ndarray) -> np.ndarray:
+    """(n, 6) float32 per-tile features: mean and standard deviation of R, G, B / 255."""
+    x = tiles.reshape(len(tiles), -1, 3).astype(np.float64) / 255.0
+    return np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=1).astype(np.float32)
 
 
 def _check_batch(runner: FakeSegmenter | FakeClassifier, tiles: np.ndarray) -> None:
@@ -244,9 +256,9 @@ def fake_slide_opener(slide: FakeSlide, opened: list | None = None):
     return open_slide
 
 
-def fake_models(*runners, algorithm: Algorithm = FAKE_ALGORITHM, device: str = "cpu"):
+def fake_models(*runners, algorithm: Algorithm = FAKE_ALGORITHM, device: str = "cpu", ood=None):
     """A ``load_models`` for :func:`glio_node.job.run_job` that hands out ``runners`` (default:
-    a :class:`FakeSegmenter` and a :class:`FakeClassifier`) with ``algorithm``."""
+    a :class:`FakeSegmenter` and a :class:`FakeClassifier`) with ``algorithm`` (and the OOD gate ``ood``)."""
     from glio_node.job import Models
 
     chosen = tuple(runners) or (FakeSegmenter(), FakeClassifier())
@@ -255,7 +267,7 @@ def fake_models(*runners, algorithm: Algorithm = FAKE_ALGORITHM, device: str = "
         for r in chosen:
             if getattr(r, "batch_size", batch_size) < batch_size:
                 raise ValueError(f"{r.name}: batch size {r.batch_size} < the job's {batch_size}")
-        return Models(algorithm, chosen, device)
+        return Models(algorithm, chosen, device, ood)
 
     return load_models
 

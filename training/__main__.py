@@ -5,6 +5,7 @@ Run from a checkout (training/ is not installed with glio-node and glio_node nev
 bundle models/glio-demo is ``train --config training/configs/glio-demo.toml``.  ``crossval
 --config run.toml`` trains every fold of a k-fold or leave-one-patient-out split and summarises.
 ``export-onnx --bundle B --out DIR`` writes B's Keras networks as the ONNX networks of a new bundle.
+``fit-ood --bundle B --config C`` adds an out-of-distribution gate to B from C's split (training/ood.py).
 """
 
 from __future__ import annotations
@@ -106,6 +107,19 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_ood(args: argparse.Namespace) -> int:
+    from training.ood import add_to_bundle
+
+    manifest, report = add_to_bundle(args.bundle, args.config)
+    print(
+        f"fitted the OOD gate of {manifest.name} {manifest.version} on network {manifest.ood.network!r} "
+        f"({report['components']} of {report['dimensions']} components): in distribution from "
+        f"{manifest.ood.slide_threshold_low:.3f} to {manifest.ood.slide_threshold:.3f} "
+        f"({report['rule']}; {manifest.ood.validation_slides} validation slides; test patients unused)"
+    )
+    return 0
+
+
 def _verbosity(asked: int | None) -> int:
     """Keras' progress bar on a terminal, one line per epoch in a log file (a bar redraws itself
     with carriage returns that make a log unreadable)."""
@@ -161,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--out", type=Path, required=True, help="folder of the new bundle, e.g. models/glio-demo-onnx")
     x.add_argument("--name", default=None, help="the new bundle's name (default: the source's name + '-onnx')")
     x.set_defaults(func=_export_onnx)
+    o = sub.add_parser("fit-ood", help="add an out-of-distribution gate to an existing bundle from its config's training/validation patients")
+    o.add_argument("--bundle", type=Path, required=True, help="the bundle folder, rewritten in place, e.g. models/glio-demo")
+    o.add_argument("--config", type=Path, required=True, help="the run config the bundle was trained with")
+    o.set_defaults(func=_fit_ood)
     y = sub.add_parser("synthetic", help="write a synthetic dataset in the documented format (tests, examples)")
     y.add_argument("dataset", type=Path)
     y.add_argument("--patients", type=int, default=32)

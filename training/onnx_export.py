@@ -106,6 +106,8 @@ def export_bundle(bundle_dir: Path, out_dir: Path, name: str | None = None) -> M
             f"(manifest SHA-256 {source.manifest_sha256}) with Keras {keras.__version__} "
             f"model.export(format='onnx') through tf2onnx {tf2onnx.__version__}, opset {', '.join(map(str, opsets))}."
         )
+        if m.ood is not None:  # the worker takes OOD features from keras networks only, so far
+            how += " The source's out-of-distribution gate was not carried over (ONNX networks cannot feed it yet)."
         manifest = replace(
             m,
             format=FORMAT,
@@ -114,6 +116,7 @@ def export_bundle(bundle_dir: Path, out_dir: Path, name: str | None = None) -> M
             provenance=m.provenance + how,
             created=datetime.now(UTC).replace(microsecond=0),
             networks=tuple(networks),
+            ood=None,
         )
         return write_bundle(out_dir, manifest, files)
 

@@ -396,8 +396,10 @@ def train(config_path: Path, verbose: int = 2, model_card_dir: Path | None = Non
         raise ConfigError(f"split.fold {cfg.split_fold} outside 0..{len(splits) - 1} ({cfg.split_method}, k={cfg.split_k})")
     split = splits[cfg.split_fold]
     _write_split(run_dir, split)
-    result = train_split(cfg, records, split, _load_tiles(cfg, records), run_dir, verbose)
-    bundle = export_bundle(cfg, result.unet, result.classifier, result.metrics, commit, config_path)
+    tiles = _load_tiles(cfg, records)
+    result = train_split(cfg, records, split, tiles, run_dir, verbose)
+    gate = _fit_gate(cfg, result.classifier, split, tiles, run_dir)
+    bundle = export_bundle(cfg, result.unet, result.classifier, result.metrics, commit, config_path, gate)
     (run_dir / "bundle.txt").write_text(str(bundle) + "\n")
     write_model_card(run_dir, cfg, result.metrics, commit, split, model_card_dir)
     return result.metrics
@@ -1028,8 +1030,19 @@ def _classifier_head(task: str, calibration: dict) -> HeadSpec:
                     temperature=chosen["temperature"])
 
 
-def export_bundle(cfg: RunConfig, unet, clf, metrics: dict, commit: str, config_path: Path) -> Path:
-    """Write models/<name>/ with the manifest of docs/model-bundle.md."""
+def _fit_gate(cfg: RunConfig, clf, split: Split, tiles: _Tiles, run_dir: Path):
+    """The OOD gate (training/ood.py): reference on the training patients' classifier tiles,
+    threshold on the validation patients'; the report goes to the run folder's ood.json."""
+    from training.ood import fit_gate, write_report
+
+    gate = fit_gate(clf, "molecular", cfg.normalization, {s: sh.images for s, sh in tiles.classifier.items()},
+                    split.train, split.validation)
+    write_report(run_dir, gate.report)
+    return gate
+
+
+def export_bundle(cfg: RunConfig, unet, clf, metrics: dict, commit: str, config_path: Path, gate=None) -> Path:
+    """Write models/<name>/ with the manifest of docs/model-bundle.md (and its OOD gate, when given)."""
     import keras
 
     networks = (
@@ -1056,5 +1069,10 @@ def export_bundle(cfg: RunConfig, unet, clf, metrics: dict, commit: str, config_
         validation=_summary(metrics),
     )
     out = cfg.models_dir / cfg.name
-    write_bundle(out, manifest, {"regions": unet, "molecular": clf})
+    if gate is None:
+        write_bundle(out, manifest, {"regions": unet, "molecular": clf})
+    else:
+        from training.ood import write_with_gate
+
+        write_with_gate(out, manifest, gate, {"regions": unet, "molecular": clf})
     return out

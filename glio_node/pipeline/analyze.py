@@ -43,8 +43,9 @@ from glio_node.pipeline.qc import (
 from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, region_fractions, slide_call
 from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.pipeline.tissue import TISSUE_UM_PER_PX, TissueMask, detect_tissue, resample_mask
+from glio_node.ood import FEATURES_KEY, OodGate, slide_score, tile_scores
 from glio_node.ports import ModelRunner, SlideReader
-from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, QcReport, Raster
+from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, OodResult, QcReport, Raster, SlideCall
 
 # A classifier tile is analysed only when at least this fraction of it is tissue: a tile that is
 # mostly glass says little about the tumour's molecular state.
@@ -98,6 +99,7 @@ class _Use:
     seg: SegmentationStitcher | None = None
     heat: dict[str, HeatmapStitcher] = field(default_factory=dict)
     pending: list = field(default_factory=list)
+    ood_scores: np.ndarray | None = None  # (grid rows, cols) tile OOD scores, for the gate's network
     inferred: int = 0
     model_seconds: float = 0.0
     focus: np.ndarray | None = None  # per cell and tile part: variance of the Laplacian (NaN: not judged)
@@ -199,13 +201,24 @@ class _CountingReads:
         return sum(self.counts.values())
 
 
-def _run_batch(use: _Use) -> None:
+def _run_batch(use: _Use, ood: OodGate | None = None) -> None:
     tiles = np.stack([t for _, t in use.pending])
     t0 = time.perf_counter()
     outputs = use.network.predict(tiles)
     use.model_seconds += time.perf_counter() - t0
+    if use.ood_scores is not None and ood is not None:
+        if FEATURES_KEY not in outputs:
+            raise BadInput(
+                f"the bundle's [ood] gate needs features from network {use.network.name!r}, which returned none; "
+                "check the manifest's [ood] features"
+            )
+        scores = tile_scores(ood.reference, outputs[FEATURES_KEY])
+        for i, (req, _) in enumerate(use.pending):
+            use.ood_scores[req.row, req.col] = scores[i]
     for i, (req, _) in enumerate(use.pending):
         for task, value in outputs.items():
+            if task == FEATURES_KEY:
+                continue
             if task == "segmentation" and use.seg is not None:
                 use.seg.add(req.row, req.col, value[i])
             elif task in use.heat:
@@ -240,6 +253,23 @@ def _qc_note(report: QcReport) -> str:
     return text
 
 
+def _ood_verdict(ood: OodGate, use: _Use) -> OodResult:
+    score = slide_score(use.ood_scores)
+    return OodResult(
+        network=ood.network,
+        slide_score=score,
+        slide_threshold=ood.slide_threshold,
+        out_of_distribution=ood.is_out(score),
+        tile_scores=Raster(use.ood_scores, use.raster_mm_per_px * use.grid.tile_size),
+        slide_threshold_low=ood.slide_threshold_low,
+    )
+
+
+def withhold_out_of_distribution(call: SlideCall) -> SlideCall:
+    """The call as the OOD gate leaves it: no class, marked out of distribution; probabilities kept."""
+    return replace(call, call=None, out_of_distribution=True)
+
+
 def _mask_label_map(label_map: np.ndarray, tissue: TissueMask, mm_per_px: float, band: int | None = None) -> None:
     """``NOT_TISSUE`` outside the tissue mask, resampled band by band (about a megapixel each)."""
     band = band or max(1, (1 << 20) // max(1, label_map.shape[1]))
@@ -255,8 +285,13 @@ def analyze(
     algorithm: Algorithm,
     options: AnalysisOptions = AnalysisOptions(),
     progress: Callable[[int, int], None] | None = None,
+    ood: OodGate | None = None,
 ) -> tuple[AnalysisResult, AnalysisStats, LevelInfo]:
-    """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to."""
+    """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to.
+
+    ``ood``: the bundle's out-of-distribution gate; the network it names scores each of its
+    tiles, and a slide whose median score passes the gate's threshold gets every call withheld
+    as "indeterminate (out of distribution)" (``result.ood`` holds the scores)."""
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     image, tissue_mm_per_px, tissue_level = tissue_image(slide)
@@ -273,6 +308,8 @@ def analyze(
             network, slide, tissue, i, lowres > 0 if lowres is not None else None,
             qc.tile_max_artefact_fraction if qc is not None else 1.0,
         )
+        if ood is not None and network.name == ood.network:
+            use.ood_scores = np.full((use.grid.rows, use.grid.cols), np.nan, dtype=np.float32)
         uses.append(use)
         requests.extend(reqs)
     if qc is not None and uses:
@@ -280,6 +317,8 @@ def analyze(
         for u in uses:
             if u.raster_mm_per_px <= finest * (1 + 1e-6):
                 u.focus = np.full((u.grid.rows, u.grid.cols, FOCUS_PARTS, FOCUS_PARTS), np.nan, np.float32)
+    if ood is not None and not any(u.ood_scores is not None for u in uses):
+        raise BadInput(f"the bundle's [ood] gate names network {ood.network!r}, which the bundle does not run")
     seg_uses = [u for u in uses if u.seg is not None]
     if len(seg_uses) != 1:
         raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it needs exactly one")
@@ -301,14 +340,14 @@ def analyze(
             use.focus[req.row, req.col] = focus_parts(tile, qc.focus_min_stained_fraction)
         use.pending.append((req, tile))
         if len(use.pending) == batch:
-            _run_batch(use)
+            _run_batch(use, ood)
             done += batch
             if progress:
                 progress(done, total)
     for use in uses:
         if use.pending:
             done += len(use.pending)
-            _run_batch(use)
+            _run_batch(use, ood)
     if progress:
         progress(done, total)
     stages["inference"] = time.perf_counter() - t0
@@ -337,6 +376,16 @@ def analyze(
         notes.append("No tissue was found on the slide; nothing was analysed.")
     if report is not None and report.verdict != "pass":
         notes.append(_qc_note(report))
+    verdict = None
+    if ood is not None:
+        verdict = _ood_verdict(ood, next(u for u in uses if u.ood_scores is not None))
+        if verdict.out_of_distribution:
+            calls = [withhold_out_of_distribution(c) for c in calls]
+            notes.append(
+                f"The slide is unlike the bundle's training slides (out-of-distribution score "
+                f"{verdict.slide_score:.2f} outside {verdict.slide_threshold_low:.2f} to {verdict.slide_threshold:.2f}): "
+                "every call is indeterminate (out of distribution)."
+            )
     result = AnalysisResult(
         algorithm=algorithm,
         region_classes=region_classes,
@@ -347,6 +396,7 @@ def analyze(
         calls=tuple(calls),
         notes=tuple(notes),
         qc=report,
+        ood=verdict,
     )
     stages["stitch"] = time.perf_counter() - t0
     stats = AnalysisStats(

@@ -18,7 +18,8 @@ from typing import Literal
 import numpy as np
 
 from glio_node.bundle import LoadedBundle, LoadedNetwork, normalize
-from glio_node.errors import BadInput
+from glio_node.errors import BadInput, BundleError
+from glio_node.ood import FEATURES_KEY
 
 Device = Literal["auto", "cpu", "gpu"]
 
@@ -161,6 +162,7 @@ class KerasNetwork:
     loaded: LoadedNetwork
     batch_size: int
     precision: str = "float32"
+    features: str | None = None  # [ood] features: also return this layer's output per tile (FEATURES_KEY)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -171,7 +173,8 @@ class KerasNetwork:
             raise ValueError(f"network {spec.name!r} runs on {spec.runtime}: use runtime/runners.bundle_networks")
         self.name, self.tile_size, self.um_per_px = spec.name, spec.tile_size, spec.um_per_px
         self.overlap, self.heads = spec.overlap, spec.heads
-        self._device_fn, self._normalize_on_host = _on_device(self.loaded.model, spec.normalization, self.precision)
+        model = self.loaded.model if self.features is None else with_features(self.loaded.model, self.features)
+        self._device_fn, self._normalize_on_host = _on_device(model, spec.normalization, self.precision)
 
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         """``tiles``: (n, T, T, 3) uint8 with n <= batch_size."""
@@ -182,7 +185,10 @@ class KerasNetwork:
         if n < self.batch_size:
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
         outputs = self._device_fn.predict_on_batch(x)
-        return {task: np.asarray(value)[:n] for task, value in outputs.items()}
+        return {
+            task: np.asarray(value)[:n].reshape(n, -1) if task == FEATURES_KEY else np.asarray(value)[:n]
+            for task, value in outputs.items()
+        }
 
 
 def activation_bytes_per_tile(model, precision: str = "float32") -> int:
@@ -241,6 +247,22 @@ def choose_batch_size(bundle: LoadedBundle, used_device: str, precision: str = "
     while batch * 2 <= min(fits, _MAX_GPU_BATCH):
         batch *= 2
     return batch
+
+
+def with_features(model, layer: str):
+    """``model`` with one more output, ``FEATURES_KEY``: the output of ``layer`` (the OOD gate's
+    features, e.g. the classifier's global-average-pooled ``"features"``).  Same weights, one pass."""
+    import keras
+
+    try:
+        output = model.get_layer(layer).output
+    except ValueError:
+        names = [lyr.name for lyr in model.layers]
+        raise BundleError(
+            f"[ood] features layer {layer!r} is not a layer of network {model.name!r} (layers: {', '.join(names[-8:])}, ...); "
+            "fix the manifest's [ood] features or re-fit the reference"
+        ) from None
+    return keras.Model(model.inputs, {**model.output, FEATURES_KEY: output}, name=f"{model.name}_with_features")
 
 
 def bundle_networks(bundle: LoadedBundle, batch_size: int, precision: str = "float32") -> list[KerasNetwork]:

@@ -7,7 +7,7 @@ without TensorFlow.
 from __future__ import annotations
 
 from glio_node.bundle import LoadedBundle, Manifest
-from glio_node.errors import BadInput
+from glio_node.errors import BadInput, BundleError
 
 CPU_BATCH_SIZE = 8
 
@@ -50,13 +50,20 @@ def choose_batch_size(bundle: LoadedBundle, used_device: str, precision: str = "
 def bundle_networks(bundle: LoadedBundle, batch_size: int, precision: str = "float32") -> list:
     """The bundle's networks, each with the runner of its runtime, ready for ``pipeline.analyze``."""
     networks = []
+    ood = bundle.manifest.ood
     for loaded in bundle.networks:
         if loaded.spec.runtime == "onnx":
+            if ood is not None and ood.network == loaded.spec.name:
+                raise BundleError(
+                    f"[ood] network {loaded.spec.name!r} is an onnx network; this glio-node takes OOD features from "
+                    "keras networks only: name a keras network in [ood] or remove the [ood] table"
+                )
             from glio_node.runtime.onnx_runner import OnnxNetwork  # noqa: PLC0415
 
             networks.append(OnnxNetwork(loaded, batch_size))
         else:
             from glio_node.runtime.keras_runner import KerasNetwork  # noqa: PLC0415
 
-            networks.append(KerasNetwork(loaded, batch_size, precision))
+            features = ood.features if ood is not None and ood.network == loaded.spec.name else None
+            networks.append(KerasNetwork(loaded, batch_size, precision, features))
     return networks

@@ -162,6 +162,8 @@ class JobRunner:
                 details={
                     "objects": len(objects), "device": summary.device,
                     **({"notes": list(summary.notes)} if summary.notes else {}),
+                    # the OOD gate's verdict, shown in the status page's event details
+                    **({"ood": summary.ood} if summary.ood else {}),
                 },
             )
             if done:

@@ -17,7 +17,7 @@ from glio_node.pipeline.polygonise import RegionPolygons, region_polygons
 from glio_node.results import NOT_TISSUE, AnalysisResult
 from glio_node.writers.ann import write_ann
 from glio_node.writers.common import WrittenObject, WrittenObjects, prepare_source
-from glio_node.writers.heatmap import write_heatmaps
+from glio_node.writers.heatmap import write_heatmaps, write_ood_map
 from glio_node.writers.seg import write_seg
 from glio_node.writers.sr import write_sr
 
@@ -53,12 +53,15 @@ def write_results(
     if regions is None:
         regions = result_polygons(result)
     anns = write_ann(slide, result, regions, out_dir)
+    ood = write_ood_map(slide, result, out_dir)  # None when the bundle has no OOD gate
     sr = write_sr(
         slide, result, [ds for _, ds in segs], heatmap_by_class, out_dir,
-        annotations=[ds for _, ds in anns],
+        annotations=[ds for _, ds in anns], ood_map=ood[1] if ood else None,
     )
     return WrittenObjects(
-        objects=(*(w for w, _ in segs), *(w for w, _ in heatmaps), sr, *(w for w, _ in anns)),
+        objects=(
+            *(w for w, _ in segs), *(w for w, _ in heatmaps), *([ood[0]] if ood else []), sr, *(w for w, _ in anns)
+        ),
         notes=slide.notes,
     )
 

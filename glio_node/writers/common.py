@@ -67,6 +67,7 @@ UID_NAMESPACE = "glio-node/writers/v1"  # changing it changes every derived UID
 SEG_SERIES_NUMBER = 9001
 SR_SERIES_NUMBER = 9002
 HEATMAP_SERIES_BASE = {"subtype": 9010, "mgmt": 9020, "egfr": 9030, "segmentation": 9040}
+OOD_MAP_SERIES_NUMBER = 9050  # the tile out-of-distribution score map
 MAX_CLASSES_PER_HEATMAP_HEAD = 10  # series numbers base + 0..9
 
 AI_NOTICE = "AI-generated, research use only"
@@ -425,7 +426,15 @@ def provenance_statement(algorithm: Algorithm) -> str:
     return text if len(text) <= 1024 else text[:1021].rstrip() + "..."
 
 
-def contributing_equipment(algorithm: Algorithm) -> list[hd.ContributingEquipment]:
+def stain_statement(algorithm: Algorithm) -> str:
+    """The stain normalisation each network's tiles had, method and reference, in one sentence
+    ("" when the algorithm record names none)."""
+    if not algorithm.normalizations:
+        return ""
+    return "Stain normalisation: " + "; ".join(f"{n}: {words}" for n, words in algorithm.normalizations) + "."
+
+
+def contributing_equipment(algorithm: Algorithm, extra: str = "") -> list[hd.ContributingEquipment]:
     """ContributingEquipmentSequence (SOP Common, every IOD): glio-node and the bundle as
     processing equipment, with :func:`provenance_statement`.
 
@@ -440,9 +449,17 @@ def contributing_equipment(algorithm: Algorithm) -> list[hd.ContributingEquipmen
             manufacturer_model_name=algorithm.name,
             software_versions=software_versions(algorithm),
             device_serial_number=device_serial_number(algorithm),
-            contribution_description=provenance_statement(algorithm),
+            contribution_description=_with_extra(provenance_statement(algorithm), extra),
         )
     ]
+
+
+def _with_extra(text: str, extra: str) -> str:
+    """``extra`` (e.g. the stain statement) after the provenance (whose notices come first)."""
+    if not extra:
+        return text
+    joined = f"{text} {extra}"
+    return joined if len(joined) <= 1024 else joined[:1021].rstrip() + "..."
 
 
 def algorithm_parameters(algorithm: Algorithm) -> dict[str, str]:
@@ -456,6 +473,10 @@ def algorithm_parameters(algorithm: Algorithm) -> dict[str, str]:
         params[f"{origin.network}_licence"] = _parameter_text(
             f"{origin.licence_name} (licence text sha256 {origin.licence_sha256})"
         )
+    for network, words in algorithm.normalizations:  # stain normalisation applied, method and reference
+        params[f"{network}_stain_normalization"] = _parameter_text(words)
+    if algorithm.dataset:
+        params["dataset"] = _parameter_text(algorithm.dataset)
     return params
 
 

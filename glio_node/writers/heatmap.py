@@ -149,13 +149,104 @@ def _write_one(
             f"P({cls.code_meaning}) {task} heatmap", short, algorithm
         ),
         coding_schemes=common.coding_schemes(),
-        contributing_equipment=common.contributing_equipment(algorithm),
+        contributing_equipment=common.contributing_equipment(algorithm, common.stain_statement(algorithm)),
         content_date=content_date,
         content_time=content_time,
         series_date=content_date,
         series_time=content_time,
     )
     path = out_dir / f"heatmap-{task}-{index}-{sop_uid}.dcm"
+    pmap.save_as(path, enforce_file_format=True)
+    written = WrittenObject(
+        path=path,
+        kind="heatmap",
+        sop_class_uid=str(pmap.SOPClassUID),
+        sop_instance_uid=str(sop_uid),
+        series_instance_uid=str(series_uid),
+        series_number=series_number,
+    )
+    return written, pmap
+
+
+OOD_STORED_PER_UNIT = 1000  # stored value of OOD score 1.0 (a typical training tile); step 0.001
+OOD_CONCEPT = hd.sr.CodedConcept("OODSCORE", common.LOCAL_SCHEME, "Out-of-distribution score")
+
+
+def quantise_ood(scores: np.ndarray) -> np.ndarray:
+    """Tile OOD scores (NaN = not analysed) -> uint16: round(score * 1000), 0 where not analysed,
+    capped at 65535 (score 65.5, far beyond any threshold)."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0)
+    return np.rint(np.clip(s * OOD_STORED_PER_UNIT, 0, STORED_MAX)).astype(np.uint16)
+
+
+def write_ood_map(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> tuple[WrittenObject, Dataset] | None:
+    """The tile out-of-distribution scores as one integer Parametric Map (series 9050), so a
+    pathologist sees which regions were unlike the training slides; None without an OOD verdict.
+
+    Same geometry and layout as the class heatmaps; the Real World Value Mapping gives the score
+    (slope 1/1000), about 1 for a typical training tile; the window spans 0 to twice the slide
+    threshold, so what passed the threshold shows bright.
+    """
+    verdict = result.ood
+    if verdict is None:
+        return None
+    raster = verdict.tile_scores
+    check_raster_geometry(source, raster, "OOD score map")
+    algorithm = result.algorithm
+    spacing = raster.mm_per_px
+    series_number = common.OOD_MAP_SERIES_NUMBER
+    series_uid = common.derived_uid(source, algorithm, "ood", "series")
+    sop_uid = common.derived_uid(source, algorithm, "ood", "instance")
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="ood_score",
+        lut_explanation=f"Out-of-distribution score of network {verdict.network}"[:64],
+        unit=codes.UCUM.NoUnits,
+        value_range=(0, STORED_MAX),
+        slope=1.0 / OOD_STORED_PER_UNIT,
+        intercept=0.0,
+        quantity_definition=OOD_CONCEPT,
+    )
+    width = max(2.0, 2 * verdict.slide_threshold * OOD_STORED_PER_UNIT)
+    content_date, content_time = common.content_date_time()
+    pmap = hd.pm.ParametricMap(
+        source_images=[source.primary],
+        further_source_images=source.further or None,
+        pixel_array=quantise_ood(raster.array),
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=common.MANUFACTURER,
+        manufacturer_model_name=algorithm.name,
+        software_versions=common.software_versions(algorithm),
+        device_serial_number=common.device_serial_number(algorithm),
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(
+                window_center=[width / 2], window_width=[width], window_explanation=["OOD score 0..2x threshold"]
+            )
+        ],
+        content_description=common.content_description(algorithm),
+        content_creator_name=common.content_creator_name(algorithm),
+        content_label=common.content_label("GLIO_OOD"),
+        pixel_measures=hd.PixelMeasuresSequence(
+            pixel_spacing=(spacing, spacing), slice_thickness=source.slice_thickness_mm
+        ),
+        plane_orientation=source.plane_orientation(),
+        plane_positions=[source.plane_position()],
+        dimension_organization_type=hd.DimensionOrganizationTypeValues.TILED_SPARSE,
+        tile_pixel_array=True,
+        tile_size=source.tile_size,
+        series_description=common.series_description("out-of-distribution score map", "OOD", algorithm),
+        coding_schemes=common.coding_schemes(),
+        contributing_equipment=common.contributing_equipment(algorithm, common.stain_statement(algorithm)),
+        content_date=content_date,
+        content_time=content_time,
+        series_date=content_date,
+        series_time=content_time,
+    )
+    path = out_dir / f"ood-{sop_uid}.dcm"
     pmap.save_as(path, enforce_file_format=True)
     written = WrittenObject(
         path=path,

@@ -46,6 +46,16 @@ CALIB          Probability calibration (question)
 CALTS          Temperature scaling fitted on validation slides (answer)
 CALNONE        Not calibrated (answer)
 CALTEMP        Calibration temperature
+GLIO-OOD       Indeterminate (out of distribution): a call withheld by the OOD gate
+OODCHECK       Out-of-distribution check (finding and evaluation)
+GLIO-INDIST    Within the training distribution
+OODSCORE       Out-of-distribution score (median tile score; ~1 typical of training)
+OODTHRESH      Out-of-distribution upper threshold (fitted on validation slides)
+OODTHRLOW      Out-of-distribution lower threshold (fitted on validation slides)
+TESTMETRIC     Test-set metric (its name in the call's algorithm parameters)
+TESTCILOW      Test-set metric 95% CI lower limit
+TESTCIHIGH     Test-set metric 95% CI upper limit
+TESTPATIENTS   Test-set patients
 =============  ==================================================
 
 Class concepts (region classes, subtypes, MGMT/EGFR classes) come from the bundle's manifest
@@ -62,7 +72,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from glio_node.coding import INDETERMINATE_REASON, QC_CONCEPT, QC_REASON, QC_VERDICTS
-from glio_node.results import AnalysisResult, QcReport, SlideCall, Task
+from glio_node.results import AnalysisResult, QcReport, SlideCall, Task, ValidationEvidence
 from glio_node.writers import common
 from glio_node.writers.common import SourceSlide, WrittenObject
 
@@ -83,6 +93,17 @@ SOURCE_COMPLETENESS = hd.sr.CodedConcept("SRCCOMPL", _L, "Source image completen
 SOURCE_INCOMPLETE = hd.sr.CodedConcept(
     "SRCINCOMPL", _L, "Incomplete source: missing frames were not analysed"
 )
+OUT_OF_DISTRIBUTION = hd.sr.CodedConcept("GLIO-OOD", _L, "Indeterminate (out of distribution)")
+OOD_CHECK = hd.sr.CodedConcept("OODCHECK", _L, "Out-of-distribution check")
+IN_DISTRIBUTION = hd.sr.CodedConcept("GLIO-INDIST", _L, "Within the training distribution")
+OOD_SCORE = hd.sr.CodedConcept("OODSCORE", _L, "Out-of-distribution score")
+OOD_THRESHOLD = hd.sr.CodedConcept("OODTHRESH", _L, "Out-of-distribution upper threshold")
+OOD_THRESHOLD_LOW = hd.sr.CodedConcept("OODTHRLOW", _L, "Out-of-distribution lower threshold")
+TEST_METRIC = hd.sr.CodedConcept("TESTMETRIC", _L, "Test-set metric")
+TEST_CI_LOW = hd.sr.CodedConcept("TESTCILOW", _L, "Test-set metric 95% CI lower limit")
+TEST_CI_HIGH = hd.sr.CodedConcept("TESTCIHIGH", _L, "Test-set metric 95% CI upper limit")
+TEST_PATIENTS = hd.sr.CodedConcept("TESTPATIENTS", _L, "Test-set patients")
+NO_TEST_FIGURE = "no test-set figure"
 INDETERMINATE = codes.SCT.Indeterminate  # (82334004, SCT, "Indeterminate")
 PROBABILITY = codes.DCM.Probability  # (122157, DCM, "Probability")
 PROCEDURE_REPORTED = codes.DCM.WholeSlideImaging  # (112703, DCM, "Whole Slide Imaging")
@@ -91,6 +112,7 @@ TISSUE = codes.SCT.Tissue  # (85756007, SCT, "Tissue")
 UNIT_MM2 = codes.UCUM.SquareMillimeter  # (mm2, UCUM)
 UNIT_PERCENT = codes.UCUM.Percent  # (%, UCUM)
 UNIT_NONE = codes.UCUM.NoUnits  # (1, UCUM, "no units")
+UNIT_PATIENTS = hd.sr.CodedConcept("{patients}", "UCUM", "patients")  # a UCUM annotation: a count
 
 
 def write_sr(
@@ -100,11 +122,13 @@ def write_sr(
     heatmaps: dict[tuple[str, str], Dataset],
     out_dir: Path,
     annotations: Sequence[Dataset] = (),
+    ood_map: Dataset | None = None,
 ) -> WrittenObject:
     """Write the measurement report; ``seg_levels[0]`` is the full-resolution SEG instance.
 
     ``heatmaps`` maps (task, class name) to the Parametric Map written for it (metadata is
-    enough); ``annotations`` (the ANN of the same run) are listed as evidence beside them. Raises ``ValueError`` when the result's fractions name unknown region classes.
+    enough); ``annotations`` (the ANN of the same run) are listed as evidence beside them;
+    ``ood_map`` (the tile OOD score Parametric Map) is the OOD check's source image. Raises ``ValueError`` when the result's fractions name unknown region classes.
     """
     algorithm = result.algorithm
     known = {c.name for c in result.region_classes}
@@ -177,8 +201,12 @@ def write_sr(
                 ],
             )
         )
+    if result.ood is not None:
+        groups.append(_ood_group(result, algorithm_id, slide_level, ood_map, tracking))
+    evidence = dict(algorithm.test_evidence)
     for call in result.calls:
-        groups.extend(_call_groups(call, algorithm_id, slide_level, heatmaps, tracking))
+        call_algorithm = _with_evidence(algorithm, algorithm_id, evidence.get(call.task))
+        groups.extend(_call_groups(call, call_algorithm, slide_level, heatmaps, tracking, evidence.get(call.task)))
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -214,7 +242,7 @@ def write_sr(
     sop_uid = common.derived_uid(source, algorithm, "sr", "instance")
     content_date, content_time = common.content_date_time()
     document = hd.sr.Comprehensive3DSR(
-        evidence=[*source.datasets, *seg_levels, *heatmaps.values(), *annotations],
+        evidence=[*source.datasets, *seg_levels, *heatmaps.values(), *annotations, *([ood_map] if ood_map is not None else [])],
         content=report,
         series_instance_uid=series_uid,
         series_number=common.SR_SERIES_NUMBER,
@@ -247,14 +275,75 @@ def write_sr(
     )
 
 
-def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking) -> list:
+def _with_evidence(algorithm, algorithm_id, evidence: ValidationEvidence | None) -> hd.sr.AlgorithmIdentification:
+    """The call's algorithm identification: the bundle's, plus its test-set evidence in words."""
+    params = [f"{k}={v}" for k, v in common.algorithm_parameters(algorithm).items()]
+    if evidence is None:
+        params.append(f"test_evidence={NO_TEST_FIGURE}")
+    else:
+        ci = "" if evidence.ci_low is None or evidence.ci_high is None else f" (95% CI {evidence.ci_low:.3f} to {evidence.ci_high:.3f})"
+        n = "" if evidence.patients is None else f" on {evidence.patients} test patients"
+        params.append(f"test_evidence={evidence.metric} {evidence.value:.3f}{ci}{n}")
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=params,
+        family=codes.cid7162.ArtificialIntelligence,
+        manufacturer=common.MANUFACTURER,
+    )
+
+
+def _evidence_measurements(evidence: ValidationEvidence | None) -> list:
+    if evidence is None:
+        return []
+    out = [hd.sr.Measurement(name=TEST_METRIC, value=float(evidence.value), unit=UNIT_NONE)]
+    if evidence.ci_low is not None and evidence.ci_high is not None:
+        out += [
+            hd.sr.Measurement(name=TEST_CI_LOW, value=float(evidence.ci_low), unit=UNIT_NONE),
+            hd.sr.Measurement(name=TEST_CI_HIGH, value=float(evidence.ci_high), unit=UNIT_NONE),
+        ]
+    if evidence.patients is not None:
+        out.append(hd.sr.Measurement(name=TEST_PATIENTS, value=float(evidence.patients), unit=UNIT_PATIENTS))
+    return out
+
+
+def _ood_group(result: AnalysisResult, algorithm_id, slide_level, ood_map, tracking):
+    """The OOD gate's verdict: in or out, the slide score (median tile score) and the threshold."""
+    verdict = result.ood
+    referenced = [hd.sr.SourceImageForMeasurement.from_source_image(ood_map)] if ood_map is not None else None
+    measurements = [
+        hd.sr.Measurement(name=OOD_THRESHOLD_LOW, value=float(verdict.slide_threshold_low), unit=UNIT_NONE),
+        hd.sr.Measurement(name=OOD_THRESHOLD, value=float(verdict.slide_threshold), unit=UNIT_NONE),
+    ]
+    if verdict.slide_score is not None:
+        measurements.insert(
+            0, hd.sr.Measurement(name=OOD_SCORE, value=float(verdict.slide_score), unit=UNIT_NONE, referenced_images=referenced)
+        )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking("ood", "check"),
+        finding_type=OOD_CHECK,
+        algorithm_id=algorithm_id,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=OOD_CHECK, value=OUT_OF_DISTRIBUTION if verdict.out_of_distribution else IN_DISTRIBUTION
+            )
+        ],
+        measurements=measurements,
+        source_images=[slide_level],
+    )
+
+
+def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking, evidence: ValidationEvidence | None = None) -> list:
     if len(call.probabilities) != len(call.classes):
         raise ValueError(
             f"{call.task} call has {len(call.probabilities)} probabilities for "
             f"{len(call.classes)} classes"
         )
     head = HEAD_CONCEPTS[call.task]
-    value = INDETERMINATE if call.call is None else common.coded(call.call)
+    if call.out_of_distribution:
+        value = OUT_OF_DISTRIBUTION
+    else:
+        value = INDETERMINATE if call.call is None else common.coded(call.call)
     evaluations = [hd.sr.QualitativeEvaluation(name=head, value=value)]
     if call.call is None and call.indeterminate_reason is not None:
         evaluations.append(
@@ -281,6 +370,7 @@ def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking)
                     value=float(call.temperature if call.calibrated else 1.0),
                     unit=UNIT_NONE,
                 ),
+                *_evidence_measurements(evidence),
             ],
             source_images=[slide_level],
         )

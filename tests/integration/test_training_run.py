@@ -83,6 +83,10 @@ def test_train_writes_a_run_folder_and_a_bundle_the_worker_analyses_with(tmp_pat
     assert v["test_regions_mean_dice"] == pytest.approx(regions["mean_dice"]) and "val_regions_mean_dice" in v
     assert v["test_regions_mean_dice_ci_low"] <= v["test_regions_mean_dice_ci_high"]
     assert {"test_regions_mcc", "test_regions_macro_f1", "test_subtype_slide_balanced_accuracy", "test_mgmt_tile_accuracy_ci_high"} <= set(v)
+    # The OOD gate: reference on the training patient, thresholds on the validation patient only.
+    assert manifest.ood is not None and manifest.ood.network == "molecular" and manifest.ood.validation_slides == 1
+    ood = json.loads((run_dir / "ood.json").read_text())
+    assert ood["slide_threshold"] == pytest.approx(manifest.ood.slide_threshold) and len(ood["validation_slide_scores"]) == 1
     verify = subprocess.run([sys.executable, "-m", "glio_node.cli", "models", "verify", str(tmp_path / "models" / "glio-ci")], cwd=env_path, env=env, check=False, capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stderr[-3000:]
     slide = tmp_path / "dataset" / "slides" / split["test"][0]

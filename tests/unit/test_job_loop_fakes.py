@@ -92,8 +92,8 @@ def node(tmp_path: Path) -> Node:
     return Node(sessions, spool, settings, slide, paths, job_id)
 
 
-def _scheduler(node: Node, *runners, opened: list | None = None) -> NodeScheduler:
-    run = partial(run_job, open_slide=fake_slide_opener(node.slide, opened), load_models=fake_models(*runners))
+def _scheduler(node: Node, *runners, opened: list | None = None, ood=None) -> NodeScheduler:
+    run = partial(run_job, open_slide=fake_slide_opener(node.slide, opened), load_models=fake_models(*runners, ood=ood))
     return NodeScheduler(node.settings, node.sessions, node.spool, node.spool.root / "no-bundle", owner="fake:1:a", run_job=run)
 
 
@@ -161,6 +161,22 @@ def test_an_incomplete_slide_says_what_was_read_as_glass(node: Node):
         "The slide arrived incomplete (2 frame(s) missing (fake)); 2 missing frame(s) the analysis "
         "needed were read as glass and not analysed."
     )
+
+
+def test_a_slide_unlike_the_training_slides_is_recorded_as_out_of_distribution(node: Node):
+    from glio_node.ood import OodGate, fit_reference
+    from glio_node.testing import colour_features
+
+    image, tissue = tissue_image()
+    pixels = image[tissue][:, [2, 0, 1]]  # the bundle was "trained" on another stain
+    tiles = pixels[np.random.default_rng(0).integers(0, len(pixels), (64, 64))].reshape(64, 8, 8, 3)
+    reference = fit_reference(colour_features(tiles), 2)
+    _run_one(_scheduler(node, FakeSegmenter(), FakeClassifier(features=True), ood=OodGate("fake-mgmt", reference, 2.0, 0.5)))
+
+    assert _job(node).state == JobState.DONE
+    (finished,) = _events(node, Event.JOB_FINISHED)
+    assert finished.details["ood"]["out_of_distribution"] and finished.details["ood"]["network"] == "fake-mgmt"
+    assert "every call is indeterminate (out of distribution)" in finished.details["notes"][-1]
 
 
 class _Refusing(FakeSegmenter):
