@@ -163,7 +163,7 @@ def load_bundle_models(
     bundle = bundles.get(bundle_dir, device) if bundles is not None else load_bundle(bundle_dir, device)
     batch_size = batch_size or choose_batch_size(bundle, used_device, precision)
     algorithm = replace(bundle.algorithm, precision=precision)
-    return Models(algorithm, tuple(bundle_networks(bundle, batch_size, precision)), used_device, batch_size, bundle.ood)
+    return Models(algorithm, tuple(bundle_networks(bundle, batch_size, precision)), used_device, batch_size=batch_size, ood=bundle.ood)
 
 
 # The name before bundles could hold ONNX networks (bench/ and older callers).

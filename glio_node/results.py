@@ -161,6 +161,9 @@ class QcReport:
             ],
             "usable_tissue_mm2": round(self.usable_tissue_mm2, 4),
         }
+
+
+@dataclass(frozen=True)
 class OodResult:
     """The out-of-distribution gate's verdict on one slide (glio_node/ood.py).
 

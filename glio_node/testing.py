@@ -267,7 +267,7 @@ def fake_models(*runners, algorithm: Algorithm = FAKE_ALGORITHM, device: str = "
         for r in chosen:
             if getattr(r, "batch_size", batch_size) < batch_size:
                 raise ValueError(f"{r.name}: batch size {r.batch_size} < the job's {batch_size}")
-        return Models(algorithm, chosen, device, ood)
+        return Models(algorithm, chosen, device, ood=ood)
 
     return load_models
 
