@@ -24,7 +24,8 @@ medians (target >= 0.8).
 
 Every repeat also sends, unless ``--parallel 0``, N = ``--parallel`` slides at once: N storescu
 processes, each its own association and its own copy of the slide (new UIDs), to either receiver
-(the wall time until the last exits; MB/s over all N slides).
+(storescp with ``--fork``: a process per association; the wall time until the last exits; MB/s
+over all N slides).
 
 Every repeat is done twice: with ``TCP_NODELAY=1`` in the DCMTK tools' environment (Nagle's
 algorithm off on their sockets: the headline figure) and with DCMTK's default sockets. Debian's
@@ -83,7 +84,7 @@ BUNDLE = REPO_ROOT / "models" / "glio-demo"
 MODES = (
     ("nodelay", True, "`TCP_NODELAY=1` for storescu and storescp (Nagle's algorithm off)"),
     ("default", False, "DCMTK's default sockets (Debian's DCMTK 3.6.7: Nagle's algorithm on)"),
-    ("parallel", True, "Several associations at once (`TCP_NODELAY=1`): {n} storescu processes, each its own association and its own copy of the slide (new UIDs)"),
+    ("parallel", True, "Several associations at once (`TCP_NODELAY=1`): {n} storescu processes, each its own association and its own copy of the slide (new UIDs); storescp with `--fork`"),
 )
 PARALLEL = 4  # storescu processes of the "parallel" mode (--parallel)
 
@@ -191,13 +192,16 @@ def dcmtk_env(nodelay: bool) -> dict[str, str]:
     return env
 
 
-def start_storescp(folder: Path, nodelay: bool) -> tuple[subprocess.Popen, int]:
+def start_storescp(folder: Path, nodelay: bool, fork: bool = False) -> tuple[subprocess.Popen, int]:
+    """storescp on a free port; ``fork``: a child process per association (``--fork``), as one
+    would run it for several senders (by default it serves one association at a time)."""
     out = folder / "out"
     out.mkdir(parents=True)
     port = free_port()
     log = (folder / "storescp.log").open("ab")
     proc = subprocess.Popen(
-        ["storescp", "-dhl", "-aet", STORESCP_AET, "+xa", "+B", "-od", str(out), str(port)],
+        ["storescp", "-dhl", *(["--fork"] if fork else []), "-aet", STORESCP_AET, "+xa", "+B",
+         "-od", str(out), str(port)],
         stdout=log,
         stderr=log,
         env=dcmtk_env(nodelay),
@@ -260,12 +264,13 @@ def storescu(port: int, aet: str, files: list[Path], nodelay: bool = False) -> f
 
 
 def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process so far, all its threads (from /proc)."""
+    """User + system CPU seconds of a process so far, all its threads and reaped children (from /proc)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # utime + stime, plus cutime + cstime: the reaped children of storescp --fork
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def received_files(folder: Path, target: str) -> list[Path]:
@@ -299,8 +304,10 @@ def one_send(
     """One timed send to a fresh receiver: ``files`` in one association, or, with ``slides``,
     each slide in its own association at the same time."""
     folder = Path(tempfile.mkdtemp(prefix=f"{target}-{label}-", dir=scratch))
-    start = start_storescp if target == "storescp" else start_node_receiver
-    proc, port = start(folder, nodelay)
+    if target == "storescp":
+        proc, port = start_storescp(folder, nodelay, fork=bool(slides))
+    else:
+        proc, port = start_node_receiver(folder, nodelay)
     aet = STORESCP_AET if target == "storescp" else NODE_AET
     try:
         cpu0 = process_cpu(proc.pid)
@@ -521,8 +528,10 @@ def render(result: dict[str, Any]) -> str:
         "to each, sends alternate (storescp first in odd repeats, the node first in even ones). MB/s = "
         "10^6 bytes of the slide's files / wall seconds. In the parallel mode (`--parallel N`) N storescu "
         "processes start at once, each with its own association and its own copy of the slide (new UIDs, so "
-        "no receiver sees a duplicate); the figure is the wall time until the last one exits, and MB/s "
-        "counts all N slides."
+        "no receiver sees a duplicate), and storescp runs with `--fork` (a process per association; by "
+        "default it serves one at a time, while the node has a thread per association); the figure is the "
+        "wall time until the last storescu exits and MB/s counts all N slides; storescp's CPU includes its children "
+        "once they are reaped."
     )
     add("")
     add("| machine | |")
