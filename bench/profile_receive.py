@@ -11,6 +11,10 @@ bench/receive.py's slide (generated there, reused from ``.cache/bench-slides``).
   own, printed by internal time.  Sleeps in them are their polling loops waiting.
 - ``--ab N``: N interleaved sends each to the receiver as it is ("after") and with pynetdicom's
   16 KiB maximum PDU and the file read again to hash it ("before"); median wall and process CPU.
+  ``--against V`` compares with a what-if instead (measurements, not modes to ship): ``no-fsync``
+  (every fsync a no-op, SQLite ``synchronous=OFF``), ``file-fsync-only`` (the file's data only),
+  ``recv-256k`` (socket reads of 256 KiB, not 4 KiB), ``dul-wake`` (the DUL thread woken by socket
+  data, not its 1 ms sleep), ``fast-poll`` (the association reactor polled every 0.1 ms).
 
 Not a test, and not part of bench/receive.py's page: a tool for the next optimisation.
 """
@@ -139,17 +143,98 @@ def profile(files: list[Path], scratch: Path, top: int) -> None:
         print(f"\n=== {name} thread, by internal time\n{out.getvalue()}")
 
 
-def ab(files: list[Path], scratch: Path, repeats: int) -> None:
+# --- what-if variants for --ab (measurements, not modes to ship) --------------------------------
+
+
+def _sync_only_files(real: Any) -> Any:
+    import stat
+
+    def fsync(fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            real(fd)
+
+    return fsync
+
+
+def _recv_large(self: Any, nr_bytes: int) -> bytearray:
+    """pynetdicom's ``AssociationSocket.recv`` reading up to 256 KiB per call (it reads 4 KiB)."""
+    data = bytearray()
+    while len(data) < nr_bytes:
+        chunk = self.socket.recv(min(nr_bytes - len(data), 1 << 18))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _dul_wakes_on_data(real_sleep: Any) -> Any:
+    import select
+    import threading
+
+    import pynetdicom.dul
+
+    def sleep(delay: float) -> None:
+        thread = threading.current_thread()
+        sock = getattr(getattr(thread, "socket", None), "socket", None)
+        if isinstance(thread, pynetdicom.dul.DULServiceProvider) and sock is not None:
+            try:
+                select.select([sock], [], [], delay)
+                return
+            except (OSError, ValueError):
+                pass
+        real_sleep(delay)
+
+    return sleep
+
+
+def apply_variant(name: str, engine: Any) -> Any:
+    """Patch this process for the what-if ``name``; returns a function that undoes it."""
+    import types
+
+    import pynetdicom.association
+    import pynetdicom.dul
+    import pynetdicom.transport
+    from sqlalchemy import event
+
+    undo: list[Any] = []
+    if name in ("no-fsync", "file-fsync-only"):
+        real = os.fsync
+        os.fsync = (lambda fd: None) if name == "no-fsync" else _sync_only_files(real)
+        undo.append(lambda: setattr(os, "fsync", real))
+        event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA synchronous=OFF"))
+        engine.dispose()
+    elif name == "recv-256k":
+        real = pynetdicom.transport.AssociationSocket.recv
+        pynetdicom.transport.AssociationSocket.recv = _recv_large
+        undo.append(lambda: setattr(pynetdicom.transport.AssociationSocket, "recv", real))
+    elif name in ("dul-wake", "fast-poll"):
+        module = pynetdicom.dul if name == "dul-wake" else pynetdicom.association
+        real_time = module.time
+        sleep = _dul_wakes_on_data(time.sleep) if name == "dul-wake" else (lambda d: time.sleep(min(d, 0.0001)))
+        module.time = types.SimpleNamespace(sleep=sleep, time=time.time, monotonic=time.monotonic, perf_counter=time.perf_counter)
+        undo.append(lambda: setattr(module, "time", real_time))
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+    return lambda: [u() for u in undo]
+
+
+VARIANTS = ("no-fsync", "file-fsync-only", "recv-256k", "dul-wake", "fast-poll")
+
+
+def ab(files: list[Path], scratch: Path, repeats: int, against: str = "before") -> None:
     size = sum(f.stat().st_size for f in files)
-    results: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+    results: dict[str, list[tuple[float, float]]] = {against: [], "after": []}
     for i in range(repeats):
-        for variant in ("before", "after") if i % 2 == 0 else ("after", "before"):
+        for variant in (against, "after") if i % 2 == 0 else ("after", against):
             receiver = Receiver(scratch, before=variant == "before")
+            undo = apply_variant(variant, receiver.engine) if variant not in ("before", "after") else None
             try:
                 time.sleep(0.2)
                 results[variant].append(send(receiver.port, files))
             finally:
                 receiver.close()
+                if undo is not None:
+                    undo()
     for variant, runs in results.items():
         wall = statistics.median(r[0] for r in runs)
         cpu = statistics.median(r[1] for r in runs)
@@ -162,13 +247,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--ab", type=int, default=0, help="interleaved before/after sends (0: profile only)")
+    parser.add_argument(
+        "--against", choices=("before", *VARIANTS), default="before",
+        help="what --ab compares the receiver with: 'before' (16 KiB PDUs, file re-read to hash) or a what-if",
+    )
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "bench-slides")
     args = parser.parse_args()
     files = ensure_slide(args.size, args.cache)
     with tempfile.TemporaryDirectory(prefix="glio-profile-") as scratch:
         if args.ab:
-            ab(files, Path(scratch), args.ab)
+            ab(files, Path(scratch), args.ab, args.against)
         else:
             profile(files, Path(scratch), args.top)
     return 0

@@ -1,7 +1,7 @@
 """C-STORE receive benchmark: glio-node's receiver against DCMTK's ``storescp``, over loopback.
 
     .venv/bin/python bench/receive.py [--size 8192] [--repeats 3] [--out docs/benchmarks-receive.md]
-                                      [--no-pacs] [--quiet-seconds 1] [--json F]
+                                      [--parallel 4] [--no-pacs] [--quiet-seconds 1] [--json F]
 
 A synthetic JPEG VL WSI slide (``--size`` px square at 0.25 µm/px, 256-px frames, pyramid down to
 ~8 µm/px, label and overview; the same files bench/pipeline.py uses) is written once into
@@ -21,6 +21,11 @@ untimed warm-up send to each, sends alternate between the two (storescp first in
 node first in even ones) so that drift on a shared machine hits both alike. Throughput is the total
 bytes of the slide's files over that wall time; the ratio is node / storescp per repeat and of the
 medians (target >= 0.8).
+
+Every repeat also sends, unless ``--parallel 0``, N = ``--parallel`` slides at once: N storescu
+processes, each its own association and its own copy of the slide (new UIDs), to either receiver
+(storescp with ``--fork``: a process per association; the wall time until the last exits; MB/s
+over all N slides).
 
 Every repeat is done twice: with ``TCP_NODELAY=1`` in the DCMTK tools' environment (Nagle's
 algorithm off on their sockets: the headline figure) and with DCMTK's default sockets. Debian's
@@ -79,7 +84,9 @@ BUNDLE = REPO_ROOT / "models" / "glio-demo"
 MODES = (
     ("nodelay", True, "`TCP_NODELAY=1` for storescu and storescp (Nagle's algorithm off)"),
     ("default", False, "DCMTK's default sockets (Debian's DCMTK 3.6.7: Nagle's algorithm on)"),
+    ("parallel", True, "Several associations at once (`TCP_NODELAY=1`): {n} storescu processes, each its own association and its own copy of the slide (new UIDs); storescp with `--fork`"),
 )
+PARALLEL = 4  # storescu processes of the "parallel" mode (--parallel)
 
 
 # --- slide ---------------------------------------------------------------------------------------
@@ -110,6 +117,36 @@ def ensure_slide(size: int, cache: Path) -> list[Path]:
             if staging.exists():
                 shutil.rmtree(staging)
     return sorted(folder.glob("*.dcm"))
+
+
+def slide_copies(files: list[Path], copies: int) -> list[list[Path]]:
+    """``files`` and ``copies - 1`` copies of them with new Study/Series/SOP Instance and Frame of
+    Reference UIDs (mapped the same way in every file of a copy, so the copy is one coherent
+    slide), kept next to the slide: the parallel mode sends a different slide per association,
+    as several scanners would, so that neither receiver sees a duplicate."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    keywords = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+    out = [files]
+    for k in range(1, copies):
+        folder = files[0].parent.with_name(files[0].parent.name + f"-copy{k}")
+        if not folder.is_dir():
+            staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            try:
+                for f in files:
+                    ds = pydicom.dcmread(f)
+                    for kw in keywords:
+                        if kw in ds:
+                            setattr(ds, kw, generate_uid(entropy_srcs=[str(ds.data_element(kw).value), str(k)]))
+                    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                    ds.save_as(staging / f.name, enforce_file_format=True)
+                os.replace(staging, folder)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging)
+        out.append(sorted(folder.glob("*.dcm")))
+    return out
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -155,13 +192,16 @@ def dcmtk_env(nodelay: bool) -> dict[str, str]:
     return env
 
 
-def start_storescp(folder: Path, nodelay: bool) -> tuple[subprocess.Popen, int]:
+def start_storescp(folder: Path, nodelay: bool, fork: bool = False) -> tuple[subprocess.Popen, int]:
+    """storescp on a free port; ``fork``: a child process per association (``--fork``), as one
+    would run it for several senders (by default it serves one association at a time)."""
     out = folder / "out"
     out.mkdir(parents=True)
     port = free_port()
     log = (folder / "storescp.log").open("ab")
     proc = subprocess.Popen(
-        ["storescp", "-dhl", "-aet", STORESCP_AET, "+xa", "+B", "-od", str(out), str(port)],
+        ["storescp", "-dhl", *(["--fork"] if fork else []), "-aet", STORESCP_AET, "+xa", "+B",
+         "-od", str(out), str(port)],
         stdout=log,
         stderr=log,
         env=dcmtk_env(nodelay),
@@ -224,12 +264,13 @@ def storescu(port: int, aet: str, files: list[Path], nodelay: bool = False) -> f
 
 
 def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process so far, all its threads (from /proc)."""
+    """User + system CPU seconds of a process so far, all its threads and reaped children (from /proc)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # utime + stime, plus cutime + cstime: the reaped children of storescp --fork
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def received_files(folder: Path, target: str) -> list[Path]:
@@ -237,20 +278,51 @@ def received_files(folder: Path, target: str) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
 
-def one_send(target: str, files: list[Path], scratch: Path, label: str, nodelay: bool) -> dict[str, Any]:
+def storescu_parallel(port: int, aet: str, slides: list[list[Path]], nodelay: bool) -> float:
+    """Send each of ``slides`` in its own storescu process (own association), all at once; the
+    wall seconds from starting the first to the last one's exit."""
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", aet, "-xy", "-R", "127.0.0.1", str(port), *map(str, files)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dcmtk_env(nodelay),
+        )
+        for files in slides
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    wall = time.perf_counter() - t0
+    for p, (_, err) in zip(procs, outputs):
+        if p.returncode != 0 or "E:" in err:
+            raise RuntimeError(f"storescu to {aet} failed ({p.returncode}):\n{err[-3000:]}")
+    return wall
+
+
+def one_send(
+    target: str, files: list[Path], scratch: Path, label: str, nodelay: bool,
+    slides: list[list[Path]] | None = None,
+) -> dict[str, Any]:
+    """One timed send to a fresh receiver: ``files`` in one association, or, with ``slides``,
+    each slide in its own association at the same time."""
     folder = Path(tempfile.mkdtemp(prefix=f"{target}-{label}-", dir=scratch))
-    start = start_storescp if target == "storescp" else start_node_receiver
-    proc, port = start(folder, nodelay)
+    if target == "storescp":
+        proc, port = start_storescp(folder, nodelay, fork=bool(slides))
+    else:
+        proc, port = start_node_receiver(folder, nodelay)
+    aet = STORESCP_AET if target == "storescp" else NODE_AET
     try:
         cpu0 = process_cpu(proc.pid)
-        wall = storescu(port, STORESCP_AET if target == "storescp" else NODE_AET, files, nodelay)
+        if slides:
+            wall = storescu_parallel(port, aet, slides, nodelay)
+        else:
+            wall = storescu(port, aet, files, nodelay)
         cpu = process_cpu(proc.pid) - cpu0
     finally:
         stop(proc)
     got = received_files(folder, target)
-    sent_bytes = sum(f.stat().st_size for f in files)
-    if len(got) != len(files):
-        raise RuntimeError(f"{target}: {len(got)} files stored for {len(files)} sent; see {folder}")
+    sent = [f for s in slides for f in s] if slides else files
+    sent_bytes = sum(f.stat().st_size for f in sent)
+    if len(got) != len(sent):
+        raise RuntimeError(f"{target}: {len(got)} files stored for {len(sent)} sent; see {folder}")
     stored = sum(p.stat().st_size for p in got)
     shutil.rmtree(folder)
     return {"wall": wall, "mb_per_s": sent_bytes / wall / 1e6, "cpu": cpu, "files": len(got), "stored_bytes": stored}
@@ -454,7 +526,12 @@ def render(result: dict[str, Any]) -> str:
         "of `glio-node serve`, SQLite, in its own process), each started fresh for every send and answering "
         "C-ECHO before the clock starts; the figure is storescu's wall time. After one untimed warm-up send "
         "to each, sends alternate (storescp first in odd repeats, the node first in even ones). MB/s = "
-        "10^6 bytes of the slide's files / wall seconds."
+        "10^6 bytes of the slide's files / wall seconds. In the parallel mode (`--parallel N`) N storescu "
+        "processes start at once, each with its own association and its own copy of the slide (new UIDs, so "
+        "no receiver sees a duplicate), and storescp runs with `--fork` (a process per association; by "
+        "default it serves one at a time, while the node has a thread per association); the figure is the "
+        "wall time until the last storescu exits and MB/s counts all N slides; storescp's CPU includes its children "
+        "once they are reaped."
     )
     add("")
     add("| machine | |")
@@ -482,8 +559,15 @@ def render(result: dict[str, Any]) -> str:
     add(head)
     add("")
     for mode, _, description in MODES:
+        if mode not in result["summary"]:
+            continue
         sm = result["summary"][mode]
-        add(f"**{description}**:")
+        if mode == "parallel":
+            add(
+                summary_verdict(sm).replace("(storescp with `TCP_NODELAY=1`)", f"with {cfg['parallel']} associations at once")
+            )
+            add("")
+        add(f"**{description.format(n=cfg.get('parallel', PARALLEL))}**:")
         add("")
         add("| repeat | order | storescp: wall / MB/s / its CPU | node: wall / MB/s / its CPU | ratio node / storescp |")
         add("| --- | --- | --- | --- | --- |")
@@ -590,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=REPO_ROOT / "docs" / "benchmarks-receive.md", help="markdown page (default docs/benchmarks-receive.md)"
     )
+    parser.add_argument("--parallel", type=int, default=PARALLEL, help=f"associations at once in the parallel mode (default {PARALLEL}; 0 skips it)")
     parser.add_argument("--no-out", action="store_true", help="print the section, write no page")
     parser.add_argument("--json", type=Path, default=None, help="also write every raw figure as JSON here")
     parser.add_argument("--no-pacs", action="store_true", help="skip the glio-node serve -> Orthanc latency")
@@ -620,20 +705,22 @@ def main(argv: list[str] | None = None) -> int:
     hw = hardware()
     files = ensure_slide(args.size, args.cache)
     sizes = [f.stat().st_size for f in files]
+    modes = [m for m in MODES if m[0] != "parallel" or args.parallel > 0]
+    slides = {m[0]: (slide_copies(files, args.parallel) if m[0] == "parallel" else None) for m in modes}
     runs = []
     with tempfile.TemporaryDirectory(prefix="glio-bench-receive-") as scratch_name:
         scratch = Path(scratch_name)
-        for mode, nodelay, _ in MODES:
+        for mode, nodelay, _ in modes:
             for target in ("storescp", "node"):
-                w = one_send(target, files, scratch, "warmup", nodelay)
+                w = one_send(target, files, scratch, "warmup", nodelay, slides[mode])
                 logger.info("warm-up %s %s: %.3f s", mode, target, w["wall"])
         for i in range(args.repeats):
             order = ("storescp", "node") if i % 2 == 0 else ("node", "storescp")
             run: dict[str, Any] = {"order": " → ".join(order)}
-            for mode, nodelay, _ in MODES:
+            for mode, nodelay, _ in modes:
                 run[mode] = {}
                 for target in order:
-                    got = one_send(target, files, scratch, f"{mode}{i}", nodelay)
+                    got = one_send(target, files, scratch, f"{mode}{i}", nodelay, slides[mode])
                     run[mode][target] = got
                     logger.info("repeat %d %s %s: %.3f s, %.1f MB/s", i + 1, mode, target, got["wall"], got["mb_per_s"])
             runs.append(run)
@@ -648,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
                 logger.error("PACS round trip failed: %s", exc)
 
     summary = {}
-    for mode, _, _ in MODES:
+    for mode, _, _ in modes:
         ratios = [r[mode]["node"]["mb_per_s"] / r[mode]["storescp"]["mb_per_s"] for r in runs]
         sm = {
             "storescp_wall": median([r[mode]["storescp"]["wall"] for r in runs]),
@@ -672,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([".venv/bin/python", "bench/receive.py", *(argv if argv is not None else sys.argv[1:])]),
             "size": args.size,
             "repeats": args.repeats,
+            "parallel": args.parallel,
         },
         "slide": {"size": args.size, "files": len(files), "bytes": sum(sizes), "largest_bytes": max(sizes)},
         "runs": runs,
