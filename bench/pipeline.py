@@ -719,6 +719,8 @@ def render_markdown(result: dict[str, Any], previous_analysis: str | None) -> st
         "Options: `--bundle DIR` (default `models/glio-demo`), `--networks realistic` (also the realistic bundle of "
         "`bench/realistic.py`, random weights: UNet depth 5 base 16 on 320-px tiles at 0.5 µm/px, VGG16-shaped "
         "classifier base 64 on 160-px tiles; both bundles in one run, one section each), "
+        "`--runtimes keras,onnx` (instead: the bundle against its ONNX export, both runtimes on the same slides; "
+        "writes only its own section of this page, see below), "
         "`--precision float32|bfloat16|float16`, `--device auto|cpu|gpu` (default cpu), "
         "`--batch-size`, `--threads`, `--lookahead` (default: `AnalysisOptions`), `--rss-repeats N` "
         "(fresh processes per size for peak RSS, default 3), `--cache DIR`. `--quick` writes no page unless "
