@@ -719,6 +719,8 @@ def render_markdown(result: dict[str, Any], previous_analysis: str | None) -> st
         "Options: `--bundle DIR` (default `models/glio-demo`), `--networks realistic` (also the realistic bundle of "
         "`bench/realistic.py`, random weights: UNet depth 5 base 16 on 320-px tiles at 0.5 µm/px, VGG16-shaped "
         "classifier base 64 on 160-px tiles; both bundles in one run, one section each), "
+        "`--runtimes keras,onnx` (instead: the bundle against its ONNX export, both runtimes on the same slides; "
+        "writes only its own section of this page, see below), "
         "`--precision float32|bfloat16|float16`, `--device auto|cpu|gpu` (default cpu), "
         "`--batch-size`, `--threads`, `--lookahead` (default: `AnalysisOptions`), `--rss-repeats N` "
         "(fresh processes per size for peak RSS, default 3), `--cache DIR`. `--quick` writes no page unless "
@@ -1115,6 +1117,17 @@ def main(argv: list[str] | None = None) -> int:
         help="demo: --bundle only; realistic: --bundle and then the realistic bundle of bench/realistic.py "
         "(random weights, built once into --cache's sibling bench-bundles/), both in one run",
     )
+    parser.add_argument(
+        "--runtimes",
+        default="keras",
+        help="keras (default: the page above) or keras,onnx: instead, export --bundle with `python -m training "
+        "export-onnx` and run both runtimes on the same slides (bench/runtimes.py); writes only its own section "
+        "of --out, keeping the rest of the page",
+    )
+    parser.add_argument(
+        "--realistic-sizes", type=int, nargs="+", default=None,
+        help="with --runtimes keras,onnx --networks realistic: sizes for the realistic bundle (default --sizes)",
+    )
     parser.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="compute dtype of the networks (default float32)")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: one {QUICK_SIZE}-px slide, one pass, one RSS child")
@@ -1127,6 +1140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "bench-slides", help="where generated slides are kept")
     parser.add_argument("--rss-child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    runtimes = tuple(r.strip() for r in args.runtimes.split(",") if r.strip())
+    if runtimes not in (("keras",), ("keras", "onnx"), ("onnx", "keras")):
+        parser.error(f"--runtimes {args.runtimes!r}: use keras or keras,onnx")
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
@@ -1172,6 +1188,8 @@ def main(argv: list[str] | None = None) -> int:
     except GlioError as exc:  # a bad device choice: say so in one line, like glio-node does
         parser.exit(2, f"bench/pipeline.py: {exc}\n")
     hw = hardware()
+    if "onnx" in runtimes:
+        return runtimes_main(args, parser, hw, used_device, started)
     bundle_dirs = [args.bundle]
     if args.networks == "realistic":
         from bench.realistic import ensure_realistic_bundle
@@ -1190,6 +1208,12 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render_markdown(results[0], previous)
     for extra in results[1:]:
         markdown = with_second_bundle(markdown, extra)
+    if args.out and args.out.exists():  # keep the runtime comparison of a --runtimes keras,onnx run
+        from bench.runtimes import previous_section, with_section
+
+        kept = previous_section(args.out.read_text(encoding="utf-8"))
+        if kept is not None:
+            markdown = with_section(markdown, kept)
     print(markdown)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -1198,6 +1222,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = results[0] if len(results) == 1 else {"bundles": results}
         args.json.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+        logger.info("wrote %s", args.json)
+    return 0
+
+
+def runtimes_main(args, parser, hw, used_device: str, started: float) -> int:
+    """``--runtimes keras,onnx``: the Keras/ONNX comparison of bench/runtimes.py, written as its own
+    section of ``--out`` (the rest of an existing page is kept)."""
+    from bench.runtimes import render_section, run_comparison, with_section
+    from glio_node.errors import GlioError
+
+    bundle_dirs = [args.bundle]
+    if args.networks == "realistic":
+        from bench.realistic import ensure_realistic_bundle
+
+        bundle_dirs.append(ensure_realistic_bundle(args.bundle, args.cache.parent / "bench-bundles"))
+    comparisons = []
+    for bundle_dir in bundle_dirs:
+        one = argparse.Namespace(**vars(args))
+        one.bundle = bundle_dir
+        if bundle_dir != args.bundle and args.realistic_sizes:
+            one.sizes = args.realistic_sizes
+        try:
+            comparisons.append(run_comparison(one, hw, used_device, started))
+        except GlioError as exc:
+            parser.exit(2, f"bench/pipeline.py: {exc}\n")
+    section = render_section(comparisons)
+    print(section)
+    if args.out:
+        page = args.out.read_text(encoding="utf-8") if args.out.exists() else "# Benchmarks\n"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(with_section(page, section), encoding="utf-8")
+        logger.info("wrote %s", args.out)
+    if args.json:
+        args.json.write_text(json.dumps({"runtime_comparisons": comparisons}, indent=1, default=str), encoding="utf-8")
         logger.info("wrote %s", args.json)
     return 0
 
