@@ -144,7 +144,7 @@ def test_glio_node_analyze_with_the_onnx_bundle_runs_without_tensorflow(onnx_dem
     assert "heavy: []" in done.stderr
     summary = json.loads(done.stdout)
     assert summary["bundle"] == "glio-demo-onnx 0.2.0" and summary["device"] == "cpu"
-    assert {pydicom.dcmread(f).Modality for f in summary["files"]} == {"SEG", "SR", "OT"}
+    assert {pydicom.dcmread(f).Modality for f in summary["files"]} == {"SEG", "SR", "OT", "ANN"}
 
 
 # --- air-gapped import ---------------------------------------------------------------------------------
