@@ -123,3 +123,13 @@ QC_DISPLAY_RGB: Mapping[str, tuple[int, int, int]] = MappingProxyType(
 )
 """Colours of the QC artefact regions in the GeoJSON (QuPath), apart from the region classes'."""
 INDETERMINATE_REASON = _local("GLIO-INDREASON", "indeterminate_reason", "Reason the call is indeterminate")
+# Two-stage (attention-MIL) slide calls, docs/coding.md "Aggregator heads".
+ATTENTION_WEIGHT = _local("ATTNWEIGHT", "attention_weight", "Attention weight")
+"""Quantity of an attention Parametric Map: a tile's softmax attention weight in its slide's bag."""
+FOLD_SPREAD = _local("FOLDSPREAD", "fold_spread", "Fold model spread of top-class probability")
+"""max - min across fold models of the probability each gives the ensemble's top class (unit 1)."""
+LOW_PROBABILITY = _local("LOWPROB", "low_probability", "Top probability below the decision threshold")
+FOLD_DISAGREEMENT = _local("FOLDDISAGREE", "fold_disagreement", "Fold models disagree beyond the limit")
+INDETERMINATE_REASONS: Mapping[str, CodedClass] = MappingProxyType(
+    {"low_probability": LOW_PROBABILITY, "fold_disagreement": FOLD_DISAGREEMENT}
+)

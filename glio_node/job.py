@@ -49,6 +49,9 @@ class JobSummary:
     # The OOD gate's verdict: {"network", "slide_score", "slide_threshold", "slide_threshold_low", "out_of_distribution"};
     # None when the bundle has no [ood] table.
     ood: dict | None = None
+    # aggregator heads (two-stage tasks): task -> folds, fold_spread, max_fold_spread,
+    # indeterminate_reason (None, "low_probability" or "fold_disagreement")
+    aggregated: dict[str, dict] = field(default_factory=dict)
 
     @property
     def bundle(self) -> str:
@@ -92,6 +95,19 @@ def _ood_summary(result: AnalysisResult) -> dict | None:
     }
 
 
+def _aggregated(result: AnalysisResult) -> dict[str, dict]:
+    return {
+        c.task: {
+            "folds": c.folds,
+            "fold_spread": c.fold_spread,
+            "max_fold_spread": c.max_fold_spread,
+            "indeterminate_reason": c.fold_reason,
+        }
+        for c in result.calls
+        if c.fold_spread is not None
+    }
+
+
 class BundleCache:
     """Bundles kept loaded between a worker's jobs.
 
@@ -128,6 +144,7 @@ class Models:
     device: str  # what was used: "cpu" or "gpu:N"
     batch_size: int | None = None  # tiles per model call the runners were built for (None: the job's)
     ood: OodGate | None = None  # the bundle's out-of-distribution gate, when it has one
+    aggregators: tuple = ()  # ports.BagRunner heads of two-stage tasks, reading an encoder among runners
 
 
 # The job's two seams (the defaults below are the real adapters; glio_node.testing has fakes):
@@ -156,14 +173,15 @@ def load_bundle_models(
     networks' compute dtype, named in the outputs' algorithm parameters (ONNX graphs run in
     their own dtypes, so a bundle with ONNX networks runs at float32 only)."""
     from glio_node.bundle import load_bundle, load_manifest
-    from glio_node.runtime.runners import bundle_networks, choose_batch_size, prepare_device
+    from glio_node.runtime.runners import bundle_aggregators, bundle_networks, choose_batch_size, prepare_device
 
     manifest = load_manifest(bundle_dir)
     used_device = prepare_device(device, manifest, precision)
     bundle = bundles.get(bundle_dir, device) if bundles is not None else load_bundle(bundle_dir, device)
     batch_size = batch_size or choose_batch_size(bundle, used_device, precision)
     algorithm = replace(bundle.algorithm, precision=precision)
-    return Models(algorithm, tuple(bundle_networks(bundle, batch_size, precision)), used_device, batch_size=batch_size, ood=bundle.ood)
+    return Models(algorithm, tuple(bundle_networks(bundle, batch_size, precision)), used_device, batch_size=batch_size, ood=bundle.ood,
+                  aggregators=tuple(bundle_aggregators(bundle)))
 
 
 # The name before bundles could hold ONNX networks (bench/ and older callers).
@@ -206,7 +224,9 @@ def run_job(
         if not options.batch_size:  # 0: the loader chose it from the device
             options = replace(options, batch_size=models.batch_size or 8)
 
-        result, stats, seg_level = analyze(slide, models.runners, models.algorithm, options, progress, models.ood)
+        result, stats, seg_level = analyze(
+            slide, models.runners, models.algorithm, options, progress, models.ood, aggregators=models.aggregators
+        )
         stages.update(stats.stage_seconds)
         if slide.gaps:  # only with allow_gaps; said even when no missing frame was needed
             missing = slide.missing_frames_read
@@ -259,4 +279,5 @@ def run_job(
         qc=result.qc.as_dict() if result.qc is not None else None,
         calibration=_calibration(result),
         ood=_ood_summary(result),
+        aggregated=_aggregated(result),
     )

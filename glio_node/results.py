@@ -104,6 +104,27 @@ class SlideCall:
     # True when the OOD gate withheld the call (call is then None): the slide is unlike the
     # bundle's training slides, so "indeterminate (out of distribution)", whatever the probabilities.
     out_of_distribution: bool = False
+    # Aggregator heads (two-stage tasks, docs/model-bundle.md): how many fold models were
+    # averaged, their spread (max - min of the top class's probability across folds), the
+    # head's limit, and why the ensemble's call is indeterminate ("low_probability" |
+    # "fold_disagreement"; None when it called a class).
+    folds: int = 1
+    fold_spread: float | None = None
+    max_fold_spread: float | None = None
+    fold_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    """One aggregator head's attention on its encoder's tile grid.
+
+    ``weights.array`` is (grid_rows, grid_cols) float32, softmax weights over the bag (they sum
+    to 1 over the analysed tiles; the mean over folds for an ensemble); tiles not in the bag hold NaN.
+    """
+
+    task: Task
+    network: str  # the aggregator network's name
+    weights: Raster
 
 
 @dataclass(frozen=True)
@@ -196,5 +217,6 @@ class AnalysisResult:
     source_gaps: tuple[str, ...] = field(default=())
     qc: QcReport | None = None  # None when QC was switched off
     ood: OodResult | None = None  # the OOD gate's verdict, when the bundle has one
+    attention_maps: tuple[AttentionMap, ...] = field(default=())  # one per aggregator head
 
 NOT_TISSUE = 255

@@ -10,9 +10,12 @@ Top to bottom:
 5. label map masked to tissue; out-of-focus tiles added to the artefacts; classifier tiles over
    artefacts left out of the slide-level calls; QC verdict (a "fail" makes every call
    indeterminate); area fractions.
+6. two-stage tasks: each aggregator head reads the bag of its encoder's embeddings (filled in
+   step 4, float16, preallocated from the tissue cell count of step 2; pipeline/bag.py) and gives
+   a slide call (the mean of its folds) and an attention map on the encoder's grid.
 
 Nothing here holds the whole slide: the slide-sized arrays are the label map (1 byte per analysed
-pixel) and, band by band, the tissue mask at that resolution.
+pixel), band by band, the tissue mask at that resolution, and each encoder's bag (N x D x 2 bytes).
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, reg
 from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.pipeline.tissue import TISSUE_UM_PER_PX, TissueMask, detect_tissue, resample_mask
 from glio_node.ood import FEATURES_KEY, OodGate, slide_score, tile_scores
-from glio_node.ports import ModelRunner, SlideReader
-from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, OodResult, QcReport, Raster, SlideCall
+from glio_node.pipeline.bag import EmbeddingBag, ensemble_call
+from glio_node.ports import EMBEDDINGS, BagRunner, ModelRunner, SlideReader, TileEncoder
+from glio_node.results import (
+    NOT_TISSUE, Algorithm, AnalysisResult, AttentionMap, Heatmap, OodResult, QcReport, Raster, SlideCall,
+)
 
 # A classifier tile is analysed only when at least this fraction of it is tissue: a tile that is
 # mostly glass says little about the tumour's molecular state.
@@ -100,6 +106,7 @@ class _Use:
     heat: dict[str, HeatmapStitcher] = field(default_factory=dict)
     pending: list = field(default_factory=list)
     ood_scores: np.ndarray | None = None  # (grid rows, cols) tile OOD scores, for the gate's network
+    bag: EmbeddingBag | None = None  # encoders: the slide's embeddings, one row per tissue cell
     inferred: int = 0
     model_seconds: float = 0.0
     focus: np.ndarray | None = None  # per cell and tile part: variance of the Laplacian (NaN: not judged)
@@ -166,6 +173,8 @@ def _plan_network(
     if artefacts is not None and not is_seg and artefacts.any():
         # A classifier tile over a pen mark or a fold would only add noise to the slide call.
         use.cells &= ~grid.cells_with_tissue(artefacts, tissue.mm_per_px, use.raster_mm_per_px, max_artefact)
+    if not network.heads and isinstance(network, TileEncoder):
+        use.bag = EmbeddingBag(int(use.cells.sum()), network.embed_dim)
     for head in network.heads:
         if head.task == "segmentation":
             use.seg = SegmentationStitcher(grid)
@@ -215,6 +224,10 @@ def _run_batch(use: _Use, ood: OodGate | None = None) -> None:
         scores = tile_scores(ood.reference, outputs[FEATURES_KEY])
         for i, (req, _) in enumerate(use.pending):
             use.ood_scores[req.row, req.col] = scores[i]
+    if use.bag is not None:
+        use.bag.add(
+            np.array([r.row for r, _ in use.pending]), np.array([r.col for r, _ in use.pending]), outputs[EMBEDDINGS]
+        )
     for i, (req, _) in enumerate(use.pending):
         for task, value in outputs.items():
             if task == FEATURES_KEY:
@@ -270,6 +283,21 @@ def withhold_out_of_distribution(call: SlideCall) -> SlideCall:
     return replace(call, call=None, out_of_distribution=True)
 
 
+def _aggregate(aggregator: BagRunner, use: _Use):
+    """One aggregator head on its encoder's bag -> (slide call, attention map or None without tissue)."""
+    bag = use.bag
+    if bag.count == 0:
+        return ensemble_call(aggregator.task, aggregator.classes, None, aggregator.indeterminate_below, aggregator.max_fold_spread), None
+    probabilities, attention = aggregator.predict_bag(bag.embeddings)
+    call = ensemble_call(
+        aggregator.task, aggregator.classes, probabilities, aggregator.indeterminate_below, aggregator.max_fold_spread
+    )
+    grid = np.full((use.grid.rows, use.grid.cols), np.nan, np.float32)
+    grid[bag.cells[:, 0], bag.cells[:, 1]] = np.asarray(attention, np.float32).mean(axis=0)
+    raster = Raster(grid, use.raster_mm_per_px * use.grid.tile_size)
+    return call, AttentionMap(task=aggregator.task, network=aggregator.name, weights=raster)
+
+
 def _mask_label_map(label_map: np.ndarray, tissue: TissueMask, mm_per_px: float, band: int | None = None) -> None:
     """``NOT_TISSUE`` outside the tissue mask, resampled band by band (about a megapixel each)."""
     band = band or max(1, (1 << 20) // max(1, label_map.shape[1]))
@@ -286,12 +314,15 @@ def analyze(
     options: AnalysisOptions = AnalysisOptions(),
     progress: Callable[[int, int], None] | None = None,
     ood: OodGate | None = None,
+    aggregators: Sequence[BagRunner] = (),
 ) -> tuple[AnalysisResult, AnalysisStats, LevelInfo]:
     """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to.
 
     ``ood``: the bundle's out-of-distribution gate; the network it names scores each of its
     tiles, and a slide whose median score passes the gate's threshold gets every call withheld
-    as "indeterminate (out of distribution)" (``result.ood`` holds the scores)."""
+    as "indeterminate (out of distribution)" (``result.ood`` holds the scores).
+    ``aggregators`` (two-stage bundles) each read the bag of the encoder in ``networks`` they
+    name; BadInput if there is no such encoder."""
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     image, tissue_mm_per_px, tissue_level = tissue_image(slide)
@@ -319,6 +350,13 @@ def analyze(
                 u.focus = np.full((u.grid.rows, u.grid.cols, FOCUS_PARTS, FOCUS_PARTS), np.nan, np.float32)
     if ood is not None and not any(u.ood_scores is not None for u in uses):
         raise BadInput(f"the bundle's [ood] gate names network {ood.network!r}, which the bundle does not run")
+    encoders = {u.network.name: u for u in uses if u.bag is not None}
+    for aggregator in aggregators:
+        if aggregator.encoder not in encoders:
+            raise BadInput(
+                f"aggregator {aggregator.name!r} reads encoder {aggregator.encoder!r}, which is not among the "
+                f"networks (encoders: {sorted(encoders)}); the bundle is inconsistent: re-export it"
+            )
     seg_uses = [u for u in uses if u.seg is not None]
     if len(seg_uses) != 1:
         raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it needs exactly one")
@@ -369,6 +407,12 @@ def analyze(
             calls.append(
                 slide_call(task, head.classes, stitcher.slide_probabilities(), head.indeterminate_below, head.temperature)
             )
+    attention_maps = []
+    for aggregator in aggregators:
+        calls_, map_ = _aggregate(aggregator, encoders[aggregator.encoder])
+        calls.append(calls_)
+        if map_ is not None:
+            attention_maps.append(map_)
     if report is not None and report.verdict == "fail":
         calls = [replace(c, call=None, indeterminate_reason=QC_VERDICTS["fail"]) for c in calls]
     notes = []
@@ -397,6 +441,7 @@ def analyze(
         notes=tuple(notes),
         qc=report,
         ood=verdict,
+        attention_maps=tuple(attention_maps),
     )
     stages["stitch"] = time.perf_counter() - t0
     stats = AnalysisStats(

@@ -52,6 +52,13 @@ def bundle_networks(bundle: LoadedBundle, batch_size: int, precision: str = "flo
     networks = []
     ood = bundle.manifest.ood
     for loaded in bundle.networks:
+        if loaded.spec.kind == "aggregator":  # not a tile network: see bundle_aggregators
+            continue
+        if loaded.spec.kind == "encoder":
+            from glio_node.runtime.bag_runner import KerasEncoder, OnnxEncoder  # noqa: PLC0415
+
+            networks.append((OnnxEncoder if loaded.spec.runtime == "onnx" else KerasEncoder)(loaded, batch_size))
+            continue
         if loaded.spec.runtime == "onnx":
             if ood is not None and ood.network == loaded.spec.name:
                 raise BundleError(
@@ -67,3 +74,10 @@ def bundle_networks(bundle: LoadedBundle, batch_size: int, precision: str = "flo
             features = ood.features if ood is not None and ood.network == loaded.spec.name else None
             networks.append(KerasNetwork(loaded, batch_size, precision, features))
     return networks
+
+
+def bundle_aggregators(bundle: LoadedBundle) -> list:
+    """The bundle's aggregator heads (``kind = "aggregator"``), ready for ``pipeline.analyze``."""
+    from glio_node.runtime.bag_runner import Aggregator  # noqa: PLC0415
+
+    return [Aggregator(n) for n in bundle.networks if n.spec.kind == "aggregator"]

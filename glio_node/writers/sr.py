@@ -29,6 +29,12 @@ DCM 123110 "Artificial Intelligence", with the bundle's SHA-256 and intended use
   measurement (122157, DCM, "Probability"), unit (1, UCUM, "no units"), with the class's heatmap
   (Parametric Map) as the measurement's source image when one was written (the slide-level value
   aggregates that tile grid).
+- Aggregator heads (two-stage tasks) add to their call group: the attention Parametric Map
+  (writers/attention.py) as a second source image of the group, so the map is referenced from
+  the call it explains; with fold models, a measurement "Fold model spread of top-class
+  probability" (99GLIO FOLDSPREAD, unit 1; max - min across folds of the probability each
+  gives the ensemble's top class); when the call is indeterminate, a qualitative evaluation
+  "Reason the call is indeterminate" (99GLIO GLIO-INDREASON) = 99GLIO LOWPROB or FOLDDISAGREE.
 - Evidence: the slide level, every SEG level and every heatmap (highdicom files referenced ones
   under CurrentRequestedProcedureEvidenceSequence, the rest under PertinentOtherEvidence).
 
@@ -71,6 +77,7 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from glio_node import coding
 from glio_node.coding import INDETERMINATE_REASON, QC_CONCEPT, QC_REASON, QC_VERDICTS
 from glio_node.results import AnalysisResult, QcReport, SlideCall, Task, ValidationEvidence
 from glio_node.writers import common
@@ -123,12 +130,15 @@ def write_sr(
     out_dir: Path,
     annotations: Sequence[Dataset] = (),
     ood_map: Dataset | None = None,
+    attention: dict[str, Dataset] | None = None,
 ) -> WrittenObject:
     """Write the measurement report; ``seg_levels[0]`` is the full-resolution SEG instance.
 
     ``heatmaps`` maps (task, class name) to the Parametric Map written for it (metadata is
     enough); ``annotations`` (the ANN of the same run) are listed as evidence beside them;
-    ``ood_map`` (the tile OOD score Parametric Map) is the OOD check's source image. Raises ``ValueError`` when the result's fractions name unknown region classes.
+    ``ood_map`` (the tile OOD score Parametric Map) is the OOD check's source image; ``attention``
+    maps an aggregator head's task to its attention Parametric Map. Raises ``ValueError`` when the
+    result's fractions name unknown region classes.
     """
     algorithm = result.algorithm
     known = {c.name for c in result.region_classes}
@@ -204,9 +214,12 @@ def write_sr(
     if result.ood is not None:
         groups.append(_ood_group(result, algorithm_id, slide_level, ood_map, tracking))
     evidence = dict(algorithm.test_evidence)
+    attention = attention or {}
     for call in result.calls:
         call_algorithm = _with_evidence(algorithm, algorithm_id, evidence.get(call.task))
-        groups.extend(_call_groups(call, call_algorithm, slide_level, heatmaps, tracking, evidence.get(call.task)))
+        groups.extend(_call_groups(
+            call, call_algorithm, slide_level, heatmaps, tracking, evidence.get(call.task), attention.get(call.task)
+        ))
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -242,7 +255,7 @@ def write_sr(
     sop_uid = common.derived_uid(source, algorithm, "sr", "instance")
     content_date, content_time = common.content_date_time()
     document = hd.sr.Comprehensive3DSR(
-        evidence=[*source.datasets, *seg_levels, *heatmaps.values(), *annotations, *([ood_map] if ood_map is not None else [])],
+        evidence=[*source.datasets, *seg_levels, *heatmaps.values(), *attention.values(), *annotations, *([ood_map] if ood_map is not None else [])],
         content=report,
         series_instance_uid=series_uid,
         series_number=common.SR_SERIES_NUMBER,
@@ -333,7 +346,10 @@ def _ood_group(result: AnalysisResult, algorithm_id, slide_level, ood_map, track
     )
 
 
-def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking, evidence: ValidationEvidence | None = None) -> list:
+def _call_groups(
+    call: SlideCall, algorithm_id, slide_level, heatmaps, tracking,
+    evidence: ValidationEvidence | None = None, attention_map=None,
+) -> list:
     if len(call.probabilities) != len(call.classes):
         raise ValueError(
             f"{call.task} call has {len(call.probabilities)} probabilities for "
@@ -351,6 +367,26 @@ def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking,
                 name=common.coded(INDETERMINATE_REASON), value=common.coded(call.indeterminate_reason)
             )
         )
+    if call.fold_reason is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=common.coded(INDETERMINATE_REASON),
+                value=common.coded(coding.INDETERMINATE_REASONS[call.fold_reason]),
+            )
+        )
+    measurements = [
+        hd.sr.Measurement(name=THRESHOLD, value=float(call.threshold), unit=UNIT_NONE),
+        # T = 1.0 when not calibrated: the probabilities reported are the network's own
+        hd.sr.Measurement(name=TEMPERATURE, value=float(call.temperature if call.calibrated else 1.0), unit=UNIT_NONE),
+        *_evidence_measurements(evidence),
+    ]
+    if call.fold_spread is not None and call.folds > 1:
+        measurements.append(
+            hd.sr.Measurement(name=common.coded(coding.FOLD_SPREAD), value=float(call.fold_spread), unit=UNIT_NONE)
+        )
+    sources = [slide_level]
+    if attention_map is not None:
+        sources.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(attention_map))
     groups = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(call.task, "call"),
@@ -362,17 +398,8 @@ def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking,
                     name=CALIBRATION, value=CALIBRATED if call.calibrated else NOT_CALIBRATED
                 ),
             ],
-            measurements=[
-                hd.sr.Measurement(name=THRESHOLD, value=float(call.threshold), unit=UNIT_NONE),
-                # T = 1.0 when not calibrated: the probabilities reported are the network's own
-                hd.sr.Measurement(
-                    name=TEMPERATURE,
-                    value=float(call.temperature if call.calibrated else 1.0),
-                    unit=UNIT_NONE,
-                ),
-                *_evidence_measurements(evidence),
-            ],
-            source_images=[slide_level],
+            measurements=measurements,
+            source_images=sources,
         )
     ]
     for cls, probability in zip(call.classes, call.probabilities):
