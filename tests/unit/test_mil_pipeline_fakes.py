@@ -21,6 +21,10 @@ from glio_node.pipeline.analyze import find_tissue
 
 MM_PER_PX = 0.0005
 
+# The fake slides hold a few hundredths of a mm² of tissue: slide QC would fail them (too little
+# tissue) and withhold every call; these tests are about the bag and the aggregators.
+NO_QC = AnalysisOptions(qc=None)
+
 
 @pytest.fixture
 def slide() -> FakeSlide:
@@ -46,7 +50,7 @@ def _expected_bag(slide: FakeSlide, encoder: FakeEncoder):
 
 def test_the_bag_holds_exactly_the_tissue_tiles_embeddings_in_float16_and_no_tile_is_kept(slide):
     encoder, head = FakeEncoder(tile_size=16), FakeAggregator()
-    result, stats, _ = analyze(slide, (FakeSegmenter(), encoder), FAKE_ALGORITHM, AnalysisOptions(batch_size=4), aggregators=(head,))
+    result, stats, _ = analyze(slide, (FakeSegmenter(), encoder), FAKE_ALGORITHM, AnalysisOptions(batch_size=4, qc=None), aggregators=(head,))
     expected, grid = _expected_bag(slide, encoder)
 
     (bag,) = head.bags
@@ -66,7 +70,7 @@ def test_the_bag_holds_exactly_the_tissue_tiles_embeddings_in_float16_and_no_til
 
 def test_the_attention_map_and_the_call_come_from_the_aggregator(slide):
     head = FakeAggregator(indeterminate_below=0.0)
-    result, _, _ = analyze(slide, (FakeSegmenter(), FakeEncoder(tile_size=16)), FAKE_ALGORITHM, aggregators=(head,))
+    result, _, _ = analyze(slide, (FakeSegmenter(), FakeEncoder(tile_size=16)), FAKE_ALGORITHM, NO_QC, aggregators=(head,))
     (call,) = result.calls
     attention = result.attention_maps[0]
     assert attention.task == "mgmt" and attention.network == "fake-mgmt-abmil"
@@ -81,7 +85,7 @@ def test_the_attention_map_and_the_call_come_from_the_aggregator(slide):
 def test_folds_that_disagree_make_the_call_indeterminate_with_the_spread_reported(slide):
     disagree = FakeAggregator(offsets=(-0.6, 0.6), max_fold_spread=0.3)
     agree = FakeAggregator(name="agree", task="egfr", offsets=(-0.3, -0.32), max_fold_spread=0.3, classes=EGFR_CLASSES)
-    result, _, _ = analyze(slide, (FakeSegmenter(), FakeEncoder(tile_size=16)), FAKE_ALGORITHM, aggregators=(disagree, agree))
+    result, _, _ = analyze(slide, (FakeSegmenter(), FakeEncoder(tile_size=16)), FAKE_ALGORITHM, NO_QC, aggregators=(disagree, agree))
     no, yes = result.calls
     assert no.call is None and no.fold_reason == "fold_disagreement" and no.folds == 2
     assert no.fold_spread > 0.3 and no.max_fold_spread == 0.3
