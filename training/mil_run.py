@@ -28,6 +28,7 @@ from glio_node.coding import CLASSES_BY_TASK
 from training.dataset import LABEL_VALUES, SlideRecord, load_dataset
 from training.mil import Encoder, MilConfig, embed_slides, predict, score, train_abmil
 from training.splits import Split, make_splits
+from training.synthetic_dataset import PARAMETERS_FILE
 from training.tiles import TileSpec, load_or_extract
 
 MIL_TASKS = ("mgmt", "egfr", "subtype")
@@ -96,7 +97,7 @@ def build_encoder(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(out_dir / "tile-classifier.keras")
-    encoder = keras.Model(model.inputs, model.get_layer("features").output, name="encoder")
+    encoder = keras.Model(model.input, model.get_layer("features").output, name="encoder")
     encoder.save(out_dir / "encoder.keras")
     # Baseline: slide call = mean of tile probabilities, test patients scored once.
     test = sets["test"]
@@ -134,8 +135,9 @@ def train_mil(
     bags, stats = embed_slides(records, spec, encoder, Path(dataset), cache_dir)
     run_dir = Path(run_dir)
     (run_dir / "attention").mkdir(parents=True, exist_ok=True)
-    metrics: dict = {"encoder": {"file": str(encoder_path), "sha256": encoder.sha256, "runtime": encoder.runtime},
-                     "tile": asdict(spec), "split": asdict(split), "mil": asdict(config), "extraction": asdict(stats),
+    metrics: dict = {"encoder": {"file": str(Path(encoder_path).resolve()), "sha256": encoder.sha256, "runtime": encoder.runtime},
+                     "embed_dim": int(next(iter(bags.values())).embeddings.shape[1]), "normalization": normalization,
+                     "synthetic": (Path(dataset) / PARAMETERS_FILE).is_file(), "tile": asdict(spec), "split": asdict(split), "mil": asdict(config), "extraction": asdict(stats),
                      "sets": {k: {"slides": len(v), "patients": len({r.patient_id for r in v})} for k, v in sets.items()},
                      "test_slides": [r.slide_id for r in sets["test"]], "tasks": {}}
     for task in tasks:
