@@ -53,7 +53,11 @@ CLASSIFIER_TASKS = ("subtype", "mgmt", "egfr")
 ACTIVATIONS = ("softmax", "logits")  # what a head outputs; logits (format 2, onnx only): the runner applies softmax
 RUNTIMES = ("keras", "onnx")
 SUFFIXES = {"keras": ".keras", "onnx": ".onnx"}  # a weights file's name ends as its runtime says
-KINDS = ("tiles",)  # tiles: tile in, segmentation and/or classifier heads out (the only kind of format 1)
+KINDS = ("tiles", "encoder", "aggregator")
+# tiles: tile in, segmentation and/or classifier heads out (the only kind of format 1);
+# encoder: tile in, one embedding vector (embed_dim) out, no heads (format 2);
+# aggregator: a slide's bag of its encoder's embeddings in, one slide-level head out, plus one
+# attention weight per tile; may hold k fold models whose probabilities are averaged (format 2).
 DTYPES = ("float32", "float16")  # of an ONNX network's input and outputs
 LAYOUTS = ("nhwc", "nchw")  # of an ONNX network's tile input (and segmentation outputs)
 MAX_SOURCE = 512  # characters of a network origin's source text
@@ -170,13 +174,18 @@ class NetworkOrigin:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One output of a network: a task and its classes in output order."""
+    """One output of a network: a task and its classes in output order.
+
+    ``max_fold_spread`` (aggregator heads with k >= 2 folds): the call is indeterminate when the
+    folds' top-class probabilities spread (max - min) by more than this; 1.0 never.
+    """
 
     task: str  # one of TASKS; also the key of the network's output dict
     classes: tuple[CodedClass, ...]  # index i is output channel i
     activation: str = "softmax"  # one of ACTIVATIONS
     indeterminate_below: float = 0.0  # classifier heads: the slide call is indeterminate below this top probability
     output: TensorSpec | None = None  # format 2, ONNX networks: the graph output that carries this head
+    max_fold_spread: float = 1.0  # format 2, aggregator heads: indeterminate above this fold spread
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -205,10 +214,21 @@ class HeadSpec:
                 "set it to 0.0 for segmentation"
             )
         object.__setattr__(self, "indeterminate_below", float(self.indeterminate_below))
+        if not _is_number(self.max_fold_spread) or not 0.0 < self.max_fold_spread <= 1.0:
+            raise BundleError(f"{where}: max_fold_spread {self.max_fold_spread!r} must be a number in (0, 1]")
+        object.__setattr__(self, "max_fold_spread", float(self.max_fold_spread))
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.classes)
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One weights file of a network with k fold models (format 2 ``folds = [{file, sha256}, ...]``)."""
+
+    file: str  # plain file name in the bundle folder
+    sha256: str | None  # None only before write_bundle hashes it
 
 
 @dataclass(frozen=True)
@@ -228,6 +248,11 @@ class NetworkSpec:
     input: TensorSpec | None = None  # ONNX networks: the graph's one input (required); keras: None
     layout: str = "nhwc"  # ONNX networks: channels last (nhwc) or first (nchw, PyTorch's) for tiles and label maps
     origin: NetworkOrigin | None = None  # networks we did not train: source and licence
+    embed_dim: int | None = None  # encoder: D of its embeddings; aggregator: D of the bag it reads
+    output: TensorSpec | None = None  # ONNX encoders: the graph output carrying the embeddings (batch, D)
+    encoder: str | None = None  # aggregator: the name of the encoder network whose embeddings it reads
+    attention: TensorSpec | None = None  # ONNX aggregators: the graph output carrying the attention (1, bag)
+    folds: tuple[WeightsFile, ...] = ()  # aggregator with k >= 2 fold models; then file/sha256 are folds[0]'s
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -238,15 +263,33 @@ class NetworkSpec:
         if self.runtime not in RUNTIMES:
             raise BundleError(f"{where}: runtime {self.runtime!r} is unknown; allowed: {', '.join(RUNTIMES)}")
         suffix = SUFFIXES[self.runtime]
-        if not isinstance(self.file, str) or not _FILE.match(self.file) or not self.file.endswith(suffix):
-            raise BundleError(
-                f"{where}: file {self.file!r} must be a plain file name inside the bundle ending in {suffix} "
-                f"for runtime {self.runtime!r} (letters, digits, '.', '_', '-'; no directories)"
-            )
         if self.kind not in KINDS:
             raise BundleError(f"{where}: kind {self.kind!r} is unknown; allowed: {', '.join(KINDS)}")
-        if self.sha256 is not None and (not isinstance(self.sha256, str) or not _SHA256.match(self.sha256)):
-            raise BundleError(f"{where}: sha256 {self.sha256!r} must be 64 lower-case hexadecimal digits")
+        object.__setattr__(self, "folds", tuple(self.folds))
+        if self.folds:
+            if self.kind != "aggregator" or len(self.folds) < 2:
+                raise BundleError(
+                    f"{where}: folds are for aggregator networks with 2 or more fold models; "
+                    f"this {self.kind} network lists {len(self.folds)}: give one file instead"
+                )
+            if (self.file, self.sha256) != (self.folds[0].file, self.folds[0].sha256):
+                raise BundleError(f"{where}: file and sha256 of a network with folds must be its first fold's")
+        for weights in self.weights:
+            if not isinstance(weights.file, str) or not _FILE.match(weights.file) or not weights.file.endswith(suffix):
+                raise BundleError(
+                    f"{where}: file {weights.file!r} must be a plain file name inside the bundle ending in {suffix} "
+                    f"for runtime {self.runtime!r} (letters, digits, '.', '_', '-'; no directories)"
+                )
+            if weights.sha256 is not None and (not isinstance(weights.sha256, str) or not _SHA256.match(weights.sha256)):
+                raise BundleError(f"{where}: sha256 {weights.sha256!r} must be 64 lower-case hexadecimal digits")
+        if self.kind != "tiles":
+            self._check_two_stage(where)
+            return
+        if self.embed_dim is not None or self.encoder is not None or self.output is not None or self.attention is not None:
+            raise BundleError(
+                f"{where}: embed_dim, encoder, output and attention are for encoder and aggregator networks; "
+                "a tiles network has heads: remove them"
+            )
         if not _is_int(self.tile_size) or self.tile_size < 8:
             raise BundleError(f"{where}: tile_size {self.tile_size!r} px must be an integer of at least 8 px")
         if not _is_number(self.um_per_px) or not 0.01 <= self.um_per_px <= 1000:
@@ -284,6 +327,98 @@ class NetworkSpec:
                 f"{where}: input, layout and head outputs are declared for onnx networks only; a keras "
                 "network's saved model carries its own signature: remove them"
             )
+
+    def _check_geometry(self, where: str) -> None:
+        if not _is_int(self.tile_size) or self.tile_size < 8:
+            raise BundleError(f"{where}: tile_size {self.tile_size!r} px must be an integer of at least 8 px")
+        if not _is_number(self.um_per_px) or not 0.01 <= self.um_per_px <= 1000:
+            raise BundleError(f"{where}: um_per_px {self.um_per_px!r} must be a number between 0.01 and 1000 µm/px")
+        object.__setattr__(self, "um_per_px", float(self.um_per_px))
+        if self.normalization not in NORMALIZATIONS:
+            raise BundleError(
+                f"{where}: normalization {self.normalization!r} is unknown; allowed: {', '.join(NORMALIZATIONS)}"
+            )
+        if self.layout not in LAYOUTS:
+            raise BundleError(f"{where}: layout {self.layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
+
+    def _check_two_stage(self, where: str) -> None:
+        """An encoder (tile -> embedding) or an aggregator (bag -> one slide head + attention)."""
+        if not _is_int(self.embed_dim) or self.embed_dim < 1:
+            raise BundleError(f"{where}: an {self.kind} network needs embed_dim, a positive integer; got {self.embed_dim!r}")
+        if self.origin is not None and not isinstance(self.origin, NetworkOrigin):
+            raise BundleError(f"{where}: origin must be a NetworkOrigin, got {type(self.origin).__name__}")
+        object.__setattr__(self, "heads", tuple(self.heads))
+        onnx = self.runtime == "onnx"
+        d = self.embed_dim
+        if self.kind == "encoder":
+            self._check_geometry(where)
+            if self.overlap != 0:
+                raise BundleError(f"{where}: overlap {self.overlap!r} px must be 0 for an encoder (tiles do not overlap)")
+            if self.heads or self.encoder is not None or self.attention is not None:
+                raise BundleError(
+                    f"{where}: an encoder has no heads, encoder or attention; its embeddings go to the "
+                    "aggregator networks that name it"
+                )
+            t = self.tile_size
+            image = ("batch", t, t, 3) if self.layout == "nhwc" else ("batch", 3, t, t)
+            if not onnx:
+                if self.input is not None or self.output is not None or self.layout != "nhwc":
+                    raise BundleError(f"{where}: input, output and layout are declared for onnx networks only: remove them")
+                return
+            for what, tensor, shape in (("input", self.input, image), ("output", self.output, ("batch", d))):
+                if not isinstance(tensor, TensorSpec) or not _same_dims(tensor.shape, shape):
+                    raise BundleError(
+                        f"{where}: an onnx encoder must declare its graph {what} of shape {list(shape)}, e.g. "
+                        f"{what} = {{ name = \"{'tiles' if what == 'input' else 'embeddings'}\", shape = {list(shape)}, "
+                        f"dtype = \"float32\" }}; got {tensor}"
+                    )
+            if self.input.name == self.output.name:
+                raise BundleError(f"{where}: input and output names repeat: {self.input.name!r}")
+            return
+        # aggregator
+        if any(v is not None for v in (self.tile_size, self.um_per_px, self.overlap, self.normalization)):
+            raise BundleError(
+                f"{where}: an aggregator has no tile geometry (tile_size, um_per_px, overlap, normalization): "
+                "it reads its encoder's embeddings; remove them"
+            )
+        if not isinstance(self.encoder, str) or not _NAME.match(self.encoder):
+            raise BundleError(f"{where}: an aggregator must name the encoder it reads: encoder = \"<network name>\"; got {self.encoder!r}")
+        if len(self.heads) != 1 or self.heads[0].task == "segmentation":
+            raise BundleError(
+                f"{where}: an aggregator has exactly one slide-level head (one of {', '.join(CLASSIFIER_TASKS)}); "
+                f"got {[h.task for h in self.heads]}"
+            )
+        head = self.heads[0]
+        if head.max_fold_spread != 1.0 and not self.folds:
+            raise BundleError(
+                f"{where}: max_fold_spread {head.max_fold_spread} applies to heads with 2 or more folds; "
+                "list the fold models in folds or remove it"
+            )
+        if not onnx:
+            if self.input is not None or self.attention is not None or head.output is not None or self.output is not None:
+                raise BundleError(f"{where}: input, output and attention are declared for onnx networks only: remove them")
+            if head.activation != "softmax":
+                raise BundleError(f"{where}: activation 'logits' is for onnx networks; a keras aggregator outputs softmax")
+            return
+        n = len(head.classes)
+        if self.output is not None:
+            raise BundleError(f"{where}: an aggregator's probabilities are its head's output; remove the network's output")
+        for what, tensor, shape in (
+            ("input", self.input, (1, "bag", d)),
+            ("head output", head.output, (1, n)),
+            ("attention", self.attention, (1, "bag")),
+        ):
+            ok = isinstance(tensor, TensorSpec) and len(tensor.shape) == len(shape) and (
+                tensor.shape[0] == 1 or isinstance(tensor.shape[0], str)
+            ) and _same_dims(tensor.shape[1:], shape[1:])
+            if not ok:
+                raise BundleError(
+                    f"{where}: an onnx aggregator must declare its graph {what} of shape {list(shape)} "
+                    f"(the first dimension 1 or dynamic, the bag dynamic); got {tensor}"
+                )
+        names = [self.input.name, head.output.name, self.attention.name]
+        if len(set(names)) != len(names):
+            raise BundleError(f"{where}: input and output names repeat: {names}")
 
     def _check_signature(self, where: str) -> None:
         """An ONNX network's declared signature must be the one its geometry and heads imply."""
@@ -323,6 +458,10 @@ class NetworkSpec:
         """(inputs, outputs) an ONNX network's graph must have; outputs in head order."""
         if self.input is None:
             raise ValueError(f"network {self.name!r} ({self.runtime}) declares no signature")
+        if self.kind == "encoder":
+            return (self.input,), (self.output,)
+        if self.kind == "aggregator":
+            return (self.input,), (self.heads[0].output, self.attention)
         return (self.input,), tuple(h.output for h in self.heads if h.output is not None)
 
     @property
@@ -330,9 +469,15 @@ class NetworkSpec:
         return tuple(h.task for h in self.heads)
 
     @property
+    def weights(self) -> tuple[WeightsFile, ...]:
+        """Its weights files: the k folds of an aggregator that has them, else its one file."""
+        return self.folds or (WeightsFile(self.file, self.sha256),)
+
+    @property
     def files(self) -> tuple[str, ...]:
-        """The bundle files this network needs: weights, then licence if any."""
-        return (self.file,) if self.origin is None else (self.file, self.origin.licence_file)
+        """The bundle files this network needs: weights (every fold), then licence if any."""
+        weights = tuple(w.file for w in self.weights)
+        return weights if self.origin is None else (*weights, self.origin.licence_file)
 
     def head(self, task: str) -> HeadSpec:
         for h in self.heads:
@@ -406,6 +551,25 @@ class Manifest:
                         "each task must come from exactly one network"
                     )
                 seen[task] = network.name
+        encoders = {n.name: n for n in self.networks if n.kind == "encoder"}
+        read = set()
+        for n in self.networks:
+            if n.kind != "aggregator":
+                continue
+            if n.encoder not in encoders:
+                raise BundleError(
+                    f"aggregator {n.name!r} reads encoder {n.encoder!r}, but the bundle's encoders are "
+                    f"{sorted(encoders)}; name one of them or add that encoder network"
+                )
+            if n.embed_dim != encoders[n.encoder].embed_dim:
+                raise BundleError(
+                    f"aggregator {n.name!r} reads embed_dim {n.embed_dim}, but encoder {n.encoder!r} gives "
+                    f"{encoders[n.encoder].embed_dim}; re-export one of them"
+                )
+            read.add(n.encoder)
+        unread = sorted(set(encoders) - read)
+        if unread:
+            raise BundleError(f"encoder(s) {unread} are read by no aggregator; add an aggregator or remove them")
         checked: dict[str, float] = {}
         for key, value in dict(self.validation).items():
             if not isinstance(key, str) or not _NAME.match(key):
@@ -467,6 +631,9 @@ def _parse_created(value: object) -> datetime:
 
 _NETWORK_KEYS = ("name", "file", "sha256", "tile_size", "um_per_px", "overlap", "normalization", "heads")
 _NETWORK_KEYS_2 = ("kind", "input", "layout", "origin")  # format 2 only, optional (runtime is required)
+_GEOMETRY_KEYS = ("tile_size", "um_per_px", "overlap", "normalization")  # an aggregator has none
+_ENCODER_KEYS = ("embed_dim",)  # required of encoders; "output" optional (onnx)
+_AGGREGATOR_KEYS = ("embed_dim", "encoder")  # required of aggregators; "attention", "folds" optional
 
 
 def _tensor_from_toml(table: object, where: str) -> TensorSpec:
@@ -488,11 +655,29 @@ def network_from_toml(
     required = _NETWORK_KEYS if hashed else tuple(k for k in _NETWORK_KEYS if k != "sha256")
     required += ("runtime",) if fmt >= 2 else ()
     optional = (() if hashed else ("sha256",)) + (_NETWORK_KEYS_2 if fmt >= 2 else ())
+    kind = n.get("kind", "tiles") if fmt >= 2 and isinstance(n, Mapping) else "tiles"
+    if kind == "encoder":
+        required = tuple(k for k in required if k != "heads") + _ENCODER_KEYS
+        optional += ("output",)
+    elif kind == "aggregator":
+        required = tuple(k for k in required if k not in _GEOMETRY_KEYS) + _AGGREGATOR_KEYS
+        optional += ("attention", "folds")
+        if isinstance(n, Mapping) and "folds" in n:  # k fold models replace the one file
+            required = tuple(k for k in required if k not in ("file", "sha256"))
+            optional = tuple(k for k in optional if k != "sha256")
     _take(n, where, required, optional)
+    folds = []
+    for j, f in enumerate(n.get("folds", []) if isinstance(n.get("folds", []), list) else [None], start=1):
+        fwhere = f"{where} ({n['name']!r}) folds #{j}"
+        _take(f, fwhere, ("file", "sha256") if hashed else ("file",), () if hashed else ("sha256",))
+        folds.append(WeightsFile(f["file"], f.get("sha256")))
+    if "folds" in n and ("file" in n or "sha256" in n):
+        raise BundleError(f"{where} ({n['name']!r}): give either file and sha256 or folds, not both")
     heads = []
     for j, h in enumerate(_list_of_tables(n, "heads", where), start=1):
         hwhere = f"{where} ({n['name']!r}) [[networks.heads]] #{j}"
-        _take(h, hwhere, ("task", "activation", "classes"), ("indeterminate_below",) + (("output",) if fmt >= 2 else ()))
+        _take(h, hwhere, ("task", "activation", "classes"),
+              ("indeterminate_below",) + (("output", "max_fold_spread") if fmt >= 2 else ()))
         classes = []
         for k, c in enumerate(_list_of_tables(h, "classes", hwhere), start=1):
             _take(
@@ -508,6 +693,7 @@ def network_from_toml(
                 activation=h["activation"],
                 indeterminate_below=h.get("indeterminate_below", 0.0),
                 output=_tensor_from_toml(h["output"], f"{hwhere} output") if "output" in h else None,
+                max_fold_spread=h.get("max_fold_spread", 1.0),
             )
         )
     origin = None
@@ -519,20 +705,26 @@ def network_from_toml(
             origin = NetworkOrigin(o["source"], o["licence"], o.get("licence_sha256"), o["licence_name"])
         except BundleError as exc:
             raise BundleError(f"{owhere}: {exc}") from None
+    first = folds[0] if folds else WeightsFile(n["file"], n.get("sha256"))
     return NetworkSpec(
         name=n["name"],
-        file=n["file"],
-        sha256=n.get("sha256"),
-        tile_size=n["tile_size"],
-        um_per_px=n["um_per_px"],
-        overlap=n["overlap"],
-        normalization=n["normalization"],
+        file=first.file,
+        sha256=first.sha256,
+        tile_size=n.get("tile_size"),
+        um_per_px=n.get("um_per_px"),
+        overlap=n.get("overlap"),
+        normalization=n.get("normalization"),
         heads=tuple(heads),
         runtime=n.get("runtime", "keras"),
-        kind=n.get("kind", "tiles"),
+        kind=kind,
         input=_tensor_from_toml(n["input"], f"{where} ({n['name']!r}) input") if "input" in n else None,
         layout=n.get("layout", "nhwc"),
         origin=origin,
+        embed_dim=n.get("embed_dim"),
+        output=_tensor_from_toml(n["output"], f"{where} ({n['name']!r}) output") if "output" in n else None,
+        encoder=n.get("encoder"),
+        attention=_tensor_from_toml(n["attention"], f"{where} ({n['name']!r}) attention") if "attention" in n else None,
+        folds=tuple(folds),
     )
 
 
@@ -590,13 +782,14 @@ def _read_manifest(path: str | os.PathLike[str]) -> tuple[Path, bytes, Manifest]
     except BundleError as exc:
         raise BundleError(f"{manifest_path}: {exc}") from None
     for network in manifest.networks:
-        if network.sha256 is None:  # pragma: no cover - the TOML layer requires the key
-            raise BundleError(f"{manifest_path}: network {network.name!r} has no sha256; re-export the bundle")
-        if not (directory / network.file).is_file():
-            raise BundleError(
-                f"weights file {network.file} of network {network.name!r} is missing from {directory}; "
-                "re-copy the bundle or re-export it"
-            )
+        for weights in network.weights:
+            if weights.sha256 is None:  # pragma: no cover - the TOML layer requires the key
+                raise BundleError(f"{manifest_path}: network {network.name!r} has no sha256; re-export the bundle")
+            if not (directory / weights.file).is_file():
+                raise BundleError(
+                    f"weights file {weights.file} of network {network.name!r} is missing from {directory}; "
+                    "re-copy the bundle or re-export it"
+                )
         if network.origin is not None and not (directory / network.origin.licence_file).is_file():
             raise BundleError(
                 f"licence file {network.origin.licence_file} of network {network.name!r} is missing from "
@@ -626,7 +819,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def _verify(path: str | os.PathLike[str]) -> tuple[Path, bytes, Manifest]:
     directory, data, manifest = _read_manifest(path)
     for network in manifest.networks:
-        checks = [("weights", network.file, network.sha256)]
+        checks = [("weights", w.file, w.sha256) for w in network.weights]
         if network.origin is not None:
             checks.append(("licence", network.origin.licence_file, network.origin.licence_sha256))
         for what, name, expected in checks:
@@ -654,7 +847,8 @@ def verify_bundle(path: str | os.PathLike[str]) -> Manifest:
 @dataclass(frozen=True)
 class LoadedNetwork:
     """A network's spec and its model: a Keras model (compile=False, ready for ``predict``) for
-    runtime keras, an ``onnxruntime.InferenceSession`` for runtime onnx."""
+    runtime keras, an ``onnxruntime.InferenceSession`` for runtime onnx; for an aggregator, a
+    tuple of those, one per fold (one element without folds)."""
 
     spec: NetworkSpec
     model: Any
@@ -694,7 +888,35 @@ class LoadedBundle:
         raise KeyError(task)
 
 
+def _check_two_stage_model(spec: NetworkSpec, model: keras.Model) -> None:
+    """A Keras encoder: (None, T, T, 3) -> (None, D); a Keras aggregator: ``embeddings`` (None,
+    None, D) -> {"probabilities": (None, C), "attention": (None, None)} (runtime/mil.py's contract)."""
+    where = f"network {spec.name!r} ({spec.kind})"
+    inputs = [tuple(i.shape) for i in model.inputs]
+    d = spec.embed_dim
+    if spec.kind == "encoder":
+        want_in, out = (None, spec.tile_size, spec.tile_size, 3), model.output
+        if inputs != [want_in] or isinstance(out, (Mapping, list, tuple)) or tuple(out.shape) != (None, d):
+            raise BundleError(
+                f"{where}: the model maps {inputs} -> {getattr(out, 'shape', type(out).__name__)}; an encoder must map "
+                f"{want_in} -> (None, {d}) (one embedding of embed_dim per tile); re-export the bundle"
+            )
+        return
+    c = len(spec.heads[0].classes)
+    out = model.output
+    shapes = {k: tuple(v.shape) for k, v in out.items()} if isinstance(out, Mapping) else None
+    if inputs != [(None, None, d)] or shapes != {"probabilities": (None, c), "attention": (None, None)}:
+        raise BundleError(
+            f"{where}: the model maps {inputs} -> {shapes or type(out).__name__}; an aggregator must map "
+            f"[(None, None, {d})] -> {{'probabilities': (None, {c}), 'attention': (None, None)}} "
+            "(glio_node/runtime/mil.py build_abmil); re-export the bundle"
+        )
+
+
 def _check_model(spec: NetworkSpec, model: keras.Model) -> None:
+    if spec.kind != "tiles":
+        _check_two_stage_model(spec, model)
+        return
     where = f"network {spec.name!r} ({spec.file})"
     inputs = model.inputs
     if len(inputs) != 1 or tuple(inputs[0].shape[1:]) != (spec.tile_size, spec.tile_size, 3):
@@ -778,24 +1000,30 @@ def load_bundle(path: str | os.PathLike[str], device: str = "auto") -> LoadedBun
     directory, data, manifest = _verify(path)
     loaded = []
     for spec in manifest.networks:
-        if spec.runtime == "onnx":
-            from glio_node.runtime.onnx_runner import graph_signature, open_session  # noqa: PLC0415
+        models = []
+        for weights in spec.weights:
+            if spec.runtime == "onnx":
+                from glio_node.runtime.onnx_runner import graph_signature, open_session  # noqa: PLC0415
 
-            session = open_session(directory / spec.file, device)
-            check_signature(spec, *graph_signature(session))
-            loaded.append(LoadedNetwork(spec, session))
-            continue
-        import keras  # noqa: PLC0415 - heavy import, only once a Keras network is really loaded
+                session = open_session(directory / weights.file, device)
+                check_signature(spec, *graph_signature(session))
+                models.append(session)
+                continue
+            import keras  # noqa: PLC0415 - heavy import, only once a Keras network is really loaded
 
-        try:
-            model = keras.saving.load_model(directory / spec.file, compile=False, safe_mode=True)
-        except (ValueError, TypeError, OSError) as exc:
-            raise BundleError(
-                f"weights file {spec.file} in {directory} passed its SHA-256 check but Keras cannot load it "
-                f"({exc}); the bundle was exported by an incompatible Keras: re-export it"
-            ) from exc
-        _check_model(spec, model)
-        loaded.append(LoadedNetwork(spec, model))
+            if spec.kind == "aggregator":
+                import glio_node.runtime.mil  # noqa: F401, PLC0415 - registers GatedAttentionPooling for safe_mode
+            try:
+                model = keras.saving.load_model(directory / weights.file, compile=False, safe_mode=True)
+            except (ValueError, TypeError, OSError) as exc:
+                raise BundleError(
+                    f"weights file {weights.file} in {directory} passed its SHA-256 check but Keras cannot load it "
+                    f"({exc}); the bundle was exported by an incompatible Keras: re-export it"
+                ) from exc
+            _check_model(spec, model)
+            models.append(model)
+        # an aggregator's model is the tuple of its fold models (one for a single file)
+        loaded.append(LoadedNetwork(spec, tuple(models) if spec.kind == "aggregator" else models[0]))
     return LoadedBundle(
         path=directory,
         manifest=manifest,
@@ -846,11 +1074,24 @@ def _network_to_toml(n: NetworkSpec, fmt: int) -> dict[str, Any]:
     if fmt >= 2:
         table["runtime"] = n.runtime
         table["kind"] = n.kind
-    table.update(file=n.file, sha256=n.sha256, tile_size=n.tile_size, um_per_px=n.um_per_px,
-                 overlap=n.overlap, normalization=n.normalization)
+    if n.folds:
+        table["folds"] = [{"file": w.file, "sha256": w.sha256} for w in n.folds]
+    else:
+        table.update(file=n.file, sha256=n.sha256)
+    if n.kind != "aggregator":
+        table.update(tile_size=n.tile_size, um_per_px=n.um_per_px, overlap=n.overlap, normalization=n.normalization)
+    else:
+        table["encoder"] = n.encoder
+    if n.embed_dim is not None:
+        table["embed_dim"] = n.embed_dim
     if n.input is not None:
-        table["layout"] = n.layout
+        if n.kind != "aggregator":
+            table["layout"] = n.layout
         table["input"] = _tensor_to_toml(n.input)
+    if n.output is not None:
+        table["output"] = _tensor_to_toml(n.output)
+    if n.attention is not None:
+        table["attention"] = _tensor_to_toml(n.attention)
     if n.origin is not None:
         table["origin"] = {
             "source": n.origin.source,
@@ -861,11 +1102,14 @@ def _network_to_toml(n: NetworkSpec, fmt: int) -> dict[str, Any]:
     heads = []
     for h in n.heads:
         head: dict[str, Any] = {"task": h.task, "activation": h.activation, "indeterminate_below": h.indeterminate_below}
+        if h.max_fold_spread != 1.0:
+            head["max_fold_spread"] = h.max_fold_spread
         if h.output is not None:
             head["output"] = _tensor_to_toml(h.output)
         head["classes"] = [_class_to_toml(c) for c in h.classes]
         heads.append(head)
-    table["heads"] = heads
+    if n.kind != "encoder":
+        table["heads"] = heads
     return table
 
 
@@ -874,7 +1118,7 @@ def manifest_to_toml(manifest: Manifest) -> str:
     import tomli_w  # noqa: PLC0415 - only needed when writing bundles
 
     for n in manifest.networks:
-        if n.sha256 is None or (n.origin is not None and n.origin.licence_sha256 is None):
+        if any(w.sha256 is None for w in n.weights) or (n.origin is not None and n.origin.licence_sha256 is None):
             raise BundleError(f"network {n.name!r} has no sha256; write the bundle with write_bundle")
     created = manifest.created.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     doc: dict[str, Any] = {
@@ -907,6 +1151,17 @@ def _inference_copy(model: keras.Model) -> keras.Model:
     copy = type(model).from_config(model.get_config())
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _given_weights(spec: NetworkSpec, given: Any) -> list:
+    """What write_bundle was given for ``spec``, one entry per weights file (a list for k folds)."""
+    many = isinstance(given, (list, tuple))
+    if bool(spec.folds) != many or (many and len(given) != len(spec.folds)):
+        raise BundleError(
+            f"network {spec.name!r} has {len(spec.weights)} weights file(s) {[w.file for w in spec.weights]}: "
+            "give one model or path per file (a list for fold models)"
+        )
+    return list(given) if many else [given]
 
 
 def _check_onnx_file(spec: NetworkSpec, path: Path) -> None:
@@ -945,27 +1200,29 @@ def write_bundle(
             f"licence files given for {sorted(licences)}, but the networks with an origin are {sorted(with_origin)}"
         )
     for spec in manifest.networks:
-        given = models[spec.name]
-        if isinstance(given, (str, os.PathLike)):
-            if spec.runtime == "onnx":
-                _check_onnx_file(spec, Path(given))
-        elif spec.runtime == "onnx":
-            raise BundleError(f"network {spec.name!r} is an onnx network: give the path of its .onnx file")
-        else:
-            _check_model(spec, given)
+        for given in _given_weights(spec, models[spec.name]):
+            if isinstance(given, (str, os.PathLike)):
+                if spec.runtime == "onnx":
+                    _check_onnx_file(spec, Path(given))
+            elif spec.runtime == "onnx":
+                raise BundleError(f"network {spec.name!r} is an onnx network: give the path of its .onnx file")
+            else:
+                _check_model(spec, given)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service user too
     try:
         networks = []
         for spec in manifest.networks:
-            target = staging / spec.file
-            given = models[spec.name]
-            if isinstance(given, (str, os.PathLike)):
-                shutil.copyfile(given, target)
-            else:
-                _inference_copy(given).save(target)
-            spec = replace(spec, sha256=sha256_file(target))
+            hashed = []
+            for weights, given in zip(spec.weights, _given_weights(spec, models[spec.name])):
+                target = staging / weights.file
+                if isinstance(given, (str, os.PathLike)):
+                    shutil.copyfile(given, target)
+                else:
+                    _inference_copy(given).save(target)
+                hashed.append(WeightsFile(weights.file, sha256_file(target)))
+            spec = replace(spec, file=hashed[0].file, sha256=hashed[0].sha256, folds=tuple(hashed) if spec.folds else ())
             if spec.origin is not None:
                 licence = staging / spec.origin.licence_file
                 shutil.copyfile(licences[spec.name], licence)

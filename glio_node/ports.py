@@ -5,7 +5,11 @@
 - ``SlideReader``: ``runtime.slide_reader.DicomSlide`` (wsidicom), ``training.tiff_slide.TiffSlide``,
   and the numpy ``glio_node.testing.FakeSlide``;
 - ``ModelRunner``: ``runtime.keras_runner.KerasNetwork``, and ``glio_node.testing.FakeRunner``;
-  any runtime (ONNX, ...) that offers the same attributes and ``predict`` fits.
+  any runtime (ONNX, ...) that offers the same attributes and ``predict`` fits.  A tile encoder
+  is a ``ModelRunner`` without heads whose ``predict`` returns ``{"embeddings": (n, D)}`` and
+  which says its ``embed_dim`` (``TileEncoder``; ``glio_node.testing.FakeEncoder``);
+- ``BagRunner``: a slide-level aggregator head (``runtime.bag_runner``, and
+  ``glio_node.testing.FakeAggregator``).
 
 One required primitive per port (``read_frame``, ``predict``); what else a port offers has a
 default built on that primitive, so a new adapter is small and may still replace a default
@@ -91,3 +95,34 @@ class ModelRunner(Protocol):
     heads: tuple[Head, ...]
 
     def predict(self, tiles: np.ndarray) -> Mapping[str, np.ndarray]: ...
+
+
+EMBEDDINGS = "embeddings"  # the key of a TileEncoder's predict output
+
+
+@runtime_checkable
+class TileEncoder(ModelRunner, Protocol):
+    """A tile network that encodes each tile to one D-vector: ``heads == ()``, ``predict`` ->
+    ``{"embeddings": (n, embed_dim) float32}``; its tiles are planned like a classifier's."""
+
+    embed_dim: int
+
+
+@runtime_checkable
+class BagRunner(Protocol):
+    """A slide-level head that reads the bag of one encoder's embeddings (attention-MIL).
+
+    ``predict_bag`` is the primitive: ``embeddings`` is (N, D) float16, N >= 1 (every tissue
+    tile of the slide, in the pipeline's order); it returns ``probabilities`` (k, C) float32,
+    one row per fold model (k = 1 without folds), and ``attention`` (k, N) float32, each row
+    softmax over the bag.  The pipeline averages the folds (pipeline/bag.py ``ensemble_call``).
+    """
+
+    name: str
+    task: str
+    classes: tuple[CodedClass, ...]
+    encoder: str  # the TileEncoder's name whose bag it reads
+    indeterminate_below: float
+    max_fold_spread: float  # 1.0: never indeterminate for fold disagreement
+
+    def predict_bag(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...

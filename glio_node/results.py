@@ -76,6 +76,26 @@ class SlideCall:
     probabilities: tuple[float, ...]  # slide-level probability per class, same order as classes
     threshold: float
     call: CodedClass | None
+    # Aggregator heads (two-stage tasks, docs/model-bundle.md): how many fold models were
+    # averaged, their spread (max - min of the top class's probability across folds), the
+    # head's limit, and why the call is indeterminate ("low_probability" | "fold_disagreement").
+    folds: int = 1
+    fold_spread: float | None = None
+    max_fold_spread: float | None = None
+    indeterminate_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    """One aggregator head's attention on its encoder's tile grid.
+
+    ``weights.array`` is (grid_rows, grid_cols) float32, softmax weights over the bag (they sum
+    to 1 over the analysed tiles; the mean over folds for an ensemble); tiles not in the bag hold NaN.
+    """
+
+    task: Task
+    network: str  # the aggregator network's name
+    weights: Raster
 
 
 @dataclass(frozen=True)
@@ -106,5 +126,6 @@ class AnalysisResult:
     # What of the source never arrived and was read as glass (not analysed); empty when whole.
     # The SR says so in a coded evaluation, so a partial answer never looks like a whole one.
     source_gaps: tuple[str, ...] = field(default=())
+    attention_maps: tuple[AttentionMap, ...] = field(default=())  # one per aggregator head
 
 NOT_TISSUE = 255

@@ -12,6 +12,8 @@ produce instead of trusting it:
   (:func:`red_bins`): a colour threshold with a receptive field of one pixel, so the tiled label
   map equals the function applied to the whole raster;
 - :class:`FakeClassifier`: P(second class) = the tile's mean intensity / 255 (:func:`mean_intensity`);
+- :class:`FakeEncoder`: a tile's embedding = its channel means (:func:`channel_means`), and
+  :class:`FakeAggregator`: an attention-MIL head on that bag, with k fold offsets;
 - :func:`fake_models` / :func:`fake_slide_opener`: the seams of :func:`glio_node.job.run_job`.
 
 Every UID is generated from a seed (no real slide's UIDs); names are marked synthetic.
@@ -219,7 +221,68 @@ class FakeClassifier:
         return {self.task: mean_intensity(tiles)}
 
 
-def _check_batch(runner: FakeSegmenter | FakeClassifier, tiles: np.ndarray) -> None:
+def channel_means(tiles: np.ndarray, embed_dim: int) -> np.ndarray:
+    """(n, embed_dim) float32: component j = the tile's mean of channel j % 3 / 255, times 1 + j // 3."""
+    means = tiles.reshape(len(tiles), -1, 3).mean(axis=1, dtype=np.float64) / 255.0
+    j = np.arange(embed_dim)
+    return (means[:, j % 3] * (1 + j // 3)).astype(np.float32)
+
+
+@dataclass
+class FakeEncoder:
+    """A :class:`~glio_node.ports.TileEncoder`: embeddings = :func:`channel_means`.
+
+    ``batches`` holds a weak reference to every tile batch it was given, so a test can prove the
+    pipeline kept no tile image once the slide is analysed.
+    """
+
+    name: str = "fake-encoder"
+    tile_size: int = 32
+    um_per_px: float = 2.0
+    overlap: int = 0
+    embed_dim: int = 6
+    batch_size: int = 8
+    heads: tuple = ()
+    calls: list[int] = field(default_factory=list)
+    batches: list = field(default_factory=list)  # weakref.ref to each tile batch
+
+    def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
+        import weakref  # noqa: PLC0415
+
+        _check_batch(self, tiles)
+        self.calls.append(len(tiles))
+        self.batches.append(weakref.ref(tiles))
+        return {"embeddings": channel_means(tiles, self.embed_dim)}
+
+
+@dataclass
+class FakeAggregator:
+    """A :class:`~glio_node.ports.BagRunner` with two classes and one fold per ``offsets`` entry.
+
+    Attention = the bag's first embedding component, normalised to sum 1; fold k's P(second
+    class) = clip(attention-weighted mean of that component + offsets[k], 0, 1).  ``bags`` keeps
+    every bag it was given (the test's evidence of what the pipeline buffered).
+    """
+
+    name: str = "fake-mgmt-abmil"
+    task: str = "mgmt"
+    classes: tuple[CodedClass, ...] = MGMT_CLASSES
+    encoder: str = "fake-encoder"
+    indeterminate_below: float = 0.0
+    max_fold_spread: float = 1.0
+    offsets: tuple[float, ...] = (0.0,)
+    bags: list = field(default_factory=list)
+
+    def predict_bag(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.bags.append(np.array(embeddings))
+        x = np.asarray(embeddings[:, 0], np.float64) + 1e-6
+        attention = x / x.sum()
+        p = float((attention * x).sum())
+        probs = np.array([[1 - q, q] for q in np.clip([p + o for o in self.offsets], 0.0, 1.0)], np.float32)
+        return probs, np.repeat(attention[None].astype(np.float32), len(self.offsets), axis=0)
+
+
+def _check_batch(runner: FakeSegmenter | FakeClassifier | FakeEncoder, tiles: np.ndarray) -> None:
     t = runner.tile_size
     if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[1:] != (t, t, 3):
         raise ValueError(f"{runner.name}: tiles must be (n, {t}, {t}, 3) uint8, got {tiles.shape} {tiles.dtype}")

@@ -6,10 +6,13 @@ Top to bottom:
    on the analysis raster, and the grid cells that hold tissue;
 3. one frame plan over all networks' tiles, read frame-aligned in background threads;
 4. batches to each network's runner as tiles arrive; outputs stitched as they come back;
-5. label map masked to tissue; slide-level calls; area fractions.
+5. label map masked to tissue; slide-level calls; area fractions;
+6. two-stage tasks: each aggregator head reads the bag of its encoder's embeddings (filled in
+   step 4, float16, preallocated from the tissue cell count of step 2; pipeline/bag.py) and gives
+   a slide call (the mean of its folds) and an attention map on the encoder's grid.
 
 Nothing here holds the whole slide: the slide-sized arrays are the label map (1 byte per analysed
-pixel) and, band by band, the tissue mask at that resolution.
+pixel), band by band, the tissue mask at that resolution, and each encoder's bag (N x D x 2 bytes).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from glio_node.pipeline.levels import LevelInfo, choose_level
 from glio_node.pipeline.stitch import HeatmapStitcher, SegmentationStitcher, region_fractions, slide_call
 from glio_node.pipeline.tiling import TileGrid, level_window, raster_shape
 from glio_node.pipeline.tissue import TISSUE_UM_PER_PX, TissueMask, detect_tissue, resample_mask
-from glio_node.ports import ModelRunner, SlideReader
-from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, Heatmap, Raster
+from glio_node.pipeline.bag import EmbeddingBag, ensemble_call
+from glio_node.ports import EMBEDDINGS, BagRunner, ModelRunner, SlideReader, TileEncoder
+from glio_node.results import NOT_TISSUE, Algorithm, AnalysisResult, AttentionMap, Heatmap, Raster
 
 # A classifier tile is analysed only when at least this fraction of it is tissue: a tile that is
 # mostly glass says little about the tumour's molecular state.
@@ -84,6 +88,7 @@ class _Use:
     seg: SegmentationStitcher | None = None
     heat: dict[str, HeatmapStitcher] = field(default_factory=dict)
     pending: list = field(default_factory=list)
+    bag: EmbeddingBag | None = None  # encoders: the slide's embeddings, one row per tissue cell
     inferred: int = 0
     model_seconds: float = 0.0
 
@@ -133,6 +138,8 @@ def _plan_network(network: ModelRunner, slide: SlideReader, tissue: TissueMask, 
     use.cells = grid.cells_with_tissue(
         tissue.mask, tissue.mm_per_px, use.raster_mm_per_px, 0.0 if is_seg else CLASSIFIER_MIN_TISSUE
     )
+    if not network.heads and isinstance(network, TileEncoder):
+        use.bag = EmbeddingBag(int(use.cells.sum()), network.embed_dim)
     for head in network.heads:
         if head.task == "segmentation":
             use.seg = SegmentationStitcher(grid)
@@ -173,6 +180,10 @@ def _run_batch(use: _Use) -> None:
     t0 = time.perf_counter()
     outputs = use.network.predict(tiles)
     use.model_seconds += time.perf_counter() - t0
+    if use.bag is not None:
+        use.bag.add(
+            np.array([r.row for r, _ in use.pending]), np.array([r.col for r, _ in use.pending]), outputs[EMBEDDINGS]
+        )
     for i, (req, _) in enumerate(use.pending):
         for task, value in outputs.items():
             if task == "segmentation" and use.seg is not None:
@@ -181,6 +192,21 @@ def _run_batch(use: _Use) -> None:
                 use.heat[task].add(req.row, req.col, value[i])
     use.inferred += len(use.pending)
     use.pending.clear()
+
+
+def _aggregate(aggregator: BagRunner, use: _Use):
+    """One aggregator head on its encoder's bag -> (slide call, attention map or None without tissue)."""
+    bag = use.bag
+    if bag.count == 0:
+        return ensemble_call(aggregator.task, aggregator.classes, None, aggregator.indeterminate_below, aggregator.max_fold_spread), None
+    probabilities, attention = aggregator.predict_bag(bag.embeddings)
+    call = ensemble_call(
+        aggregator.task, aggregator.classes, probabilities, aggregator.indeterminate_below, aggregator.max_fold_spread
+    )
+    grid = np.full((use.grid.rows, use.grid.cols), np.nan, np.float32)
+    grid[bag.cells[:, 0], bag.cells[:, 1]] = np.asarray(attention, np.float32).mean(axis=0)
+    raster = Raster(grid, use.raster_mm_per_px * use.grid.tile_size)
+    return call, AttentionMap(task=aggregator.task, network=aggregator.name, weights=raster)
 
 
 def _mask_label_map(label_map: np.ndarray, tissue: TissueMask, mm_per_px: float, band: int = 512) -> None:
@@ -196,8 +222,13 @@ def analyze(
     algorithm: Algorithm,
     options: AnalysisOptions = AnalysisOptions(),
     progress: Callable[[int, int], None] | None = None,
+    aggregators: Sequence[BagRunner] = (),
 ) -> tuple[AnalysisResult, AnalysisStats, LevelInfo]:
-    """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to."""
+    """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to.
+
+    ``aggregators`` (two-stage bundles) each read the bag of the encoder in ``networks`` they
+    name; BadInput if there is no such encoder.
+    """
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     tissue, tissue_level = find_tissue(slide)
@@ -210,6 +241,13 @@ def analyze(
         use, reqs = _plan_network(network, slide, tissue, i)
         uses.append(use)
         requests.extend(reqs)
+    encoders = {u.network.name: u for u in uses if u.bag is not None}
+    for aggregator in aggregators:
+        if aggregator.encoder not in encoders:
+            raise BadInput(
+                f"aggregator {aggregator.name!r} reads encoder {aggregator.encoder!r}, which is not among the "
+                f"networks (encoders: {sorted(encoders)}); the bundle is inconsistent: re-export it"
+            )
     seg_uses = [u for u in uses if u.seg is not None]
     if len(seg_uses) != 1:
         raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it needs exactly one")
@@ -255,6 +293,12 @@ def analyze(
                 Heatmap(task=task, classes=head.classes, probabilities=Raster(stitcher.probabilities, use.raster_mm_per_px * use.grid.tile_size))
             )
             calls.append(slide_call(task, head.classes, stitcher.slide_probabilities(), head.indeterminate_below))
+    attention_maps = []
+    for aggregator in aggregators:
+        calls_, map_ = _aggregate(aggregator, encoders[aggregator.encoder])
+        calls.append(calls_)
+        if map_ is not None:
+            attention_maps.append(map_)
     notes = []
     if not tissue.mask.any():
         notes.append("No tissue was found on the slide; nothing was analysed.")
@@ -267,6 +311,7 @@ def analyze(
         heatmaps=tuple(heatmaps),
         calls=tuple(calls),
         notes=tuple(notes),
+        attention_maps=tuple(attention_maps),
     )
     stages["stitch"] = time.perf_counter() - t0
     stats = AnalysisStats(

@@ -73,7 +73,7 @@ def test_format_1_bundles_still_load_as_keras_networks():
         ({"input": None}, r"network 'seg': an onnx network must declare its graph input, e\.g\. input = "),
         ({"file": "seg.keras"}, r"network 'seg': file 'seg\.keras' must be .* ending in \.onnx for runtime 'onnx'"),
         ({"runtime": "torch"}, r"network 'seg': runtime 'torch' is unknown; allowed: keras, onnx"),
-        ({"kind": "encoder"}, r"network 'seg': kind 'encoder' is unknown; allowed: tiles"),
+        ({"kind": "slides"}, r"network 'seg': kind 'slides' is unknown; allowed: tiles, encoder, aggregator"),
         ({"layout": "nchw"}, r"network 'seg': input tiles float32\[batch, 16, 16, 3\] must have shape \['batch', 3, 16, 16\] \(layout nchw"),
         ({"input": TensorSpec("tiles", [1, 16, 16, 3], "float32")}, r"input tiles float32\[1, 16, 16, 3\] must have shape \['batch', 16, 16, 3\]"),
         ({"input": TensorSpec("segmentation", ["batch", 16, 16, 3], "float32")}, r"input and output names repeat: \['segmentation', 'segmentation'\]"),
