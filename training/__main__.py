@@ -148,7 +148,8 @@ def _train_mil(args: argparse.Namespace) -> int:
     if args.bundle is not None:
         from training.mil_bundle import write_mil_bundle
 
-        manifest = write_mil_bundle(args.bundle, args.run_dir, m, name=args.name or args.bundle.name)
+        manifest = write_mil_bundle(args.bundle, args.run_dir, m, name=args.name or args.bundle.name,
+                                    segmentation_from=args.segmentation_from)
         print(f"wrote bundle {manifest.name} {manifest.version} (format {manifest.format}) to {args.bundle}")
     return 0
 
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--cache", type=Path, default=None, help="embedding cache (default DATASET/.embeddings)")
     m.add_argument("--bundle", type=Path, default=None, help="also write a format-2 bundle of the encoder and the heads here")
     m.add_argument("--name", default=None, help="the bundle's name (default: its folder's name)")
+    m.add_argument("--segmentation-from", type=Path, default=None,
+                   help="copy this bundle's segmentation network into --bundle (glio-node analyze needs one), e.g. models/glio-demo")
     m.add_argument("--bag-size", type=int, default=64)
     m.add_argument("--epochs", type=int, default=40)
     m.add_argument("--patience", type=int, default=8)

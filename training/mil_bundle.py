@@ -15,7 +15,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from glio_node.bundle import FORMAT, HeadSpec, Manifest, NetworkSpec, TensorSpec, sha256_file, write_bundle
+from glio_node.bundle import FORMAT, HeadSpec, Manifest, NetworkSpec, TensorSpec, _bundle_dir, sha256_file, verify_bundle, write_bundle
 from glio_node.coding import CLASSES_BY_TASK
 from training.run import INDETERMINATE_BELOW, INTENDED_USE
 
@@ -56,9 +56,14 @@ def aggregator_network(task: str, embed_dim: int) -> NetworkSpec:
 
 def write_mil_bundle(
     out_dir: Path, run_dir: Path, metrics: dict, name: str, version: str = "0.1.0",
-    intended_use: str | None = None, is_demo: bool | None = None,
+    intended_use: str | None = None, is_demo: bool | None = None, segmentation_from: Path | None = None,
 ) -> Manifest:
-    """The bundle of a ``train_mil`` run (its ``metrics`` and ``run_dir`` with ``<task>.keras``)."""
+    """The bundle of a ``train_mil`` run (its ``metrics`` and ``run_dir`` with ``<task>.keras``).
+
+    ``segmentation_from``: a verified bundle whose segmentation-only network is copied byte for
+    byte into this one (the worker's analysis needs exactly one segmentation network; e.g. the
+    demo bundle's ``regions``).  Raises BundleError, ValueError naming what to fix.
+    """
     encoder_path = Path(metrics["encoder"]["file"])
     if sha256_file(encoder_path) != metrics["encoder"]["sha256"]:
         raise ValueError(f"encoder {encoder_path} changed since the heads were trained on its embeddings; rerun train-mil")
@@ -70,6 +75,19 @@ def write_mil_bundle(
     networks = [encoder_network(encoder_path, tile["tile_size"], tile["um_per_px"], metrics["normalization"], embed_dim)]
     models: dict[str, Path] = {ENCODER_NAME: encoder_path}
     validation: dict[str, float] = {}
+    licences: dict[str, Path] = {}
+    if segmentation_from is not None:
+        source = verify_bundle(segmentation_from)
+        segs = [n for n in source.networks if n.tasks == ("segmentation",)]
+        if len(segs) != 1:
+            raise ValueError(f"bundle {segmentation_from} has {len(segs)} segmentation-only networks; name a bundle with exactly one")
+        networks.append(segs[0])
+        models[segs[0].name] = _bundle_dir(segmentation_from) / segs[0].file
+        if segs[0].origin is not None:
+            licences[segs[0].name] = _bundle_dir(segmentation_from) / segs[0].origin.licence_file
+        provenance_seg = f" Segmentation network {segs[0].name!r} copied from bundle {source.name} {source.version}."
+    else:
+        provenance_seg = ""
     for task, t in metrics["tasks"].items():
         spec = aggregator_network(task, embed_dim)
         networks.append(spec)
@@ -85,11 +103,11 @@ def write_mil_bundle(
         f"ABMIL heads trained by `python -m training train-mil` on {metrics['sets']['train']['slides']} training slides "
         f"(checkpoint on {metrics['sets']['validation']['slides']} validation slides, test scored once on "
         f"{metrics['sets']['test']['slides']}) from embeddings of encoder {encoder_path.name} "
-        f"(SHA-256 {metrics['encoder']['sha256']})" + ("; synthetic slides" if synthetic else "") + "."
+        f"(SHA-256 {metrics['encoder']['sha256']})" + ("; synthetic slides" if synthetic else "") + "." + provenance_seg
     )
     manifest = Manifest(
         name=name, version=version, uid=f"2.25.{uuid.uuid4().int}", intended_use=intended_use, is_demo=is_demo,
         provenance=provenance, created=datetime.now(UTC).replace(microsecond=0), networks=tuple(networks),
         validation={k: float(v) for k, v in validation.items() if v == v}, format=FORMAT,
     )
-    return write_bundle(out_dir, manifest, models)
+    return write_bundle(out_dir, manifest, models, licences)

@@ -9,6 +9,9 @@ geometry.  These tests count what the second run decodes and encodes: nothing.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from glio_node.synthetic.slide import SlideSpec, layout_for, render_patch
 from glio_node.synthetic.textures import Signature, signature_mask
 from training import mil
 from training.mil import Encoder, MilConfig, embed_slides, sample_bags
+from training.mil_bundle import write_mil_bundle
 from training.mil_run import SplitConfig, build_encoder, train_mil
 from training.synthetic_dataset import SyntheticParameters, write_synthetic_dataset
 from training.tiles import TileSpec
@@ -97,7 +101,9 @@ def test_a_second_run_decodes_and_encodes_nothing_and_another_encoder_re_encodes
     assert sorted(opened) == sorted(r.slide_id for r in records)
 
 
-def test_mil_training_writes_heads_attention_over_each_test_slides_tiles_and_test_scores_with_intervals(minority_dataset, encoder_dir, tmp_path):
+def test_mil_training_writes_heads_attention_over_each_test_slides_tiles_and_test_scores_with_intervals_and_a_bundle_that_verifies(
+    minority_dataset, encoder_dir, tmp_path
+):
     m = train_mil(minority_dataset, encoder_dir / "encoder.keras", ("egfr",), tmp_path / "run", SPEC, tmp_path / "cache", config=SMALL)
     t = m["tasks"]["egfr"]
     assert 1 <= t["best_epoch"] <= SMALL.epochs and [h["epoch"] for h in t["history"]][0] == 1
@@ -114,6 +120,20 @@ def test_mil_training_writes_heads_attention_over_each_test_slides_tiles_and_tes
     head = keras.saving.load_model(tmp_path / "run" / "egfr.keras", safe_mode=True)
     assert head.input_shape[-1] == baseline["embed_dim"]
     assert baseline["test_slides"] == m["test_slides"]  # the same test patients as the baseline
+
+    # The bundle: the encoder byte for byte (the SHA-256 the cache was keyed by), the ABMIL head as
+    # an aggregator reading it, the demo bundle's segmentation network; `glio-node models verify` loads it.
+    bundle = tmp_path / "minority-mil"
+    manifest = write_mil_bundle(bundle, tmp_path / "run", m, name="minority-mil", segmentation_from=Path("models/glio-demo"))
+    kinds = {n.name: (n.kind, n.runtime) for n in manifest.networks}
+    assert kinds == {"encoder": ("encoder", "keras"), "egfr-abmil": ("aggregator", "keras"), "regions": ("tiles", "keras")}
+    assert manifest.network_for("egfr").encoder == "encoder" and manifest.network_for("egfr").embed_dim == baseline["embed_dim"]
+    assert next(n for n in manifest.networks if n.kind == "encoder").sha256 == m["encoder"]["sha256"]
+    assert manifest.is_demo and manifest.validation["test_egfr_slide_roc_auc_ci_high"] == hi
+    done = subprocess.run([sys.executable, "-m", "glio_node.cli", "models", "verify", str(bundle)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ok          minority-mil 0.1.0" in done.stdout and "egfr-abmil: keras egfr-abmil.keras, tasks egfr" in done.stdout
 
 
 def test_an_encoder_that_is_neither_keras_nor_onnx_is_refused(tmp_path):
