@@ -134,6 +134,12 @@ def _train_mil(args: argparse.Namespace) -> int:
     from training.mil import MilConfig
     from training.mil_run import train_mil
 
+    if (args.licence is None) != (args.source is None):
+        print("error: give both --licence and --source for an encoder we did not make, or neither", file=sys.stderr)
+        return 2
+    if args.bundle is None and (args.licence or args.source):
+        print("error: --licence and --source go with --bundle (they are stored in it)", file=sys.stderr)
+        return 2
     config = MilConfig(bag_size=args.bag_size, epochs=args.epochs, patience=args.patience, seed=args.seed)
     m = train_mil(args.dataset, args.encoder, tuple(args.task), args.run_dir, _tile_spec(args), args.cache,
                   _split_config(args), config, args.normalization, verbose=bool(args.verbose))
@@ -149,7 +155,8 @@ def _train_mil(args: argparse.Namespace) -> int:
         from training.mil_bundle import write_mil_bundle
 
         manifest = write_mil_bundle(args.bundle, args.run_dir, m, name=args.name or args.bundle.name,
-                                    segmentation_from=args.segmentation_from)
+                                    segmentation_from=args.segmentation_from, licence=args.licence, source=args.source,
+                                    licence_name=args.licence_name)
         print(f"wrote bundle {manifest.name} {manifest.version} (format {manifest.format}) to {args.bundle}")
     return 0
 
@@ -250,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--name", default=None, help="the bundle's name (default: its folder's name)")
     m.add_argument("--segmentation-from", type=Path, default=None,
                    help="copy this bundle's segmentation network into --bundle (glio-node analyze needs one), e.g. models/glio-demo")
+    m.add_argument("--licence", type=Path, default=None, help="an encoder we did not make: its licence text, stored in --bundle")
+    m.add_argument("--source", default=None, help="an encoder we did not make: maker, version, how and when obtained")
+    m.add_argument("--licence-name", default=None, help="short licence name for outputs (default: the licence's first line)")
     m.add_argument("--bag-size", type=int, default=64)
     m.add_argument("--epochs", type=int, default=40)
     m.add_argument("--patience", type=int, default=8)

@@ -15,7 +15,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from glio_node.bundle import FORMAT, HeadSpec, Manifest, NetworkSpec, TensorSpec, _bundle_dir, sha256_file, verify_bundle, write_bundle
+from glio_node.bundle import FORMAT, HeadSpec, NetworkOrigin, Manifest, NetworkSpec, TensorSpec, _bundle_dir, sha256_file, verify_bundle, write_bundle
 from glio_node.coding import CLASSES_BY_TASK
 from training.run import INDETERMINATE_BELOW, INTENDED_USE
 
@@ -26,7 +26,9 @@ def _dim(d) -> int | str:
     return d if isinstance(d, int) and d > 0 else "batch"
 
 
-def encoder_network(path: Path, tile_size: int, um_per_px: float, normalization: str, embed_dim: int) -> NetworkSpec:
+def encoder_network(
+    path: Path, tile_size: int, um_per_px: float, normalization: str, embed_dim: int, origin: NetworkOrigin | None = None
+) -> NetworkSpec:
     """The encoder's network table; an ONNX graph's input and output as ONNX Runtime reads them."""
     runtime = "onnx" if path.suffix == ".onnx" else "keras"
     extra = {}
@@ -41,7 +43,8 @@ def encoder_network(path: Path, tile_size: int, um_per_px: float, normalization:
         }
     return NetworkSpec(
         name=ENCODER_NAME, file=f"{ENCODER_NAME}{path.suffix}", sha256=None, tile_size=tile_size, um_per_px=um_per_px,
-        overlap=0, normalization=normalization, heads=(), runtime=runtime, kind="encoder", embed_dim=embed_dim, **extra,
+        overlap=0, normalization=normalization, heads=(), runtime=runtime, kind="encoder", embed_dim=embed_dim,
+        origin=origin, **extra,
     )
 
 
@@ -57,12 +60,16 @@ def aggregator_network(task: str, embed_dim: int) -> NetworkSpec:
 def write_mil_bundle(
     out_dir: Path, run_dir: Path, metrics: dict, name: str, version: str = "0.1.0",
     intended_use: str | None = None, is_demo: bool | None = None, segmentation_from: Path | None = None,
+    licence: Path | None = None, source: str | None = None, licence_name: str | None = None,
 ) -> Manifest:
     """The bundle of a ``train_mil`` run (its ``metrics`` and ``run_dir`` with ``<task>.keras``).
 
     ``segmentation_from``: a verified bundle whose segmentation-only network is copied byte for
     byte into this one (the worker's analysis needs exactly one segmentation network; e.g. the
-    demo bundle's ``regions``).  Raises BundleError, ValueError naming what to fix.
+    demo bundle's ``regions``).  ``licence`` and ``source``: an encoder we did not make (a local
+    ONNX file, air-gapped: nothing is downloaded) is stored with its licence text and source, as
+    ``glio-node models import`` stores a tile network, and named in every output.  Raises
+    BundleError, ValueError naming what to fix.
     """
     encoder_path = Path(metrics["encoder"]["file"])
     if sha256_file(encoder_path) != metrics["encoder"]["sha256"]:
@@ -72,10 +79,19 @@ def write_mil_bundle(
     synthetic = bool(metrics.get("synthetic"))
     is_demo = synthetic if is_demo is None else is_demo
     intended_use = intended_use or ("DEMO model trained on synthetic slides only. " if is_demo else "") + INTENDED_USE
-    networks = [encoder_network(encoder_path, tile["tile_size"], tile["um_per_px"], metrics["normalization"], embed_dim)]
+    if (licence is None) != (source is None):
+        raise ValueError("give both --licence and --source for an encoder we did not make, or neither")
+    origin = None
+    licences: dict[str, Path] = {}
+    if licence is not None:
+        from glio_node.bundle_import import licence_title  # noqa: PLC0415
+
+        origin = NetworkOrigin(source, f"{ENCODER_NAME}.LICENCE.txt", None,
+                               licence_name or licence_title(Path(licence).read_text(encoding="utf-8")))
+        licences[ENCODER_NAME] = Path(licence)
+    networks = [encoder_network(encoder_path, tile["tile_size"], tile["um_per_px"], metrics["normalization"], embed_dim, origin)]
     models: dict[str, Path] = {ENCODER_NAME: encoder_path}
     validation: dict[str, float] = {}
-    licences: dict[str, Path] = {}
     if segmentation_from is not None:
         source = verify_bundle(segmentation_from)
         segs = [n for n in source.networks if n.tasks == ("segmentation",)]
