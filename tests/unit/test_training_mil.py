@@ -124,11 +124,19 @@ def test_mil_training_writes_heads_attention_over_each_test_slides_tiles_and_tes
     # The bundle: the encoder byte for byte (the SHA-256 the cache was keyed by), the ABMIL head as
     # an aggregator reading it, the demo bundle's segmentation network; `glio-node models verify` loads it.
     bundle = tmp_path / "minority-mil"
-    manifest = write_mil_bundle(bundle, tmp_path / "run", m, name="minority-mil", segmentation_from=Path("models/glio-demo"))
+    licence = tmp_path / "LICENCE.txt"
+    licence.write_text("Apache License 2.0\n\nthe text the encoder came with\n")
+    with pytest.raises(ValueError, match="give both --licence and --source"):
+        write_mil_bundle(bundle, tmp_path / "run", m, name="minority-mil", licence=licence)
+    manifest = write_mil_bundle(bundle, tmp_path / "run", m, name="minority-mil", segmentation_from=Path("models/glio-demo"),
+                                licence=licence, source="a site's own encoder, copied from a USB stick")
+    encoder = next(n for n in manifest.networks if n.kind == "encoder")
+    assert (encoder.origin.source, encoder.origin.licence_name) == ("a site's own encoder, copied from a USB stick", "Apache License 2.0")
+    assert (bundle / encoder.origin.licence_file).read_text() == licence.read_text()
     kinds = {n.name: (n.kind, n.runtime) for n in manifest.networks}
     assert kinds == {"encoder": ("encoder", "keras"), "egfr-abmil": ("aggregator", "keras"), "regions": ("tiles", "keras")}
     assert manifest.network_for("egfr").encoder == "encoder" and manifest.network_for("egfr").embed_dim == baseline["embed_dim"]
-    assert next(n for n in manifest.networks if n.kind == "encoder").sha256 == m["encoder"]["sha256"]
+    assert encoder.sha256 == m["encoder"]["sha256"]
     assert manifest.is_demo and manifest.validation["test_egfr_slide_roc_auc_ci_high"] == hi
     done = subprocess.run([sys.executable, "-m", "glio_node.cli", "models", "verify", str(bundle)],
                           capture_output=True, text=True, timeout=300, check=False)
