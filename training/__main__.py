@@ -122,8 +122,12 @@ def _split_config(args: argparse.Namespace):
 def _encoder(args: argparse.Namespace) -> int:
     from training.mil_run import build_encoder
 
-    r = build_encoder(args.dataset, args.out, args.task[0], _tile_spec(args), _split_config(args), epochs=args.epochs,
-                      verbose=_verbosity(args.verbose))
+    try:
+        r = build_encoder(args.dataset, args.out, args.task[0], _tile_spec(args), _split_config(args), epochs=args.epochs,
+                          verbose=_verbosity(args.verbose))
+    except ValueError as exc:  # a slide without the task's label, a split the dataset cannot give
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     t = r["test"]
     print(f"wrote {args.out / 'encoder.keras'} ({r['embed_dim']}-d embeddings) and {args.out / 'tile-classifier.keras'}")
     print(f"baseline (mean of tile probabilities) on {t['patients']} test patients: ROC AUC {_with_ci(t['roc_auc'], t['roc_auc_ci'])}")
@@ -141,8 +145,12 @@ def _train_mil(args: argparse.Namespace) -> int:
         print("error: --licence and --source go with --bundle (they are stored in it)", file=sys.stderr)
         return 2
     config = MilConfig(bag_size=args.bag_size, epochs=args.epochs, patience=args.patience, seed=args.seed)
-    m = train_mil(args.dataset, args.encoder, tuple(args.task), args.run_dir, _tile_spec(args), args.cache,
-                  _split_config(args), config, args.normalization, verbose=bool(args.verbose))
+    try:
+        m = train_mil(args.dataset, args.encoder, tuple(args.task), args.run_dir, _tile_spec(args), args.cache,
+                      _split_config(args), config, args.normalization, verbose=bool(args.verbose))
+    except (ValueError, FileNotFoundError) as exc:  # no such encoder, a slide without a label or tissue, a bad split
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     x = m["extraction"]
     print(f"embeddings: {x['slides_encoded']} slide(s) encoded ({x['frames_decoded']} frames decoded, "
           f"{x['encoder_calls']} encoder calls), {x['slides_cached']} from the cache")
