@@ -96,3 +96,16 @@ FALLBACK_DISPLAY_RGB: tuple[int, int, int] = (128, 128, 128)
 def display_rgb(c: CodedClass) -> tuple[int, int, int]:
     """The display colour of a region class (see REGION_DISPLAY_RGB)."""
     return REGION_DISPLAY_RGB.get(c.name, FALLBACK_DISPLAY_RGB)
+
+
+# Two-stage (attention-MIL) slide calls, docs/coding.md "Aggregator heads".
+ATTENTION_WEIGHT = _local("ATTNWEIGHT", "attention_weight", "Attention weight")
+"""Quantity of an attention Parametric Map: a tile's softmax attention weight in its slide's bag."""
+FOLD_SPREAD = _local("FOLDSPREAD", "fold_spread", "Fold model spread of top-class probability")
+"""max - min across fold models of the probability each gives the ensemble's top class (unit 1)."""
+INDETERMINATE_REASON = _local("INDETREASON", "indeterminate_reason", "Reason the call is indeterminate")
+LOW_PROBABILITY = _local("LOWPROB", "low_probability", "Top probability below the decision threshold")
+FOLD_DISAGREEMENT = _local("FOLDDISAGREE", "fold_disagreement", "Fold models disagree beyond the limit")
+INDETERMINATE_REASONS: Mapping[str, CodedClass] = MappingProxyType(
+    {"low_probability": LOW_PROBABILITY, "fold_disagreement": FOLD_DISAGREEMENT}
+)

@@ -41,6 +41,9 @@ class JobSummary:
     objects: tuple[WrittenObject, ...] = ()  # what was written, with its UIDs: nothing re-reads the files
     notes: tuple[str, ...] = ()
     geojson: str | None = None  # the QuPath GeoJSON of the same run (not a DICOM object)
+    # aggregator heads (two-stage tasks): task -> folds, fold_spread, max_fold_spread,
+    # indeterminate_reason (None, "low_probability" or "fold_disagreement")
+    aggregated: dict[str, dict] = field(default_factory=dict)
 
     @property
     def bundle(self) -> str:
@@ -58,6 +61,19 @@ def _calls(result: AnalysisResult) -> tuple[dict[str, str], dict[str, dict[str, 
     calls = {c.task: (c.call.code_meaning if c.call else "indeterminate") for c in result.calls}
     probs = {c.task: {k.name: p for k, p in zip(c.classes, c.probabilities)} for c in result.calls}
     return calls, probs
+
+
+def _aggregated(result: AnalysisResult) -> dict[str, dict]:
+    return {
+        c.task: {
+            "folds": c.folds,
+            "fold_spread": c.fold_spread,
+            "max_fold_spread": c.max_fold_spread,
+            "indeterminate_reason": c.indeterminate_reason,
+        }
+        for c in result.calls
+        if c.fold_spread is not None
+    }
 
 
 class BundleCache:
@@ -94,6 +110,7 @@ class Models:
     algorithm: Algorithm
     runners: tuple[ModelRunner, ...]
     device: str  # what was used: "cpu" or "gpu:N"
+    aggregators: tuple = ()  # ports.BagRunner heads of two-stage tasks, reading an encoder among runners
 
 
 # The job's two seams (the defaults below are the real adapters; glio_node.testing has fakes):
@@ -116,11 +133,13 @@ def load_bundle_models(bundle_dir: Path, device: str, batch_size: int, bundles: 
     verified bundle (from the worker's cache when given) and wrap each network in the runner of
     its runtime."""
     from glio_node.bundle import load_bundle, load_manifest
-    from glio_node.runtime.runners import bundle_networks, prepare_device
+    from glio_node.runtime.runners import bundle_aggregators, bundle_networks, prepare_device
 
     used_device = prepare_device(device, load_manifest(bundle_dir))
     bundle = bundles.get(bundle_dir, device) if bundles is not None else load_bundle(bundle_dir, device)
-    return Models(bundle.algorithm, tuple(bundle_networks(bundle, batch_size)), used_device)
+    return Models(
+        bundle.algorithm, tuple(bundle_networks(bundle, batch_size)), used_device, tuple(bundle_aggregators(bundle))
+    )
 
 
 def run_job(
@@ -157,7 +176,9 @@ def run_job(
         models = load_models(Path(bundle_dir), device, options.batch_size, bundles)
         stages["load_models"] = time.perf_counter() - t0
 
-        result, stats, seg_level = analyze(slide, models.runners, models.algorithm, options, progress)
+        result, stats, seg_level = analyze(
+            slide, models.runners, models.algorithm, options, progress, aggregators=models.aggregators
+        )
         stages.update(stats.stage_seconds)
         if slide.gaps:  # only with allow_gaps; said even when no missing frame was needed
             missing = slide.missing_frames_read
@@ -207,4 +228,5 @@ def run_job(
         objects=written.objects,
         notes=result.notes,
         geojson=str(geojson),
+        aggregated=_aggregated(result),
     )

@@ -129,3 +129,14 @@ def write_two_stage_bundle(out: Path, encoder=None, fold_models=None, max_fold_s
         "mgmt-abmil": build_head(2, 12),
     }
     return write_bundle(out, manifest(*networks), models)
+
+
+def export_encoder_onnx(model, path: Path) -> str:
+    """The Keras encoder as an ONNX graph by the project's export route (training/onnx_export.py:
+    Keras' own ``model.export(format="onnx")``); returns the graph's output name."""
+    import onnx
+
+    from training.onnx_export import export_model
+
+    export_model(model, encoder_spec(), path)
+    return onnx.load(str(path)).graph.output[0].name

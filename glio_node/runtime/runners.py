@@ -33,6 +33,13 @@ def bundle_networks(bundle: LoadedBundle, batch_size: int) -> list:
     """The bundle's networks, each with the runner of its runtime, ready for ``pipeline.analyze``."""
     networks = []
     for loaded in bundle.networks:
+        if loaded.spec.kind == "aggregator":  # not a tile network: see bundle_aggregators
+            continue
+        if loaded.spec.kind == "encoder":
+            from glio_node.runtime.bag_runner import KerasEncoder, OnnxEncoder  # noqa: PLC0415
+
+            networks.append((OnnxEncoder if loaded.spec.runtime == "onnx" else KerasEncoder)(loaded, batch_size))
+            continue
         if loaded.spec.runtime == "onnx":
             from glio_node.runtime.onnx_runner import OnnxNetwork  # noqa: PLC0415
 
@@ -42,3 +49,10 @@ def bundle_networks(bundle: LoadedBundle, batch_size: int) -> list:
 
             networks.append(KerasNetwork(loaded, batch_size))
     return networks
+
+
+def bundle_aggregators(bundle: LoadedBundle) -> list:
+    """The bundle's aggregator heads (``kind = "aggregator"``), ready for ``pipeline.analyze``."""
+    from glio_node.runtime.bag_runner import Aggregator  # noqa: PLC0415
+
+    return [Aggregator(n) for n in bundle.networks if n.spec.kind == "aggregator"]

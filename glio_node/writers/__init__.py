@@ -16,6 +16,7 @@ import pydicom
 from glio_node.pipeline.polygonise import RegionPolygons, region_polygons
 from glio_node.results import NOT_TISSUE, AnalysisResult
 from glio_node.writers.ann import write_ann
+from glio_node.writers.attention import write_attention_maps
 from glio_node.writers.common import WrittenObject, WrittenObjects, prepare_source
 from glio_node.writers.heatmap import write_heatmaps
 from glio_node.writers.seg import write_seg
@@ -50,15 +51,17 @@ def write_results(
     heatmaps = write_heatmaps(slide, result, out_dir)
     keys = [(h.task, c.name) for h in result.heatmaps for c in h.classes]  # write_heatmaps' order
     heatmap_by_class = {key: dataset for key, (_, dataset) in zip(keys, heatmaps, strict=True)}
+    attention = write_attention_maps(slide, result, out_dir)
+    attention_by_task = {a.task: dataset for a, (_, dataset) in zip(result.attention_maps, attention, strict=True)}
     if regions is None:
         regions = result_polygons(result)
     anns = write_ann(slide, result, regions, out_dir)
     sr = write_sr(
         slide, result, [ds for _, ds in segs], heatmap_by_class, out_dir,
-        annotations=[ds for _, ds in anns],
+        annotations=[ds for _, ds in anns], attention=attention_by_task,
     )
     return WrittenObjects(
-        objects=(*(w for w, _ in segs), *(w for w, _ in heatmaps), sr, *(w for w, _ in anns)),
+        objects=(*(w for w, _ in segs), *(w for w, _ in heatmaps), *(w for w, _ in attention), sr, *(w for w, _ in anns)),
         notes=slide.notes,
     )
 

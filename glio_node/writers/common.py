@@ -68,6 +68,7 @@ SEG_SERIES_NUMBER = 9001
 SR_SERIES_NUMBER = 9002
 HEATMAP_SERIES_BASE = {"subtype": 9010, "mgmt": 9020, "egfr": 9030, "segmentation": 9040}
 MAX_CLASSES_PER_HEATMAP_HEAD = 10  # series numbers base + 0..9
+ATTENTION_SERIES_NUMBER = {"subtype": 9051, "mgmt": 9052, "egfr": 9053}  # one attention map per aggregator head
 
 AI_NOTICE = "AI-generated, research use only"
 DEMO_NOTICE = "DEMO (synthetic training)"
@@ -104,7 +105,7 @@ class WrittenObject:
     """One DICOM file written: where it is and the UIDs the sender and the audit trail need."""
 
     path: Path
-    kind: str  # "seg" | "sr" | "heatmap"
+    kind: str  # "seg" | "sr" | "heatmap" | "attention" (writers/attention.py)
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str

@@ -20,6 +20,12 @@ DCM 123110 "Artificial Intelligence", with the bundle's SHA-256 and intended use
   measurement (122157, DCM, "Probability"), unit (1, UCUM, "no units"), with the class's heatmap
   (Parametric Map) as the measurement's source image when one was written (the slide-level value
   aggregates that tile grid).
+- Aggregator heads (two-stage tasks) add to their call group: the attention Parametric Map
+  (writers/attention.py) as a second source image of the group, so the map is referenced from
+  the call it explains; with fold models, a measurement "Fold model spread of top-class
+  probability" (99GLIO FOLDSPREAD, unit 1; max - min across folds of the probability each
+  gives the ensemble's top class); when the call is indeterminate, a qualitative evaluation
+  "Reason the call is indeterminate" (99GLIO INDETREASON) = 99GLIO LOWPROB or FOLDDISAGREE.
 - Evidence: the slide level, every SEG level and every heatmap (highdicom files referenced ones
   under CurrentRequestedProcedureEvidenceSequence, the rest under PertinentOtherEvidence).
 
@@ -47,6 +53,7 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from glio_node import coding
 from glio_node.results import AnalysisResult, SlideCall, Task
 from glio_node.writers import common
 from glio_node.writers.common import SourceSlide, WrittenObject
@@ -81,11 +88,13 @@ def write_sr(
     heatmaps: dict[tuple[str, str], Dataset],
     out_dir: Path,
     annotations: Sequence[Dataset] = (),
+    attention: dict[str, Dataset] | None = None,
 ) -> WrittenObject:
     """Write the measurement report; ``seg_levels[0]`` is the full-resolution SEG instance.
 
     ``heatmaps`` maps (task, class name) to the Parametric Map written for it (metadata is
-    enough); ``annotations`` (the ANN of the same run) are listed as evidence beside them. Raises ``ValueError`` when the result's fractions name unknown region classes.
+    enough); ``attention`` maps an aggregator head's task to its attention Parametric Map;
+    ``annotations`` (the ANN of the same run) are listed as evidence beside them. Raises ``ValueError`` when the result's fractions name unknown region classes.
     """
     algorithm = result.algorithm
     known = {c.name for c in result.region_classes}
@@ -156,8 +165,9 @@ def write_sr(
                 ],
             )
         )
+    attention = attention or {}
     for call in result.calls:
-        groups.extend(_call_groups(call, algorithm_id, slide_level, heatmaps, tracking))
+        groups.extend(_call_groups(call, algorithm_id, slide_level, heatmaps, tracking, attention.get(call.task)))
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -193,7 +203,7 @@ def write_sr(
     sop_uid = common.derived_uid(source, algorithm, "sr", "instance")
     content_date, content_time = common.content_date_time()
     document = hd.sr.Comprehensive3DSR(
-        evidence=[*source.datasets, *seg_levels, *heatmaps.values(), *annotations],
+        evidence=[*source.datasets, *seg_levels, *heatmaps.values(), *attention.values(), *annotations],
         content=report,
         series_instance_uid=series_uid,
         series_number=common.SR_SERIES_NUMBER,
@@ -226,7 +236,7 @@ def write_sr(
     )
 
 
-def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking) -> list:
+def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking, attention_map=None) -> list:
     if len(call.probabilities) != len(call.classes):
         raise ValueError(
             f"{call.task} call has {len(call.probabilities)} probabilities for "
@@ -234,16 +244,30 @@ def _call_groups(call: SlideCall, algorithm_id, slide_level, heatmaps, tracking)
         )
     head = HEAD_CONCEPTS[call.task]
     value = INDETERMINATE if call.call is None else common.coded(call.call)
+    evaluations = [hd.sr.QualitativeEvaluation(name=head, value=value)]
+    if call.indeterminate_reason is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=common.coded(coding.INDETERMINATE_REASON),
+                value=common.coded(coding.INDETERMINATE_REASONS[call.indeterminate_reason]),
+            )
+        )
+    measurements = [hd.sr.Measurement(name=THRESHOLD, value=float(call.threshold), unit=UNIT_NONE)]
+    if call.fold_spread is not None and call.folds > 1:
+        measurements.append(
+            hd.sr.Measurement(name=common.coded(coding.FOLD_SPREAD), value=float(call.fold_spread), unit=UNIT_NONE)
+        )
+    sources = [slide_level]
+    if attention_map is not None:
+        sources.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(attention_map))
     groups = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(call.task, "call"),
             finding_type=head,
             algorithm_id=algorithm_id,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=head, value=value)],
-            measurements=[
-                hd.sr.Measurement(name=THRESHOLD, value=float(call.threshold), unit=UNIT_NONE)
-            ],
-            source_images=[slide_level],
+            qualitative_evaluations=evaluations,
+            measurements=measurements,
+            source_images=sources,
         )
     ]
     for cls, probability in zip(call.classes, call.probabilities):
