@@ -127,10 +127,10 @@ def train_mil(
     Writes ``RUN_DIR/<task>.keras`` (the heads), ``RUN_DIR/attention/<slide>.npz`` (each test
     slide's attention over its tiles' grid cells) and ``RUN_DIR/metrics.json``; returns the metrics.
     """
+    encoder = Encoder(encoder_path, normalization)  # first: a missing encoder is said before the dataset is read
     records = load_dataset(dataset)
     s, by_id = split_records(records, split)
     sets = _sets(s, by_id)
-    encoder = Encoder(encoder_path, normalization)
     cache_dir = Path(cache_dir) if cache_dir else Path(dataset) / ".embeddings"
     bags, stats = embed_slides(records, spec, encoder, Path(dataset), cache_dir)
     run_dir = Path(run_dir)
