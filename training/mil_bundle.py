@@ -36,7 +36,7 @@ def encoder_network(
         from glio_node.runtime.onnx_runner import graph_signature, open_session  # noqa: PLC0415
 
         inputs, outputs = graph_signature(open_session(path, "cpu"))
-        (iname, ishape, idtype), (oname, oshape, odtype) = inputs[0], outputs[0]
+        (iname, ishape, idtype), (oname, _, odtype) = inputs[0], outputs[0]
         extra = {
             "input": TensorSpec(iname, tuple(_dim(d) if i == 0 else d for i, d in enumerate(ishape)), idtype),
             "output": TensorSpec(oname, ("batch", embed_dim), odtype),

@@ -24,15 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from glio_node.coding import CLASSES_BY_TASK
 from training.dataset import LABEL_VALUES, SlideRecord, load_dataset
 from training.mil import Encoder, MilConfig, embed_slides, predict, score, train_abmil
 from training.splits import Split, make_splits
 from training.synthetic_dataset import PARAMETERS_FILE
 from training.tiles import TileSpec, load_or_extract
-
-MIL_TASKS = ("mgmt", "egfr", "subtype")
-
 
 @dataclass(frozen=True)
 class SplitConfig:
@@ -161,8 +157,3 @@ def train_mil(
         }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def head_classes(task: str):
-    """The coded classes of a task's head, in output order (glio_node.coding)."""
-    return CLASSES_BY_TASK[task]

@@ -25,7 +25,7 @@ import subprocess
 import tomllib
 import uuid
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
