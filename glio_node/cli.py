@@ -82,6 +82,10 @@ def _print_summary(summary) -> None:
     print(f"frames      {s.frames_decoded} decoded for {s.frames_needed} needed (amplification {s.decode_amplification:.2f})")
     for task, call in summary.calls.items():
         probs = ", ".join(f"{k} {v:.2f}" for k, v in summary.probabilities[task].items())
+        folds = summary.aggregated.get(task, {})
+        if folds.get("folds", 1) > 1:
+            reason = f", {folds['indeterminate_reason']}" if folds["indeterminate_reason"] else ""
+            probs += f"; {folds['folds']} folds, spread {folds['fold_spread']:.2f} of at most {folds['max_fold_spread']:.2f}{reason}"
         print(f"call        {task}: {call}  ({probs})")
     print("stages      " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items()))
     for note in summary.notes:
@@ -140,7 +144,9 @@ def _models_verify(args: argparse.Namespace) -> int:
     print(f"use         {manifest.intended_use}")
     for n in manifest.networks:
         origin = f"; source {n.origin.source}; licence {n.origin.licence_name}" if n.origin else ""
-        print(f"network     {n.name}: {n.runtime} {n.file}, tasks {', '.join(n.tasks)}{origin}")
+        files = ", ".join(w.file for w in n.weights)
+        kind = "" if n.kind == "tiles" else f" {n.kind}" + (f" of {n.encoder}" if n.encoder else f" (D={n.embed_dim})")
+        print(f"network     {n.name}:{kind} {n.runtime} {files}, tasks {', '.join(n.tasks) or '-'}{origin}")
     return EXIT_OK
 
 

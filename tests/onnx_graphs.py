@@ -146,3 +146,44 @@ def swap_graph(bundle_dir: Path, network: str, model: onnx.ModelProto) -> None:
     text = (bundle_dir / "manifest.toml").read_text()
     (bundle_dir / "manifest.toml").write_text(text.replace(spec.sha256, sha256_file(path)))
 
+
+
+def attention_graph(embed_dim: int, n_classes: int, seed: int = 0, bag: int | str = "bag") -> onnx.ModelProto:
+    """An attention-MIL aggregator: ``embeddings`` (1, bag, D) -> ``attention`` (1, bag) =
+    softmax over the bag of x @ v, and ``probabilities`` (1, C) = softmax((attention @ x) @ W)."""
+    v, w = attention_weights(embed_dim, n_classes, seed)
+    nodes = [
+        helper.make_node("MatMul", ["embeddings", "v"], ["scores3"]),  # (1, bag, 1)
+        helper.make_node("Squeeze", ["scores3", "axis2"], ["scores"]),  # (1, bag)
+        helper.make_node("Softmax", ["scores"], ["attention"], axis=-1),
+        helper.make_node("Unsqueeze", ["attention", "axis1"], ["attention3"]),  # (1, 1, bag)
+        helper.make_node("MatMul", ["attention3", "embeddings"], ["pooled3"]),  # (1, 1, D)
+        helper.make_node("Squeeze", ["pooled3", "axis1"], ["pooled"]),  # (1, D)
+        helper.make_node("MatMul", ["pooled", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    init = [numpy_helper.from_array(v, "v"), numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([2], np.int64), "axis2"), numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    g = helper.make_graph(
+        nodes, "abmil-ish",
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [1, bag, embed_dim])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, n_classes]),
+         helper.make_tensor_value_info("attention", TensorProto.FLOAT, [1, bag])],
+        init,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def attention_weights(embed_dim: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 1, (embed_dim, 1)).astype(np.float32), rng.normal(0, 1, (embed_dim, n_classes)).astype(np.float32)
+
+
+def attention_reference(x: np.ndarray, embed_dim: int, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy of ``attention_graph`` on a bag x (N, D): (probabilities (C,), attention (N,))."""
+    v, w = attention_weights(embed_dim, n_classes, seed)
+    s = (x.astype(np.float64) @ v)[:, 0]
+    a = np.exp(s - s.max()); a /= a.sum()
+    z = (a @ x) @ w
+    p = np.exp(z - z.max()); p /= p.sum()
+    return p, a

@@ -3,9 +3,10 @@ attention-MIL aggregator heads (``ports.BagRunner``), for both runtimes.
 
 An encoder is a tile network whose one output is the embedding, so it reuses the tile runners'
 normalisation and batching; an aggregator runs its fold models one after the other on the whole
-bag (one slide per call: the bag dimension is dynamic, B = 1).  The bag arrives as float16 and is
-cast to the model's float32 (or the ONNX input's dtype) for the call: a transient N x D x 4
-bytes beside the bag's N x D x 2 (docs/benchmarks.md, "MIL bag memory").
+bag (one slide per call: the bag dimension is dynamic, B = 1).  The bag arrives as float16; a Keras head gets it as it is
+(Keras casts it to float32 inside the call: handing it a float32 copy cost 200 MB more at
+100,000 x 1,024), an ONNX head a copy in its input's dtype.  The call's transient memory is a
+few times the bag (docs/benchmarks.md, "MIL bag memory").
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Aggregator:
                 p, a = model.run([spec.heads[0].output.name, spec.attention.name], {spec.input.name: x})
                 p = _softmax(np.asarray(p)) if self._activation == "logits" else np.asarray(p)
             else:
-                out = model(embeddings[None].astype(np.float32), training=False)
+                out = model(embeddings[None], training=False)  # float16 in: Keras casts it on the way
                 p, a = np.asarray(out["probabilities"]), np.asarray(out["attention"])
             probabilities.append(p.reshape(-1).astype(np.float32))
             attention.append(a.reshape(-1).astype(np.float32))

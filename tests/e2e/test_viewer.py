@@ -317,3 +317,55 @@ def test_on_an_orthanc_dicomizer_slide_the_viewer_refuses_the_overlays_and_says_
     ]
     assert view.state["segments"] == [] and view.page_errors == []
     assert view.state["framesLoaded"] > 0 and view.state["frameErrors"] == 0
+
+
+@pytest.fixture(scope="module")
+def attention_map(study, tmp_path_factory) -> tuple[str, Path]:
+    """The same slide analysed by a two-stage bundle (tests/two_stage.py: a tiny Keras encoder
+    and ABMIL heads), its results stored in the study's Orthanc: (EGFR attention series, file)."""
+    import two_stage
+
+    bundle = tmp_path_factory.mktemp("viewer-mil") / "two-stage"
+    two_stage.write_two_stage_bundle(bundle)
+    out = tmp_path_factory.mktemp("viewer-mil-results")
+    done = subprocess.run(
+        [sys.executable, "-m", "glio_node.cli", "analyze", str(study.slide.files[0].parent), "--out", str(out),
+         "--models", str(bundle), "--device", "cpu", "--json"],
+        check=False, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    files = [Path(f) for f in json.loads(done.stdout)["files"]]
+    for path in files:
+        _store(study.orthanc, path)
+    [egfr] = [f for f in files if f.name.startswith("attention-egfr-")]
+    return str(pydicom.dcmread(egfr, stop_before_pixels=True).SeriesInstanceUID), egfr
+
+
+def test_the_attention_map_of_an_abmil_head_is_listed_and_shown_over_its_tiles(browser, study, display, attention_map, tmp_path):
+    """An aggregator head's attention map is a Parametric Map like the heatmaps: the page's
+    heatmap path lists it by its explanation and draws it bright over the attended tiles and
+    dark over the glass the encoder never saw."""
+    series_uid, path = attention_map
+    view = _open(browser, study, heatmap=series_uid, heatmap_opacity=1)
+    try:
+        assert len(view.state["mappings"]) == 1
+        assert "attention" in view.state["mappings"][0]["description"].lower()
+        rgb = view.viewport_rgb(path=tmp_path / "viewer-attention.png")
+    finally:
+        view.close()
+    ds = pydicom.dcmread(path)
+    grid = pixel_array(path).reshape(-1, ds.Rows, ds.Columns)[0][: ds.TotalPixelMatrixRows, : ds.TotalPixelMatrixColumns]
+    relative = grid / 65535.0  # 1 = the slide's most attended tile, 0 = not in the bag
+    cell_um = float(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]) * 1000
+    luminance = rgb.astype(float).mean(axis=-1)
+    half = cell_um * display.px_per_um / 4
+    bright, dark = [], []
+    for (r, c), a in np.ndenumerate(relative):
+        centre = display.on_screen((r + 0.5) * cell_um, (c + 0.5) * cell_um)
+        if centre is None:
+            continue
+        y, x = centre
+        patch = luminance[int(y - half): int(y + half), int(x - half): int(x + half)]
+        (bright if a > 0.8 else dark if a == 0 else []).append(float(patch.mean()))
+    assert len(bright) >= 3 and len(dark) >= 3, "the slide needs attended tiles and glass"
+    assert min(bright) > max(dark) + 40, f"attended tiles {bright} are not brighter than glass {dark}"

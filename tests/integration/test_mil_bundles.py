@@ -31,7 +31,7 @@ from glio_node.bundle import TensorSpec, load_manifest, write_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs("dciodvfy")]
 
 
 def _analyze(bundle: Path, slide, out: Path) -> dict:
