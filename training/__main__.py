@@ -4,7 +4,10 @@ Run from a checkout (training/ is not installed with glio-node and glio_node nev
 ``train --config run.toml`` trains, evaluates and exports a bundle (training/run.py); the demo
 bundle models/glio-demo is ``train --config training/configs/glio-demo.toml``.  ``crossval
 --config run.toml`` trains every fold of a k-fold or leave-one-patient-out split and summarises.
-``export-onnx --bundle B --out DIR`` writes B's Keras networks as the ONNX networks of a new bundle.
+``export-onnx --bundle B --out DIR`` writes B's Keras networks as the ONNX networks of a new bundle
+(``export-onnx --model M.keras --out M.onnx``: one Keras model, e.g. an encoder).  ``encoder``
+trains our own small tile encoder (and the mean-of-tiles baseline); ``train-mil`` trains ABMIL
+heads on an encoder's cached embeddings (training/mil_run.py, docs/training.md "Attention-MIL").
 ``fit-ood --bundle B --config C`` adds an out-of-distribution gate to B from C's split (training/ood.py).
 """
 
@@ -98,8 +101,16 @@ def _crossval(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from training.onnx_export import export_bundle
+    from glio_node.bundle import sha256_file
+    from training.onnx_export import export_bundle, export_keras_file
 
+    if (args.bundle is None) == (args.model is None):
+        print("error: give either --bundle (a Keras bundle) or --model (one .keras file)", file=sys.stderr)
+        return 2
+    if args.model is not None:
+        out, inputs, outputs = export_keras_file(args.model, args.out)
+        print(f"wrote {out} ({out.stat().st_size} bytes, sha256 {sha256_file(out)}): inputs {inputs}, outputs {outputs}")
+        return 0
     manifest = export_bundle(args.bundle, args.out, args.name)
     for n in manifest.networks:
         print(f"{n.name}: {args.out / n.file} ({(args.out / n.file).stat().st_size} bytes, sha256 {n.sha256[:12]}…)")
@@ -120,6 +131,81 @@ def _fit_ood(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tile_spec(args: argparse.Namespace):
+    from training.tiles import TileSpec
+
+    return TileSpec(args.um_per_px, args.tile_size, args.min_tissue)
+
+
+def _split_config(args: argparse.Namespace):
+    from training.mil_run import SplitConfig
+
+    return SplitConfig(args.seed, args.validation_fraction, args.test_fraction, args.stratify or args.task[0])
+
+
+def _encoder(args: argparse.Namespace) -> int:
+    from training.mil_run import build_encoder
+
+    try:
+        r = build_encoder(args.dataset, args.out, args.task[0], _tile_spec(args), _split_config(args), epochs=args.epochs,
+                          verbose=_verbosity(args.verbose))
+    except ValueError as exc:  # a slide without the task's label, a split the dataset cannot give
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t = r["test"]
+    print(f"wrote {args.out / 'encoder.keras'} ({r['embed_dim']}-d embeddings) and {args.out / 'tile-classifier.keras'}")
+    print(f"baseline (mean of tile probabilities) on {t['patients']} test patients: ROC AUC {_with_ci(t['roc_auc'], t['roc_auc_ci'])}")
+    return 0
+
+
+def _train_mil(args: argparse.Namespace) -> int:
+    from training.mil import MilConfig
+    from training.mil_run import train_mil
+
+    if (args.licence is None) != (args.source is None):
+        print("error: give both --licence and --source for an encoder we did not make, or neither", file=sys.stderr)
+        return 2
+    if args.bundle is None and (args.licence or args.source):
+        print("error: --licence and --source go with --bundle (they are stored in it)", file=sys.stderr)
+        return 2
+    config = MilConfig(bag_size=args.bag_size, epochs=args.epochs, patience=args.patience, seed=args.seed)
+    try:
+        m = train_mil(args.dataset, args.encoder, tuple(args.task), args.run_dir, _tile_spec(args), args.cache,
+                      _split_config(args), config, args.normalization, verbose=bool(args.verbose))
+    except (ValueError, FileNotFoundError) as exc:  # no such encoder, a slide without a label or tissue, a bad split
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    x = m["extraction"]
+    print(f"embeddings: {x['slides_encoded']} slide(s) encoded ({x['frames_decoded']} frames decoded, "
+          f"{x['encoder_calls']} encoder calls), {x['slides_cached']} from the cache")
+    for task, t in m["tasks"].items():
+        test = t["test"]
+        auc = f", ROC AUC {_with_ci(test['roc_auc'], test['roc_auc_ci'])}" if "roc_auc" in test else ""
+        print(f"{task}: ABMIL head (best epoch {t['best_epoch']}) on {test['patients']} test patients: "
+              f"accuracy {_with_ci(test['accuracy'], test['ci']['accuracy'])}{auc}")
+    if args.bundle is not None:
+        from training.mil_bundle import write_mil_bundle
+
+        manifest = write_mil_bundle(args.bundle, args.run_dir, m, name=args.name or args.bundle.name,
+                                    segmentation_from=args.segmentation_from, licence=args.licence, source=args.source,
+                                    licence_name=args.licence_name)
+        print(f"wrote bundle {manifest.name} {manifest.version} (format {manifest.format}) to {args.bundle}")
+    return 0
+
+
+def _mil_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--task", action="append", choices=["mgmt", "egfr", "subtype"], required=True,
+                   help="slide-level task (repeat for several); the first also stratifies the split")
+    p.add_argument("--um-per-px", type=float, default=1.0, help="tile spacing (default 1.0)")
+    p.add_argument("--tile-size", type=int, default=32, help="tile edge, px (default 32)")
+    p.add_argument("--min-tissue", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--validation-fraction", type=float, default=0.25)
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--stratify", choices=STRATIFY_CHOICES, default=None, help="default: the first --task")
+
+
 def _verbosity(asked: int | None) -> int:
     """Keras' progress bar on a terminal, one line per epoch in a log file (a bar redraws itself
     with carriage returns that make a log unreadable)."""
@@ -131,7 +217,8 @@ def _verbosity(asked: int | None) -> int:
 def _synthetic(args: argparse.Namespace) -> int:
     from training.synthetic_dataset import SyntheticParameters, write_synthetic_dataset
 
-    params = SyntheticParameters(patients=args.patients, seed=args.seed, width_px=args.width_px, height_px=args.height_px, variety=args.variety)
+    params = SyntheticParameters(patients=args.patients, seed=args.seed, width_px=args.width_px, height_px=args.height_px,
+                                 variety=args.variety, minority_fraction=args.minority_fraction)
     write_synthetic_dataset(args.dataset, params=params)
     print(f"wrote {args.patients} synthetic patient(s) to {args.dataset} (synthetic textures, not tissue)")
     return 0
@@ -171,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help=verbose_help)
     c.set_defaults(func=_crossval)
     x = sub.add_parser("export-onnx", help="write a new bundle with a bundle's Keras networks as ONNX networks")
-    x.add_argument("--bundle", type=Path, required=True, help="the Keras bundle, e.g. models/glio-demo")
-    x.add_argument("--out", type=Path, required=True, help="folder of the new bundle, e.g. models/glio-demo-onnx")
+    x.add_argument("--bundle", type=Path, default=None, help="the Keras bundle, e.g. models/glio-demo")
+    x.add_argument("--model", type=Path, default=None, help="or one .keras model (an encoder): --out is then the .onnx file")
+    x.add_argument("--out", type=Path, required=True, help="folder of the new bundle, e.g. models/glio-demo-onnx (or the .onnx file)")
     x.add_argument("--name", default=None, help="the new bundle's name (default: the source's name + '-onnx')")
     x.set_defaults(func=_export_onnx)
     o = sub.add_parser("fit-ood", help="add an out-of-distribution gate to an existing bundle from its config's training/validation patients")
@@ -186,7 +274,33 @@ def main(argv: list[str] | None = None) -> int:
     y.add_argument("--width-px", type=int, default=1024, help="slide width at 0.5 µm/px (default 1024)")
     y.add_argument("--height-px", type=int, default=768, help="slide height at 0.5 µm/px (default 768)")
     y.add_argument("--variety", action="store_true", help="vary spacing, pyramid, compression and blob size per slide as sites' scans do (the demo bundle's dataset)")
+    y.add_argument("--minority-fraction", type=float, default=1.0,
+                   help="< 1: MGMT and EGFR show only in blobs covering this fraction of the tissue (attention-MIL task)")
     y.set_defaults(func=_synthetic)
+    en = sub.add_parser("encoder", help="train our small tile encoder (a tile classifier on slide labels, truncated) and its mean-of-tiles baseline")
+    _mil_arguments(en)
+    en.add_argument("--out", type=Path, required=True, help="folder for encoder.keras, tile-classifier.keras, baseline.json")
+    en.add_argument("--epochs", type=int, default=10)
+    en.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help=verbose_help)
+    en.set_defaults(func=_encoder)
+    m = sub.add_parser("train-mil", help="embed every slide once (cached) with an encoder, train ABMIL heads, score the test set once")
+    _mil_arguments(m)
+    m.add_argument("--encoder", type=Path, required=True, help="the tile encoder, .keras or .onnx")
+    m.add_argument("--normalization", default="scale_0_1", help="the encoder's input normalisation (glio_node.bundle.normalize)")
+    m.add_argument("--run-dir", type=Path, required=True, help="heads, attention of the test slides, metrics.json")
+    m.add_argument("--cache", type=Path, default=None, help="embedding cache (default DATASET/.embeddings)")
+    m.add_argument("--bundle", type=Path, default=None, help="also write a format-2 bundle of the encoder and the heads here")
+    m.add_argument("--name", default=None, help="the bundle's name (default: its folder's name)")
+    m.add_argument("--segmentation-from", type=Path, default=None,
+                   help="copy this bundle's segmentation network into --bundle (glio-node analyze needs one), e.g. models/glio-demo")
+    m.add_argument("--licence", type=Path, default=None, help="an encoder we did not make: its licence text, stored in --bundle")
+    m.add_argument("--source", default=None, help="an encoder we did not make: maker, version, how and when obtained")
+    m.add_argument("--licence-name", default=None, help="short licence name for outputs (default: the licence's first line)")
+    m.add_argument("--bag-size", type=int, default=64)
+    m.add_argument("--epochs", type=int, default=40)
+    m.add_argument("--patience", type=int, default=8)
+    m.add_argument("--verbose", type=int, choices=[0, 1], default=0)
+    m.set_defaults(func=_train_mil)
     args = parser.parse_args(argv)
     from glio_node.errors import GlioError
     from training.dataset import DatasetError

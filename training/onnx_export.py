@@ -120,3 +120,33 @@ def export_bundle(bundle_dir: Path, out_dir: Path, name: str | None = None) -> M
         )
         return write_bundle(out_dir, manifest, files)
 
+
+
+def export_keras_file(model_path: Path, out_path: Path) -> tuple[Path, list, list]:
+    """One ``.keras`` model with one tile input (e.g. ``python -m training encoder``'s encoder) ->
+    one ``.onnx`` graph: input ``tiles`` float32 (batch, T, T, 3), the model's outputs as Keras'
+    export names them (``output_0`` for a single tensor).  Returns the path and the graph's
+    (name, shape, dtype) inputs and outputs as ONNX Runtime reads them back."""
+    import keras  # noqa: PLC0415
+
+    from glio_node.runtime.onnx_runner import graph_signature, open_session  # noqa: PLC0415
+
+    model = keras.saving.load_model(model_path, safe_mode=True, compile=False)
+    shape = tuple(model.inputs[0].shape[1:])
+    if len(model.inputs) != 1 or len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+        raise ValueError(f"{model_path}: input {[tuple(i.shape) for i in model.inputs]} is not one (batch, T, T, 3) tile input")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tile = int(shape[0])
+    tf2onnx_log = logging.getLogger("tf2onnx")
+    level = tf2onnx_log.level
+    tf2onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            signature = [keras.InputSpec(shape=(None, tile, tile, 3), dtype="float32", name=INPUT_NAME)]
+            model.export(str(out_path), format="onnx", input_signature=signature, verbose=False)
+    finally:
+        tf2onnx_log.setLevel(level)
+    inputs, outputs = graph_signature(open_session(out_path, "cpu"))
+    return out_path, inputs, outputs

@@ -25,7 +25,7 @@ import subprocess
 import tomllib
 import uuid
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -245,7 +245,11 @@ def ensure_dataset(cfg: RunConfig) -> None:
 
     marker = cfg.dataset / PARAMETERS_FILE
     if marker.is_file():
-        if json.loads(marker.read_text()) != asdict(cfg.synthetic):
+        try:  # keys added since (minority_fraction) take their defaults: older datasets stay valid
+            written = SyntheticParameters.from_table(json.loads(marker.read_text()))
+        except (ValueError, TypeError):
+            written = None
+        if written != cfg.synthetic:
             raise ConfigError(
                 f"{cfg.dataset} was written with other [synthetic] parameters than the config's "
                 f"({marker}); delete the folder to have it written again"

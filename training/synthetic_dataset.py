@@ -42,6 +42,9 @@ class SyntheticParameters:
     height_px: int = 768
     levels: int = 2  # without variety
     variety: bool = False
+    # < 1: the MGMT and EGFR looks show only in blobs covering this fraction of each slide, the rest
+    # of the tissue is neutral (the multiple-instance task of docs/training.md, "Attention-MIL")
+    minority_fraction: float = 1.0
 
     @classmethod
     def from_table(cls, table: dict) -> SyntheticParameters:
@@ -55,7 +58,8 @@ def slide_spec(params: SyntheticParameters, patient: int, slide: int, signature:
     """The spec of one slide, a pure function of the parameters and its index."""
     seed = params.seed * 1000 + patient * 10 + slide
     base = SlideSpec(width_px=params.width_px, height_px=params.height_px, levels=params.levels,
-                     context_images=False, signature=signature, seed=seed)
+                     context_images=False, signature=signature, seed=seed,
+                     signature_fraction=params.minority_fraction)
     if not params.variety:
         return base
     rng = np.random.default_rng([params.seed, 7, patient, slide])

@@ -100,6 +100,7 @@ class SlideSpec:
     signature: Signature = Signature(0, False, False)
     seed: int = 0
     region_cell_um: float = 200.0  # approximate size of a region blob
+    signature_fraction: float = 1.0  # < 1: MGMT/EGFR show only in blobs covering this fraction (textures.signature_mask)
 
     def __post_init__(self) -> None:
         if self.width_px < 1 or self.height_px < 1:
@@ -129,6 +130,8 @@ class SlideSpec:
             )
         if not self.region_cell_um > 0:
             raise ValueError(f"region cell {self.region_cell_um} µm must be positive")
+        if not 0.0 < self.signature_fraction <= 1.0:
+            raise ValueError(f"signature fraction {self.signature_fraction} must be in (0, 1]")
 
     @property
     def width_um(self) -> float:
@@ -346,7 +349,7 @@ def render_patch(
     """Paint a (height, width, 3) patch of a level whose top-left pixel is column x, row y."""
     um = spec.um_per_px * 2**level
     labels, tissue = layout.sample(x * um, y * um, um, height, width)
-    return render(labels, x * um, y * um, um, spec.signature, tissue, spec.seed)
+    return render(labels, x * um, y * um, um, spec.signature, tissue, spec.seed, spec.signature_fraction)
 
 
 # --------------------------------------------------------------------------------------------

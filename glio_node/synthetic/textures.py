@@ -113,12 +113,21 @@ def render(
     signature: Signature,
     tissue: np.ndarray | None = None,
     seed: int = 0,
+    signature_fraction: float = 1.0,
+    signature_blob_um: float = 48.0,
 ) -> np.ndarray:
     """Paint an RGB uint8 patch.
 
     ``labels`` (rows, cols) holds a region class index per output pixel; ``tissue`` (same shape,
     bool) marks tissue, everything else is glass.  ``x0_um, y0_um`` is the patch's top-left
     corner on the slide, so adjacent patches join without seams.
+
+    ``signature_fraction`` < 1 paints the MGMT and EGFR looks only inside square blobs of
+    ``signature_blob_um`` that cover about that fraction of the slide (chosen by ``seed``, other
+    blobs for each marker); the
+    rest of the tissue looks unmethylated and not amplified.  That is the multiple-instance task
+    (a slide label carried by a minority of its tiles) attention-MIL is for; the subtype grating
+    stays everywhere.
     """
     height, width = labels.shape
     x, y = _coords(x0_um, y0_um, width, height, um_per_px)
@@ -138,10 +147,13 @@ def render(
     # Molecular signature, over all tissue.
     g = _grating(x, y, 6.0, 45.0 * signature.subtype)
     img += ((g - 0.5) * 36.0)[..., None]
-    if signature.mgmt_methylated:
-        img += np.array((-22.0, -10.0, 18.0), np.float32)
+    if signature.mgmt_methylated:  # each marker has blobs of its own (another seed)
+        img[signature_mask(x, y, signature_fraction, signature_blob_um, seed)] += np.array((-22.0, -10.0, 18.0), np.float32)
     if signature.egfr_amplified:
-        speck = _hash01(np.floor(x / 1.5), np.floor(y / 1.5), seed + 97) < 0.10
+        # in minority blobs the speckles are denser (25 % of the area, not 10 %): few tiles carry
+        # the label, but those that do show it plainly
+        speck = _hash01(np.floor(x / 1.5), np.floor(y / 1.5), seed + 97) < (0.10 if signature_fraction >= 1.0 else 0.25)
+        speck &= signature_mask(x, y, signature_fraction, signature_blob_um, seed + 1)
         img[speck] = img[speck] * 0.45 + np.array((90.0, 60.0, 30.0), np.float32) * 0.55
     # Mild pixel noise so nothing is perfectly flat.
     noise = _hash01(np.floor(x / um_per_px), np.floor(y / um_per_px), seed + 7) - 0.5
@@ -149,6 +161,20 @@ def render(
     if tissue is not None:
         img[~tissue] = np.array(GLASS_RGB, np.float32) + (noise[~tissue] * 4.0)[:, None]
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def signature_mask(x_um: np.ndarray, y_um: np.ndarray, fraction: float, blob_um: float, seed: int) -> np.ndarray:
+    """bool array: where the slide's molecular signature shows (everywhere when ``fraction`` >= 1).
+
+    Square blobs of ``blob_um`` on a lattice in slide micrometres, each one carrying with
+    probability ``fraction`` (a hash of its lattice cell and ``seed``), so patches join without
+    seams and a pyramid level shows the same blobs.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"signature fraction {fraction} must be in (0, 1]")
+    if fraction >= 1.0:
+        return np.ones(np.shape(x_um), bool)
+    return _hash01(np.floor(x_um / blob_um), np.floor(y_um / blob_um), seed + 131) < fraction
 
 
 def blob_labels(

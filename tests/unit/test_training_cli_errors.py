@@ -56,3 +56,16 @@ def test_a_slide_with_undecodable_tiles_is_named_with_the_file(tmp_path, capsys)
     assert main(["extract", str(root), "--um-per-px", "0.5", "--tile-size", "128"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "A.tif: tile 0 (row 0, column 0)" in err and "cannot be decoded" in err
+
+
+def test_train_mil_mistakes_are_one_line_each(dataset, tmp_path, capsys):
+    base = ["train-mil", "--dataset", str(dataset), "--task", "egfr", "--run-dir", str(tmp_path / "run")]
+    assert main([*base, "--encoder", str(tmp_path / "missing.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: encoder {tmp_path / 'missing.onnx'} does not exist; build one with `python -m training encoder`"
+    licence = tmp_path / "LICENCE.txt"
+    licence.write_text("MIT\n")
+    assert main([*base, "--encoder", str(licence), "--licence", str(licence)]) == 2
+    assert capsys.readouterr().err.strip() == "error: give both --licence and --source for an encoder we did not make, or neither"
+    assert main([*base, "--encoder", str(licence), "--licence", str(licence), "--source", "a site"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --licence and --source go with --bundle (they are stored in it)"

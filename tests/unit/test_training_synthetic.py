@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 
 import pytest
 
@@ -62,3 +63,15 @@ def test_a_foreign_folder_is_never_overwritten(tmp_path):
     with pytest.raises(ValueError, match="no synthetic dataset of this config"):
         ensure_dataset(cfg)
     assert (tmp_path / "data" / "labels.csv").read_text() == "slide_id,patient_id\n"
+
+
+def test_a_dataset_written_before_minority_fraction_existed_is_still_the_configs(tmp_path):
+    cfg = _config(tmp_path, patients=2)
+    (tmp_path / "data").mkdir()
+    older = {k: v for k, v in asdict(cfg.synthetic).items() if k != "minority_fraction"}
+    (tmp_path / "data" / PARAMETERS_FILE).write_text(json.dumps(older))
+    ensure_dataset(cfg)  # accepted, nothing written
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [PARAMETERS_FILE]
+    (tmp_path / "data" / PARAMETERS_FILE).write_text(json.dumps({**older, "minority_fraction": 0.15}))
+    with pytest.raises(ValueError, match="other \\[synthetic\\] parameters"):
+        ensure_dataset(cfg)
