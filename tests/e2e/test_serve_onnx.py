@@ -8,22 +8,19 @@ writers, sender.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from node_process import BUNDLE, assert_results_in_orthanc, wait_for
-from orthanc_peer import have_orthanc
 
 from glio_node.store.models import JobState
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed"),
-    pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed"),
+    pytest.mark.needs("orthanc", "storescu"),
 ]
 
 

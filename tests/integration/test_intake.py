@@ -16,7 +16,6 @@ is the real one (start_receiver), on a loopback port with its own spool and SQLi
 from __future__ import annotations
 
 import re
-import shutil
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from peers import require
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
@@ -51,7 +51,7 @@ from glio_node.store.db import make_engine, make_sessions, upgrade
 from glio_node.store.models import AuditEvent, Instance
 from glio_node.synthetic.slide import SlideSpec, SyntheticSlide
 
-needs_dcmtk = pytest.mark.skipif(not shutil.which("storescu"), reason="DCMTK storescu not installed")
+needs_dcmtk = pytest.mark.needs("storescu")
 
 # The valid instance the cases are cut from: 512 x 512 px in 256-px JPEG tiles, TILED_FULL.
 BASE = SlideSpec(width_px=512, height_px=512, tile_size=256, levels=2, context_images=False)
@@ -394,8 +394,8 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_malformed_instance_is_refused_audited_and_not_spooled(node, base, native, tmp_path, name):
     case = CASES[name]
-    if case.sender == "storescu" and not shutil.which("storescu"):
-        pytest.skip("DCMTK storescu not installed")
+    if case.sender == "storescu":
+        require("storescu", "this case is sent by DCMTK storescu")
     path = tmp_path / f"{name}.dcm"
     path.write_bytes(case.build(base, native))
     sop_instance_uid = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.MediaStorageSOPInstanceUID)
@@ -608,13 +608,13 @@ def test_a_malformed_instance_pulled_from_a_dicomweb_pacs_is_refused_like_a_c_st
     reason and audit row a C-STORE would get."""
     import urllib.request
 
-    from orthanc_peer import DICOMWEB_PLUGIN, Orthanc, free_port, have_orthanc
+    from orthanc_peer import Orthanc, free_port
 
     from glio_node.config import Source
     from glio_node.pull.poller import SourcePoller
 
-    if not (have_orthanc() and DICOMWEB_PLUGIN.is_file()):
-        pytest.skip("Orthanc with DICOMweb not installed")
+    require("orthanc", "the DICOMweb PACS the node pulls from")
+    require("orthanc-dicomweb", "the DICOMweb PACS the node pulls from")
     good = slide_cache.slide(replace(BASE, seed=21))
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(frames_beyond_fragments(good, good))

@@ -23,7 +23,7 @@ import pydicom
 import pytest
 import shapely
 from dciodvfy import assert_valid
-from orthanc_peer import Orthanc, free_port, have_orthanc
+from orthanc_peer import Orthanc, free_port
 from shapely.geometry import shape
 
 from glio_node.cli import main
@@ -257,7 +257,7 @@ def test_a_wsidicomizer_slide_gets_an_ann_in_its_own_frame_of_reference(wsidicom
     assert ann.StudyInstanceUID == wsidicomizer.base.StudyInstanceUID
 
 
-@pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed")
+@pytest.mark.needs("orthanc", "orthanc-dicomweb")
 def test_orthanc_stores_the_ann_whole_but_its_dicomweb_metadata_keeps_one_coordinate(ours, tmp_path):
     """What docs/viewer.md says of Orthanc 1.10 (Debian): the instance is stored and served whole
     by WADO-RS, but the series metadata gives each PointCoordinatesData (OF) as a JSON "Value" of
