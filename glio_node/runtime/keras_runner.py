@@ -17,7 +17,8 @@ from typing import Literal
 
 import numpy as np
 
-from glio_node.bundle import LoadedBundle, LoadedNetwork, normalize
+from glio_node.normalization import normalize
+from glio_node.runtime.loading import LoadedBundle, LoadedNetwork
 from glio_node.errors import BadInput, BundleError
 from glio_node.ood import FEATURES_KEY
 
@@ -128,7 +129,7 @@ def _on_device(model, normalization: str, precision: str):
     import keras
     from keras import ops
 
-    from glio_node.bundle import IMAGENET_MEAN, IMAGENET_STD
+    from glio_node.normalization import IMAGENET_MEAN, IMAGENET_STD
 
     body = _with_precision(model, precision)
     shape = tuple(model.inputs[0].shape[1:])
