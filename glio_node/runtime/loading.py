@@ -64,7 +64,9 @@ class LoadedBundle:
                 for n in m.networks
                 if n.origin is not None
             ),
-            normalizations=tuple((n.name, normalization_description(n.normalization)) for n in m.networks),
+            normalizations=tuple(  # an aggregator reads embeddings, not tiles: it has no normalization
+                (n.name, normalization_description(n.normalization)) for n in m.networks if n.normalization is not None
+            ),
             test_evidence=tuple(
                 (task, e) for task in m.tasks if (e := test_evidence(m.validation, task)) is not None
             ),
