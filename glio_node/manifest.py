@@ -581,6 +581,13 @@ class Manifest:
         for kind, values in (("name", [n.name for n in self.networks]), ("file", files)):
             if len(set(values)) != len(values):
                 raise BundleError(f"network {kind}s repeat across networks: {values}")
+        segmenting = [n.name for n in self.networks if "segmentation" in n.tasks]
+        if len(segmenting) > 1:  # the label map, the regions and the tissue every call reads come from one
+            raise BundleError(
+                f"networks {', '.join(map(repr, segmenting))} each have a segmentation head; a bundle has at "
+                "most one segmentation network (the worker draws one label map per slide): keep one of them, "
+                "or make the others classifier networks"
+            )
         seen: dict[str, str] = {}
         for network in self.networks:
             for task in network.tasks:
