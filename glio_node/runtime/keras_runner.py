@@ -175,6 +175,9 @@ class KerasNetwork:
         self.name, self.tile_size, self.um_per_px = spec.name, spec.tile_size, spec.um_per_px
         self.overlap, self.heads = spec.overlap, spec.heads
         model = self.loaded.model if self.features is None else with_features(self.loaded.model, self.features)
+        if spec.kind != "tiles":  # an encoder's one embedding output: runtime/bag_runner.KerasEncoder runs the model itself
+            self._device_fn, self._normalize_on_host = None, True
+            return
         self._device_fn, self._normalize_on_host = _on_device(model, spec.normalization, self.precision)
 
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
