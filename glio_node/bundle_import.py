@@ -33,7 +33,7 @@ from glio_node.bundle import (
     FORMAT,
     Manifest,
     NetworkSpec,
-    _bundle_dir,
+    bundle_dir,
     network_from_toml,
     sha256_file,
     verify_bundle,
@@ -154,7 +154,7 @@ def import_onnx(
             provenance=provenance, created=now, networks=(spec,), format=FORMAT,
         )
     else:
-        base_dir = _bundle_dir(into)
+        base_dir = bundle_dir(into)
         base = verify_bundle(base_dir)
         kept = []
         for n in base.networks:

@@ -15,7 +15,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from glio_node.bundle import FORMAT, HeadSpec, NetworkOrigin, Manifest, NetworkSpec, TensorSpec, _bundle_dir, sha256_file, verify_bundle, write_bundle
+from glio_node.bundle import FORMAT, HeadSpec, NetworkOrigin, Manifest, NetworkSpec, TensorSpec, bundle_dir, sha256_file, verify_bundle, write_bundle
 from glio_node.coding import CLASSES_BY_TASK
 from training.run import INDETERMINATE_BELOW, INTENDED_USE
 
@@ -98,9 +98,9 @@ def write_mil_bundle(
         if len(segs) != 1:
             raise ValueError(f"bundle {segmentation_from} has {len(segs)} segmentation-only networks; name a bundle with exactly one")
         networks.append(segs[0])
-        models[segs[0].name] = _bundle_dir(segmentation_from) / segs[0].file
+        models[segs[0].name] = bundle_dir(segmentation_from) / segs[0].file
         if segs[0].origin is not None:
-            licences[segs[0].name] = _bundle_dir(segmentation_from) / segs[0].origin.licence_file
+            licences[segs[0].name] = bundle_dir(segmentation_from) / segs[0].origin.licence_file
         provenance_seg = f" Segmentation network {segs[0].name!r} copied from bundle {source.name} {source.version}."
     else:
         provenance_seg = ""

@@ -358,7 +358,7 @@ def analyze(
                 f"networks (encoders: {sorted(encoders)}); the bundle is inconsistent: re-export it"
             )
     seg_uses = [u for u in uses if u.seg is not None]
-    if len(seg_uses) != 1:
+    if len(seg_uses) != 1:  # a Manifest refuses two already (glio_node/manifest.py); none still reaches here
         raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it needs exactly one")
     levels = {
         u.level.index: LevelGeometry((u.level.rows, u.level.cols), (u.level.frame_rows, u.level.frame_cols))

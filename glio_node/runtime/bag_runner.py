@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from glio_node.bundle import LoadedNetwork, normalize
+from glio_node.normalization import normalize
+from glio_node.runtime.loading import LoadedNetwork
 from glio_node.errors import BadInput
 from glio_node.ports import EMBEDDINGS
 from glio_node.runtime.keras_runner import KerasNetwork

@@ -17,7 +17,8 @@ from typing import Literal
 
 import numpy as np
 
-from glio_node.bundle import LoadedBundle, LoadedNetwork, normalize
+from glio_node.normalization import normalize
+from glio_node.runtime.loading import LoadedBundle, LoadedNetwork
 from glio_node.errors import BadInput, BundleError
 from glio_node.ood import FEATURES_KEY
 
@@ -128,7 +129,7 @@ def _on_device(model, normalization: str, precision: str):
     import keras
     from keras import ops
 
-    from glio_node.bundle import IMAGENET_MEAN, IMAGENET_STD
+    from glio_node.normalization import IMAGENET_MEAN, IMAGENET_STD
 
     body = _with_precision(model, precision)
     shape = tuple(model.inputs[0].shape[1:])
@@ -174,6 +175,9 @@ class KerasNetwork:
         self.name, self.tile_size, self.um_per_px = spec.name, spec.tile_size, spec.um_per_px
         self.overlap, self.heads = spec.overlap, spec.heads
         model = self.loaded.model if self.features is None else with_features(self.loaded.model, self.features)
+        if spec.kind != "tiles":  # an encoder's one embedding output: runtime/bag_runner.KerasEncoder runs the model itself
+            self._device_fn, self._normalize_on_host = None, True
+            return
         self._device_fn, self._normalize_on_host = _on_device(model, spec.normalization, self.precision)
 
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:

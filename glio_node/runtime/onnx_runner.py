@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from glio_node.bundle import Found, LoadedNetwork, normalize
+from glio_node.normalization import normalize
+from glio_node.runtime.loading import Found, LoadedNetwork
 from glio_node.errors import BadInput, BundleError
 
 CUDA = "CUDAExecutionProvider"

@@ -6,7 +6,8 @@ without TensorFlow.
 
 from __future__ import annotations
 
-from glio_node.bundle import LoadedBundle, Manifest
+from glio_node.manifest import Manifest
+from glio_node.runtime.loading import LoadedBundle
 from glio_node.errors import BadInput, BundleError
 
 CPU_BATCH_SIZE = 8

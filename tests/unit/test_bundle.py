@@ -173,6 +173,25 @@ def test_a_task_produced_by_two_networks_is_refused(demo_copy):
         load_manifest(demo_copy)
 
 
+def test_a_bundle_with_two_segmentation_networks_is_refused_when_its_manifest_is_read(demo_copy):
+    """Refused by load_manifest, before any weights are read, not later by every slide's analysis."""
+    path = demo_copy / "manifest.toml"
+    text = path.read_text()
+    regions = text[text.index("[[networks]]") : text.index("[[networks]]", text.index("[[networks]]") + 1)]
+    assert 'task = "segmentation"' in regions
+    second = regions.replace('name = "regions"', 'name = "regions-2"').replace('"regions.keras"', '"regions-2.keras"')
+    path.write_text(text + "\n" + second)
+    with pytest.raises(
+        BundleError, match=r"manifest\.toml: networks 'regions', 'regions-2' each have a segmentation head; a bundle "
+        r"has at most one segmentation network"
+    ):
+        load_manifest(demo_copy)
+    # the records refuse it too: no code path builds such a bundle
+    regions_spec = load_manifest(DEMO).network_for("segmentation")
+    with pytest.raises(BundleError, match=r"networks 'regions', 'regions-2' each have a segmentation head"):
+        replace(load_manifest(DEMO), networks=(regions_spec, replace(regions_spec, name="regions-2", file="regions-2.keras")))
+
+
 def test_records_check_themselves_on_construction():
     classes = coding.MGMT_CLASSES
     with pytest.raises(BundleError, match=r"overlap 300 px must be smaller than the tile, 256 px"):

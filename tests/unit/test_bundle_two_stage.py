@@ -29,6 +29,10 @@ def test_a_two_stage_bundle_with_fold_models_round_trips_and_hashes_every_fold(t
     bag = np.random.default_rng(0).random((1, 7, two_stage.EMBED_DIM), dtype=np.float32)
     p0, p1 = (f.predict(bag, verbose=0)["probabilities"][0] for f in folds)
     assert p0.argmax() == 0 and p1.argmax() == 1  # the two folds really are the two models written
+    # outputs name the stain normalisation of each network that reads tiles; the aggregator reads embeddings
+    assert [n for n, _ in loaded.algorithm.normalizations] == [
+        n.name for n in written.networks if n.kind != "aggregator"
+    ]
 
 
 def test_a_changed_fold_file_is_refused_before_keras_reads_it(tmp_path):
