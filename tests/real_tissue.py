@@ -11,10 +11,10 @@ spec. Missing, the tests that need it fail under CI and skip elsewhere (tests/pe
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 from peers import absent
+from slides import wsidicomizer_files
 
 CMU_SMALL_REGION_UM_PER_PX = 0.499  # Aperio MPP in the file's ImageDescription
 
@@ -31,32 +31,6 @@ def cmu_small_region_svs() -> Path:
 
 
 def convert_real_tissue(source: Path, out_dir: Path) -> tuple[Path, ...]:
-    """``source`` (an SVS or TIFF) as a DICOM VL WSI series by wsidicomizer; the files written.
-
-    wsidicomizer switches pydicom's strict validation on for the whole process when imported;
-    it is switched back after converting (see tests/slides.py's convert_with_wsidicomizer).
-    """
-    import pydicom.config
-
-    saved = (
-        pydicom.config.enforce_valid_values,
-        pydicom.config.settings._reading_validation_mode,
-        pydicom.config.settings._writing_validation_mode,
-    )
-    try:
-        from wsidicomizer import WsiDicomizer
-
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        created = WsiDicomizer.convert(source, output_path=out_dir, workers=1)
-    finally:
-        (
-            pydicom.config.enforce_valid_values,
-            pydicom.config.settings._reading_validation_mode,
-            pydicom.config.settings._writing_validation_mode,
-        ) = saved
-    files = tuple(sorted(Path(p) for p in created))
-    if not files:
-        raise RuntimeError(f"wsidicomizer wrote no files for {source}")
-    return files
+    """``source`` (an SVS or TIFF) as a DICOM VL WSI series by wsidicomizer; the files written
+    (the same conversion as tests/slides.py's, which restores pydicom's validation settings)."""
+    return wsidicomizer_files(source, out_dir)

@@ -289,8 +289,8 @@ def convert_with_orthanc(tiff: Path, spec: SlideSpec, out_dir: Path) -> Converte
 WSIDICOMIZER_SPEC = SMALL
 
 
-def convert_with_wsidicomizer(tiff: Path, spec: SlideSpec, out_dir: Path) -> ConvertedSlide:
-    """Convert ``tiff`` (rendered from ``spec``) with wsidicomizer's Python API into ``out_dir``.
+def wsidicomizer_files(source: Path, out_dir: Path) -> tuple[Path, ...]:
+    """Convert ``source`` (a TIFF or an SVS) with wsidicomizer's Python API into ``out_dir``.
 
     wsidicomizer sets ``pydicom.config.enforce_valid_values = True`` when imported, for the
     whole process: every later pydicom read in the test session would then raise on values
@@ -309,7 +309,7 @@ def convert_with_wsidicomizer(tiff: Path, spec: SlideSpec, out_dir: Path) -> Con
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        created = WsiDicomizer.convert(tiff, output_path=out_dir, workers=1)
+        created = WsiDicomizer.convert(source, output_path=out_dir, workers=1)
     finally:
         (
             pydicom.config.enforce_valid_values,
@@ -318,7 +318,13 @@ def convert_with_wsidicomizer(tiff: Path, spec: SlideSpec, out_dir: Path) -> Con
         ) = saved
     files = tuple(sorted(Path(p) for p in created))
     if not files:
-        raise RuntimeError(f"wsidicomizer wrote no files for {tiff}")
+        raise RuntimeError(f"wsidicomizer wrote no files for {source}")
+    return files
+
+
+def convert_with_wsidicomizer(tiff: Path, spec: SlideSpec, out_dir: Path) -> ConvertedSlide:
+    """Convert ``tiff`` (rendered from ``spec``) with wsidicomizer into ``out_dir``."""
+    files = wsidicomizer_files(tiff, out_dir)
     return ConvertedSlide(out_dir, files, "wsidicomizer", spec, layout_for(spec))
 
 
