@@ -292,12 +292,14 @@ WSIDICOMIZER_SPEC = SMALL
 def wsidicomizer_files(source: Path, out_dir: Path) -> tuple[Path, ...]:
     """Convert ``source`` (a TIFF or an SVS) with wsidicomizer's Python API into ``out_dir``.
 
-    wsidicomizer sets ``pydicom.config.enforce_valid_values = True`` when imported, for the
-    whole process: every later pydicom read in the test session would then raise on values
-    that glio-node must handle (and report) itself. The setting is restored after converting.
+    wsidicomizer sets ``pydicom.config.enforce_valid_values = True`` and pydicom's future
+    behaviour (``config.future_behavior()``: ``Dataset.pixel_array`` changes) when imported, for
+    the whole process: every later pydicom read in the test session would then raise on values
+    that glio-node must handle (and report) itself. The settings are restored after converting.
     """
     import pydicom.config
 
+    future = pydicom.config._use_future
     saved = (
         pydicom.config.enforce_valid_values,
         pydicom.config.settings._reading_validation_mode,
@@ -311,6 +313,8 @@ def wsidicomizer_files(source: Path, out_dir: Path) -> tuple[Path, ...]:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         created = WsiDicomizer.convert(source, output_path=out_dir, workers=1)
     finally:
+        if pydicom.config._use_future != future:
+            pydicom.config.future_behavior(future)
         (
             pydicom.config.enforce_valid_values,
             pydicom.config.settings._reading_validation_mode,
