@@ -14,7 +14,9 @@ bench/receive.py's slide (generated there, reused from ``.cache/bench-slides``).
   ``--against V`` compares with a what-if instead (measurements, not modes to ship): ``no-fsync``
   (every fsync a no-op, SQLite ``synchronous=OFF``), ``file-fsync-only`` (the file's data only),
   ``recv-256k`` (socket reads of 256 KiB, not 4 KiB), ``dul-wake`` (the DUL thread woken by socket
-  data, not its 1 ms sleep), ``fast-poll`` (the association reactor polled every 0.1 ms).
+  data, not its 1 ms sleep), ``fast-poll`` (the association reactor polled every 0.1 ms),
+  ``no-writer-turn`` (intake's SQLite transactions queue on SQLite's busy handler, not on
+  ``store.db.writer_turn``). ``--ab-parallel K`` sends K slides at once, each its own association.
 - ``--floor N``: what no network front end can remove. N interleaved rounds of: storescp's whole
   send (one association; and ``--parallel`` slides over as many associations, ``--fork``), against
   the node's durable intake alone (``intake.admit`` + ``intake.accept``: parse and check, fsync,
@@ -222,16 +224,47 @@ def apply_variant(name: str, engine: Any) -> Any:
         sleep = _dul_wakes_on_data(time.sleep) if name == "dul-wake" else (lambda d: time.sleep(min(d, 0.0001)))
         module.time = types.SimpleNamespace(sleep=sleep, time=time.time, monotonic=time.monotonic, perf_counter=time.perf_counter)
         undo.append(lambda: setattr(module, "time", real_time))
+    elif name == "no-writer-turn":
+        import contextlib
+
+        from glio_node.receive import intake
+
+        real_turn = intake.writer_turn
+        intake.writer_turn = lambda _sessions: contextlib.nullcontext()
+        undo.append(lambda: setattr(intake, "writer_turn", real_turn))
     else:
         raise ValueError(f"unknown variant {name!r}")
     return lambda: [u() for u in undo]
 
 
-VARIANTS = ("no-fsync", "file-fsync-only", "recv-256k", "dul-wake", "fast-poll")
+VARIANTS = ("no-fsync", "file-fsync-only", "recv-256k", "dul-wake", "fast-poll", "no-writer-turn")
 
 
-def ab(files: list[Path], scratch: Path, repeats: int, against: str = "before") -> None:
-    size = sum(f.stat().st_size for f in files)
+def send_parallel(port: int, slides: list[list[Path]]) -> tuple[float, float]:
+    """Each slide in its own storescu process at once: wall seconds until the last exits, and
+    this process's CPU seconds over them."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    c0, t0 = time.process_time(), time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", "GLIONODE", "-xy", "-R", "127.0.0.1", str(port), *map(str, files)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for files in slides
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for p, err in zip(procs, errors):
+        if p.returncode != 0:
+            raise RuntimeError(err[-2000:])
+    return wall, cpu
+
+
+def ab(files: list[Path], scratch: Path, repeats: int, against: str = "before", parallel: int = 1) -> None:
+    from bench.receive import slide_copies
+
+    slides = slide_copies(files, parallel) if parallel > 1 else [files]
+    size = sum(f.stat().st_size for s in slides for f in s)
     results: dict[str, list[tuple[float, float]]] = {against: [], "after": []}
     for i in range(repeats):
         for variant in (against, "after") if i % 2 == 0 else ("after", against):
@@ -239,7 +272,9 @@ def ab(files: list[Path], scratch: Path, repeats: int, against: str = "before") 
             undo = apply_variant(variant, receiver.engine) if variant not in ("before", "after") else None
             try:
                 time.sleep(0.2)
-                results[variant].append(send(receiver.port, files))
+                results[variant].append(
+                    send_parallel(receiver.port, slides) if parallel > 1 else send(receiver.port, files)
+                )
             finally:
                 receiver.close()
                 if undo is not None:
@@ -366,6 +401,8 @@ def main() -> int:
     parser.add_argument("--floor", type=int, default=0,
                         help="rounds of storescp's send against the durable intake alone (0: off)")
     parser.add_argument("--parallel", type=int, default=4, help="slides at once in --floor")
+    parser.add_argument("--ab-parallel", type=int, default=1,
+                        help="--ab sends this many slides at once, each its own association (new UIDs)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "bench-slides")
     args = parser.parse_args()
@@ -374,7 +411,7 @@ def main() -> int:
         if args.floor:
             floor(files, Path(scratch), args.floor, args.parallel)
         elif args.ab:
-            ab(files, Path(scratch), args.ab, args.against)
+            ab(files, Path(scratch), args.ab, args.against, args.ab_parallel)
         else:
             profile(files, Path(scratch), args.top)
     return 0
