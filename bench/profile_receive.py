@@ -14,7 +14,18 @@ bench/receive.py's slide (generated there, reused from ``.cache/bench-slides``).
   ``--against V`` compares with a what-if instead (measurements, not modes to ship): ``no-fsync``
   (every fsync a no-op, SQLite ``synchronous=OFF``), ``file-fsync-only`` (the file's data only),
   ``recv-256k`` (socket reads of 256 KiB, not 4 KiB), ``dul-wake`` (the DUL thread woken by socket
-  data, not its 1 ms sleep), ``fast-poll`` (the association reactor polled every 0.1 ms).
+  data, not its 1 ms sleep), ``fast-poll`` (the association reactor polled every 0.1 ms),
+  ``no-writer-turn`` (intake's SQLite transactions queue on SQLite's busy handler, not on
+  ``store.db.writer_turn``). ``--ab-parallel K`` sends K slides at once, each its own association.
+- ``--floor N``: what no network front end can remove. N interleaved rounds of: storescp's whole
+  send (one association; and ``--parallel`` slides over as many associations, ``--fork``), against
+  the node's durable intake alone (``intake.admit`` + ``intake.accept``: parse and check, fsync,
+  rename, folder fsync, SQLite commit) on the same files already in the spool's ``incoming/``,
+  one slide on one thread and ``--parallel`` slides on as many threads, the latter with and
+  without ``store.db.writer_turn``. As the sender waits for each answer before sending the next
+  instance, one association's send to any receiver that makes each instance durable before it
+  answers takes at least (moving the bytes) + (the durable intake); so storescp / (storescp +
+  intake) bounds the ratio for one association whatever moves the bytes.
 
 Not a test, and not part of bench/receive.py's page: a tool for the next optimisation.
 """
@@ -213,16 +224,47 @@ def apply_variant(name: str, engine: Any) -> Any:
         sleep = _dul_wakes_on_data(time.sleep) if name == "dul-wake" else (lambda d: time.sleep(min(d, 0.0001)))
         module.time = types.SimpleNamespace(sleep=sleep, time=time.time, monotonic=time.monotonic, perf_counter=time.perf_counter)
         undo.append(lambda: setattr(module, "time", real_time))
+    elif name == "no-writer-turn":
+        import contextlib
+
+        from glio_node.receive import intake
+
+        real_turn = intake.writer_turn
+        intake.writer_turn = lambda _sessions: contextlib.nullcontext()
+        undo.append(lambda: setattr(intake, "writer_turn", real_turn))
     else:
         raise ValueError(f"unknown variant {name!r}")
     return lambda: [u() for u in undo]
 
 
-VARIANTS = ("no-fsync", "file-fsync-only", "recv-256k", "dul-wake", "fast-poll")
+VARIANTS = ("no-fsync", "file-fsync-only", "recv-256k", "dul-wake", "fast-poll", "no-writer-turn")
 
 
-def ab(files: list[Path], scratch: Path, repeats: int, against: str = "before") -> None:
-    size = sum(f.stat().st_size for f in files)
+def send_parallel(port: int, slides: list[list[Path]]) -> tuple[float, float]:
+    """Each slide in its own storescu process at once: wall seconds until the last exits, and
+    this process's CPU seconds over them."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    c0, t0 = time.process_time(), time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", "GLIONODE", "-xy", "-R", "127.0.0.1", str(port), *map(str, files)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for files in slides
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for p, err in zip(procs, errors):
+        if p.returncode != 0:
+            raise RuntimeError(err[-2000:])
+    return wall, cpu
+
+
+def ab(files: list[Path], scratch: Path, repeats: int, against: str = "before", parallel: int = 1) -> None:
+    from bench.receive import slide_copies
+
+    slides = slide_copies(files, parallel) if parallel > 1 else [files]
+    size = sum(f.stat().st_size for s in slides for f in s)
     results: dict[str, list[tuple[float, float]]] = {against: [], "after": []}
     for i in range(repeats):
         for variant in (against, "after") if i % 2 == 0 else ("after", against):
@@ -230,7 +272,9 @@ def ab(files: list[Path], scratch: Path, repeats: int, against: str = "before") 
             undo = apply_variant(variant, receiver.engine) if variant not in ("before", "after") else None
             try:
                 time.sleep(0.2)
-                results[variant].append(send(receiver.port, files))
+                results[variant].append(
+                    send_parallel(receiver.port, slides) if parallel > 1 else send(receiver.port, files)
+                )
             finally:
                 receiver.close()
                 if undo is not None:
@@ -243,6 +287,109 @@ def ab(files: list[Path], scratch: Path, repeats: int, against: str = "before") 
     print(f"load average {os.getloadavg()}")
 
 
+# --- the floor: the durable intake alone against storescp's whole send ---------------------------
+
+
+def _staged_intake(scratch: Path, slides: list[list[Path]]) -> tuple[Any, Any, Any, list[list[tuple[Path, str, str, str]]]]:
+    """A fresh spool and SQLite database with ``slides`` copied into ``incoming/`` (as a receiver
+    leaves them before intake), each file with what its C-STORE request would announce."""
+    import pydicom
+
+    from glio_node.receive import Spool
+    from glio_node.store.db import make_engine, make_sessions, upgrade
+
+    folder = Path(tempfile.mkdtemp(dir=scratch))
+    url = f"sqlite:///{folder / 'glio.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    spool = Spool(folder / "spool", 0)
+    spool.incoming_dir.mkdir(parents=True, exist_ok=True)
+    staged = []
+    for n, files in enumerate(slides):
+        batch = []
+        for f in files:
+            path = spool.incoming_dir / f"{n}-{f.name}.part"
+            shutil.copyfile(f, path)
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            batch.append((path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID)))
+        staged.append(batch)
+    os.sync()  # the copies' own writeback is not the intake's
+    return engine, make_sessions(engine), spool, staged
+
+
+def _intake_alone(scratch: Path, slides: list[list[Path]], turns: bool = True) -> float:
+    """Wall seconds of admit + accept of every staged file, one thread per slide."""
+    import contextlib
+    import threading
+
+    from glio_node.receive import intake
+
+    engine, sessions, spool, staged = _staged_intake(scratch, slides)
+    real_turn = intake.writer_turn
+    if not turns:
+        intake.writer_turn = lambda _sessions: contextlib.nullcontext()  # type: ignore[assignment]
+
+    def work(batch: list[tuple[Path, str, str, str]]) -> None:
+        for path, sop_class, sop_instance, syntax in batch:
+            admitted = intake.admit(path, intake.Peer("BENCH", "127.0.0.1:1"), sop_class_uid=sop_class,
+                                    sop_instance_uid=sop_instance, transfer_syntax=syntax)
+            intake.accept(sessions, spool, admitted, digest=("0" * 64, path.stat().st_size))
+
+    try:
+        threads = [threading.Thread(target=work, args=(batch,)) for batch in staged]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - t0
+    finally:
+        intake.writer_turn = real_turn  # type: ignore[assignment]
+        engine.dispose()
+
+
+def floor(files: list[Path], scratch: Path, repeats: int, parallel: int) -> None:
+    from bench.receive import STORESCP_AET, slide_copies, start_storescp, stop, storescu, storescu_parallel
+
+    slides = slide_copies(files, parallel)
+    runs: dict[str, list[float]] = {k: [] for k in (
+        "storescp, one association", "intake alone, one slide",
+        f"storescp --fork, {parallel} associations", f"intake alone, {parallel} slides on {parallel} threads",
+        f"intake alone, {parallel} slides on {parallel} threads, no writer_turn",
+    )}
+    names = list(runs)
+    load0 = os.getloadavg()
+    for i in range(repeats + 1):  # the first round warms caches and is not counted
+        got: dict[str, float] = {}
+        order = names if i % 2 else names[::-1]
+        for name in order:
+            if name.startswith("storescp"):
+                folder = Path(tempfile.mkdtemp(dir=scratch))
+                proc, port = start_storescp(folder, nodelay=True, fork="fork" in name)
+                try:
+                    got[name] = (storescu_parallel(port, STORESCP_AET, slides, True) if "fork" in name
+                                 else storescu(port, STORESCP_AET, files, True))
+                finally:
+                    stop(proc)
+            else:
+                got[name] = _intake_alone(scratch, slides if "threads" in name else [files],
+                                          turns="no writer_turn" not in name)
+        if i:
+            for name, wall in got.items():
+                runs[name].append(wall)
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    for name, v in runs.items():
+        print(f"{name}: median {med[name]:.3f} s  ({', '.join(f'{x:.3f}' for x in v)})")
+    one, one_in = med[names[0]], med[names[1]]
+    par, par_in = med[names[2]], med[names[3]]
+    print(f"one association: intake alone is {one_in / one:.2f}x storescp's whole send; ratio bound "
+          f"storescp / (storescp + intake) = {one / (one + one_in):.2f}")
+    print(f"{parallel} associations: intake alone is {par_in / par:.2f}x storescp's whole send "
+          f"(bound on the ratio with the bytes moved for free: {par / par_in:.2f}); "
+          f"writer_turn: {med[names[4]]:.3f} s without, {par_in:.3f} s with")
+    print(f"load average at start {load0}, at end {os.getloadavg()}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192)
@@ -251,13 +398,20 @@ def main() -> int:
         "--against", choices=("before", *VARIANTS), default="before",
         help="what --ab compares the receiver with: 'before' (16 KiB PDUs, file re-read to hash) or a what-if",
     )
+    parser.add_argument("--floor", type=int, default=0,
+                        help="rounds of storescp's send against the durable intake alone (0: off)")
+    parser.add_argument("--parallel", type=int, default=4, help="slides at once in --floor")
+    parser.add_argument("--ab-parallel", type=int, default=1,
+                        help="--ab sends this many slides at once, each its own association (new UIDs)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "bench-slides")
     args = parser.parse_args()
     files = ensure_slide(args.size, args.cache)
     with tempfile.TemporaryDirectory(prefix="glio-profile-") as scratch:
-        if args.ab:
-            ab(files, Path(scratch), args.ab, args.against)
+        if args.floor:
+            floor(files, Path(scratch), args.floor, args.parallel)
+        elif args.ab:
+            ab(files, Path(scratch), args.ab, args.against, args.ab_parallel)
         else:
             profile(files, Path(scratch), args.top)
     return 0

@@ -60,6 +60,7 @@ from glio_node.receive.statuses import InstanceRefused, Refusal
 from glio_node.store import audit
 from glio_node.store.audit import Event
 from glio_node.store.actions import intake_paused
+from glio_node.store.db import writer_turn
 from glio_node.store.instances import ReceivedInstance, instance_exists, record_instance
 
 # What scanners and PACS send whole-slide images in.  Deflate is accepted too (rare for WSI).
@@ -690,10 +691,12 @@ def accept(
     (0xA700) before anything is written; then :func:`spool_instance` and :func:`record` in one
     transaction.  ``digest``: SHA-256 and size computed while it was received.  Raises
     :class:`InstanceRefused`; a database failure after the file was written removes the file.
+    Each transaction takes its :func:`~glio_node.store.db.writer_turn` (several associations
+    store at once); the fsyncs of the file and its folder run outside it, in parallel.
     """
     uids = _uids_of(admitted)
     try:
-        with sessions.begin() as session:
+        with writer_turn(sessions), sessions.begin() as session:
             if instance_exists(session, admitted.sop_instance_uid):
                 record_duplicate(session, admitted, now)
                 return Outcome.DUPLICATE
@@ -712,11 +715,11 @@ def accept(
         )
     received = spool_instance(spool, admitted, digest)
     try:
-        with sessions.begin() as session:
+        with writer_turn(sessions), sessions.begin() as session:
             record(session, received, now or datetime.now(UTC))
     except IntegrityError:
         # A concurrent association stored the same instance first: it is durable either way.
-        with sessions.begin() as session:
+        with writer_turn(sessions), sessions.begin() as session:
             record_duplicate(session, admitted, now)
         return Outcome.DUPLICATE
     except SQLAlchemyError as exc:

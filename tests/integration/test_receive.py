@@ -203,6 +203,38 @@ def test_resent_slide_is_recognised_not_stored_twice(node, slide):
 
 
 @needs_dcmtk
+def test_several_scanners_sending_at_once_each_slide_lands_once(node, slide, tmp_path):
+    """Four associations at once (a thread each in the node, taking turns on the database):
+    three different slides and a second copy of the first, sent while the first still arrives."""
+    from dataclasses import replace
+
+    from glio_node.synthetic.slide import write_synthetic_slide
+
+    others = [write_synthetic_slide(replace(RECEIVE_SPEC, seed=n), tmp_path / f"slide{n}") for n in (1, 2)]
+    sends = [list(slide.files), *(list(o.files) for o in others), list(slide.files)]
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", "GLIONODE", "-xy", "-R", "127.0.0.1", str(node.port), *map(str, files)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for files in sends
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "E:" not in err, err
+
+    per_slide = len(slide.files)
+    assert len(node.instances()) == 3 * per_slide == len(node.spooled_files())
+    with node.sessions.begin() as s:
+        counts = {row.series_instance_uid: row.instance_count for row in s.scalars(select(Series))}
+    assert counts == {x.series_instance_uid: per_slide for x in (slide, *others)}
+    assert len(node.events("instance_received")) == 3 * per_slide
+    assert len(node.events("instance_duplicate")) == per_slide  # the second copy, not stored again
+    assert len(node.events("association_accepted")) == 4
+    assert list(node.spool.incoming_dir.iterdir()) == []
+
+
+@needs_dcmtk
 def test_unknown_calling_ae_is_rejected_and_audited(node, slide):
     result = storescu(node.port, list(slide.files[:1]), "-aet", "OTHER")
     assert result.returncode != 0

@@ -510,3 +510,37 @@ def test_a_killed_process_not_yet_reaped_is_gone_and_a_foreign_key_cannot_be_jud
     elsewhere = dataclasses.replace(process, boot_id="another-machine")
     assert nodes.process_gone(child.pid, elsewhere.key) is None
     assert nodes.process_gone(child.pid, "not a key") is None
+
+
+def test_threads_of_one_sqlite_node_take_turns_on_one_lock_per_database(tmp_path):
+    from glio_node.store.db import writer_turn
+
+    one = make_engine(f"sqlite:///{tmp_path / 'one.db'}")
+    other = make_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        turn = writer_turn(make_sessions(one))
+        assert turn is writer_turn(make_sessions(one))  # every factory of the same database
+        assert turn is not writer_turn(make_sessions(other))
+        order: list[str] = []
+        with turn:
+            waiter = threading.Thread(target=lambda: (turn.acquire(), order.append("second"), turn.release()))
+            waiter.start()
+            time.sleep(0.05)
+            order.append("first")
+        waiter.join(5)
+        assert order == ["first", "second"]
+    finally:
+        one.dispose()
+        other.dispose()
+
+
+def test_postgresql_writers_do_not_take_turns():
+    from contextlib import nullcontext
+
+    from glio_node.store.db import writer_turn
+
+    engine = make_engine("postgresql://postgres@127.0.0.1:5432/postgres")  # not connected
+    try:
+        assert isinstance(writer_turn(make_sessions(engine)), nullcontext)
+    finally:
+        engine.dispose()
