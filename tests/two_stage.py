@@ -8,6 +8,7 @@ outputs), not skill.  ``disagreeing_folds`` makes two fold models whose calls di
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -88,6 +89,20 @@ def aggregator_spec(task: str, folds: int = 1, max_fold_spread: float = 1.0, ind
         f"{task}-abmil", files[0].file if files else f"{task}-abmil.keras", None, None, None, None, None,
         (HeadSpec(task, classes, indeterminate_below=indeterminate_below, max_fold_spread=max_fold_spread),),
         kind="aggregator", embed_dim=EMBED_DIM, encoder="encoder", folds=files,
+    )
+
+
+def onnx_aggregator_spec(task: str, batched: bool = True) -> NetworkSpec:
+    """An aggregator head as an ONNX graph (tests/onnx_graphs.py ``attention_graph`` when
+    ``batched``, ``bag_attention_graph`` otherwise): its declared signature, the bag dynamic."""
+    spec = aggregator_spec(task)
+    n = len(spec.heads[0].classes)
+    lead = (1,) if batched else ()
+    return replace(
+        spec, runtime="onnx", file=f"{task}-abmil.onnx",
+        input=TensorSpec("embeddings", (*lead, "bag", EMBED_DIM), "float32"),
+        attention=TensorSpec("attention", (*lead, "bag"), "float32"),
+        heads=(replace(spec.heads[0], output=TensorSpec("probabilities", (*lead, n), "float32")),),
     )
 
 
