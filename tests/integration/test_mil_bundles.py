@@ -195,6 +195,10 @@ def test_an_onnx_encoder_and_keras_abmil_heads_without_a_segmentation_network_an
     write_bundle(bundle, two_stage.manifest(*networks), {
         "encoder": graph, "egfr-abmil": two_stage.agreeing_folds(), "mgmt-abmil": two_stage.build_head(2, 12),
     })
+    verify = subprocess.run([sys.executable, "-m", "glio_node.cli", "models", "verify", str(bundle)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stderr[-2000:]
+    assert "regions     none: no segmentation network, so no SEG" in verify.stdout
     summary = _analyze(bundle, small_slide, tmp_path / "out")
     _assert_results_without_regions(summary, small_slide)
     assert [n["name"] for n in summary["stats"]["networks"]] == ["encoder"]
