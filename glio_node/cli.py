@@ -167,7 +167,7 @@ def _regions_line(manifest) -> str:
     """What the bundle draws regions with: its segmentation network (a SEG is written), or none."""
     seg = next((n for n in manifest.networks if "segmentation" in n.tasks), None)
     if seg is None:
-        return "none: no segmentation network, so no SEG (the SR, heatmaps and attention maps are written)"
+        return "none: no segmentation network, so no SEG (the SR and any heatmaps and attention maps are written)"
     classes = next(h.classes for h in seg.heads if h.task == "segmentation")
     return f"{seg.name} (a SEG of its {len(classes)} classes is written)"
 
