@@ -159,7 +159,17 @@ def _models_verify(args: argparse.Namespace) -> int:
         files = ", ".join(w.file for w in n.weights)
         kind = "" if n.kind == "tiles" else f" {n.kind}" + (f" of {n.encoder}" if n.encoder else f" (D={n.embed_dim})")
         print(f"network     {n.name}:{kind} {n.runtime} {files}, tasks {', '.join(n.tasks) or '-'}{origin}")
+    print(f"regions     {_regions_line(manifest)}")
     return EXIT_OK
+
+
+def _regions_line(manifest) -> str:
+    """What the bundle draws regions with: its segmentation network (a SEG is written), or none."""
+    seg = next((n for n in manifest.networks if "segmentation" in n.tasks), None)
+    if seg is None:
+        return "none: no segmentation network, so no SEG (the SR and any heatmaps and attention maps are written)"
+    classes = next(h.classes for h in seg.heads if h.task == "segmentation")
+    return f"{seg.name} (a SEG of its {len(classes)} classes is written)"
 
 
 def _models_import(args: argparse.Namespace) -> int:
@@ -410,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML settings file whose [qc] section sets the slide-QC thresholds (default: built-in)")
         p.add_argument("--no-qc", action="store_true", help="skip slide QC (no verdict; artefact tiles are not left out)")
 
-    a = sub.add_parser("analyze", help="analyse one DICOM WSI series and write SEG, SR, heatmaps, ANN and a QuPath GeoJSON")
+    a = sub.add_parser("analyze", help="analyse one DICOM WSI series and write SR, heatmaps, attention maps, ANN, a QuPath GeoJSON and (with a segmentation network) SEG")
     a.add_argument("paths", nargs="+", help="the slide's DICOM files, or a folder holding them")
     a.add_argument("--out", required=True, help="folder for the DICOM results")
     analysis_args(a)

@@ -36,7 +36,7 @@ class JobSummary:
     calls: dict[str, str]  # task -> call code meaning or "indeterminate"
     probabilities: dict[str, dict[str, float]]
     tissue_area_mm2: float
-    region_area_fraction: dict[str, float]
+    region_area_fraction: dict[str, float] | None  # None: the bundle has no segmentation network (no SEG)
     files: tuple[str, ...]  # the DICOM objects written (each is delivered)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     objects: tuple[WrittenObject, ...] = ()  # what was written, with its UIDs: nothing re-reads the files
@@ -224,7 +224,7 @@ def run_job(
         if not options.batch_size:  # 0: the loader chose it from the device
             options = replace(options, batch_size=models.batch_size or 8)
 
-        result, stats, seg_level = analyze(
+        result, stats, source_level = analyze(
             slide, models.runners, models.algorithm, options, progress, models.ood, aggregators=models.aggregators
         )
         stages.update(stats.stage_seconds)
@@ -245,8 +245,8 @@ def run_job(
         stages["polygonise"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out_dir.mkdir(parents=True, exist_ok=True)
-        written = write_results(list(seg_level.headers), result, out_dir, regions=regions)
-        header = seg_level.headers[0]
+        written = write_results(list(source_level.headers), result, out_dir, regions=regions)
+        header = source_level.headers[0]
         geojson = write_geojson(
             result,
             regions,
@@ -261,7 +261,7 @@ def run_job(
 
     calls, probs = _calls(result)
     return JobSummary(
-        series_instance_uid=str(seg_level.headers[0].SeriesInstanceUID),
+        series_instance_uid=str(source_level.headers[0].SeriesInstanceUID),
         bundle_name=models.algorithm.name,
         bundle_version=models.algorithm.version,
         bundle_sha256=models.algorithm.sha256,

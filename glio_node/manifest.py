@@ -233,7 +233,7 @@ class NetworkSpec:
     embed_dim: int | None = None  # encoder: D of its embeddings; aggregator: D of the bag it reads
     output: TensorSpec | None = None  # ONNX encoders: the graph output carrying the embeddings (batch, D)
     encoder: str | None = None  # aggregator: the name of the encoder network whose embeddings it reads
-    attention: TensorSpec | None = None  # ONNX aggregators: the graph output carrying the attention (1, bag)
+    attention: TensorSpec | None = None  # ONNX aggregators: the graph output carrying the attention (1, bag) or (bag,)
     folds: tuple[WeightsFile, ...] = ()  # aggregator with k >= 2 fold models; then file/sha256 are folds[0]'s
 
     def __post_init__(self) -> None:
@@ -385,19 +385,25 @@ class NetworkSpec:
         n = len(head.classes)
         if self.output is not None:
             raise BundleError(f"{where}: an aggregator's probabilities are its head's output; remove the network's output")
+        # Two forms: batched, one slide per call (input [1, "bag", D] -> [1, C], [1, "bag"]: STAMP's
+        # and our export), or bag-only (["bag", D] -> [C], ["bag"]: TRIDENT-style heads); the
+        # input's rank says which, and the outputs must be of the same form.
+        batched = not (isinstance(self.input, TensorSpec) and len(self.input.shape) == 2)
         for what, tensor, shape in (
             ("input", self.input, (1, "bag", d)),
             ("head output", head.output, (1, n)),
             ("attention", self.attention, (1, "bag")),
         ):
-            ok = isinstance(tensor, TensorSpec) and len(tensor.shape) == len(shape) and (
-                tensor.shape[0] == 1 or isinstance(tensor.shape[0], str)
-            ) and _same_dims(tensor.shape[1:], shape[1:])
+            if batched:
+                ok = isinstance(tensor, TensorSpec) and len(tensor.shape) == len(shape) and (
+                    tensor.shape[0] == 1 or isinstance(tensor.shape[0], str)
+                ) and _same_dims(tensor.shape[1:], shape[1:])
+                form = f"{list(shape)} (the first dimension 1 or dynamic, the bag dynamic)"
+            else:
+                ok = isinstance(tensor, TensorSpec) and _same_dims(tensor.shape, shape[1:])
+                form = f"{list(shape[1:])} (the bag dynamic), as the input {list(self.input.shape)} has no slide dimension"
             if not ok:
-                raise BundleError(
-                    f"{where}: an onnx aggregator must declare its graph {what} of shape {list(shape)} "
-                    f"(the first dimension 1 or dynamic, the bag dynamic); got {tensor}"
-                )
+                raise BundleError(f"{where}: an onnx aggregator must declare its graph {what} of shape {form}; got {tensor}")
         names = [self.input.name, head.output.name, self.attention.name]
         if len(set(names)) != len(names):
             raise BundleError(f"{where}: input and output names repeat: {names}")

@@ -202,13 +202,19 @@ class OodResult:
 
 @dataclass(frozen=True)
 class AnalysisResult:
-    """Everything the writers need besides the source slide's own metadata."""
+    """Everything the writers need besides the source slide's own metadata.
+
+    The regions (``label_map``, ``region_classes``, ``region_area_fraction``) come from the
+    bundle's segmentation network; a bundle without one (an encoder and MIL heads, say) gives
+    ``label_map`` and ``region_area_fraction`` None and no ``region_classes``: no SEG is written
+    and the SR reports no region areas.  Raises ``ValueError`` when they are half there.
+    """
 
     algorithm: Algorithm
-    region_classes: tuple[CodedClass, ...]  # index i is label value i in label_map
-    label_map: Raster  # uint8 (rows, cols): class index per pixel, 255 = not tissue
+    region_classes: tuple[CodedClass, ...]  # index i is label value i in label_map; () without regions
+    label_map: Raster | None  # uint8 (rows, cols): class index per pixel, 255 = not tissue; None: no segmentation network
     tissue_area_mm2: float
-    region_area_fraction: dict[str, float]  # class name -> fraction of tissue area (0..1)
+    region_area_fraction: dict[str, float] | None  # class name -> fraction of tissue area (0..1); None: no regions
     heatmaps: tuple[Heatmap, ...]
     calls: tuple[SlideCall, ...]
     notes: tuple[str, ...] = field(default=())  # warnings to carry into the report
@@ -218,5 +224,22 @@ class AnalysisResult:
     qc: QcReport | None = None  # None when QC was switched off
     ood: OodResult | None = None  # the OOD gate's verdict, when the bundle has one
     attention_maps: tuple[AttentionMap, ...] = field(default=())  # one per aggregator head
+    # The tissue mask (uint8, 1 = tissue) at its own spacing: the outline the GeoJSON draws when
+    # there is no label map; None in results built without the pipeline's tissue detection.
+    tissue: Raster | None = None
+
+    def __post_init__(self) -> None:
+        absent = (self.label_map is None, self.region_area_fraction is None, not self.region_classes)
+        if len(set(absent)) != 1:
+            raise ValueError(
+                "label_map, region_area_fraction and region_classes come together from a segmentation "
+                f"network; got label_map {'None' if absent[0] else 'set'}, region_area_fraction "
+                f"{'None' if absent[1] else 'set'}, {len(self.region_classes)} region classes"
+            )
+
+    @property
+    def has_regions(self) -> bool:
+        """Whether the bundle's segmentation network drew a label map (a SEG is written)."""
+        return self.label_map is not None
 
 NOT_TISSUE = 255

@@ -319,9 +319,10 @@ def fake_slide_opener(slide: FakeSlide, opened: list | None = None):
     return open_slide
 
 
-def fake_models(*runners, algorithm: Algorithm = FAKE_ALGORITHM, device: str = "cpu", ood=None):
+def fake_models(*runners, algorithm: Algorithm = FAKE_ALGORITHM, device: str = "cpu", ood=None, aggregators=()):
     """A ``load_models`` for :func:`glio_node.job.run_job` that hands out ``runners`` (default:
-    a :class:`FakeSegmenter` and a :class:`FakeClassifier`) with ``algorithm`` (and the OOD gate ``ood``)."""
+    a :class:`FakeSegmenter` and a :class:`FakeClassifier`) with ``algorithm`` (and the OOD gate
+    ``ood``, and the ``aggregators`` reading an encoder among ``runners``)."""
     from glio_node.job import Models
 
     chosen = tuple(runners) or (FakeSegmenter(), FakeClassifier())
@@ -330,7 +331,7 @@ def fake_models(*runners, algorithm: Algorithm = FAKE_ALGORITHM, device: str = "
         for r in chosen:
             if getattr(r, "batch_size", batch_size) < batch_size:
                 raise ValueError(f"{r.name}: batch size {r.batch_size} < the job's {batch_size}")
-        return Models(algorithm, chosen, device, ood=ood)
+        return Models(algorithm, chosen, device, ood=ood, aggregators=tuple(aggregators))
 
     return load_models
 

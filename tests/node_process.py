@@ -140,11 +140,12 @@ def wait_until_queued(node: Node, later: SyntheticSlide, timeout: float = 60) ->
 
 
 def assert_results_in_orthanc(
-    orthanc: Orthanc, node: Node, slide: SyntheticSlide, *, slide_in_orthanc: bool = False
+    orthanc: Orthanc, node: Node, slide: SyntheticSlide, *, slide_in_orthanc: bool = False, regions: bool = True
 ) -> None:
-    """Every delivered object is in Orthanc, in the slide's study: SEG, SR and heatmaps.
+    """Every delivered object is in Orthanc, in the slide's study: SEG, SR and Parametric Maps.
 
     ``slide_in_orthanc``: Orthanc also holds the slide itself (the node pulled it from there).
+    ``regions`` False: the bundle has no segmentation network, so no SEG may be there.
     """
     delivered = {d.sop_instance_uid: d.sop_class_uid for d in node.deliveries()}
     in_orthanc = {
@@ -157,8 +158,8 @@ def assert_results_in_orthanc(
     assert set(delivered) | slide_uids == in_orthanc
     assert orthanc.instance_count() == len(delivered) + len(slide_uids)  # nothing outside the study
     modalities = Counter(s["MainDicomTags"].get("Modality") for s in orthanc.series_of_study(slide.study_instance_uid))
-    assert modalities["SEG"] >= 1 and modalities["SR"] == 1, modalities
-    assert PARAMETRIC_MAP in delivered.values()  # the heatmaps
+    assert (modalities["SEG"] >= 1 if regions else modalities["SEG"] == 0) and modalities["SR"] == 1, modalities
+    assert PARAMETRIC_MAP in delivered.values()  # the heatmaps or attention maps
 
 
 def successful_sends(node: Node) -> Counter[str]:

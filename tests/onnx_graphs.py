@@ -174,6 +174,34 @@ def attention_graph(embed_dim: int, n_classes: int, seed: int = 0, bag: int | st
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def bag_attention_graph(embed_dim: int, n_classes: int, seed: int = 0, bag: int | str = "bag") -> onnx.ModelProto:
+    """``attention_graph`` without the slide dimension (a TRIDENT-style head): ``embeddings``
+    (bag, D) -> ``attention`` (bag,) and ``probabilities`` (C,); the same weights, so
+    ``attention_reference`` holds for it too."""
+    v, w = attention_weights(embed_dim, n_classes, seed)
+    nodes = [
+        helper.make_node("MatMul", ["embeddings", "v"], ["scores2"]),  # (bag, 1)
+        helper.make_node("Squeeze", ["scores2", "axis1"], ["scores"]),  # (bag,)
+        helper.make_node("Softmax", ["scores"], ["attention"], axis=0),
+        helper.make_node("MatMul", ["attention", "embeddings"], ["pooled"]),  # (D,)
+        helper.make_node("MatMul", ["pooled", "w"], ["logits"]),  # (C,)
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=0),
+    ]
+    init = [numpy_helper.from_array(v, "v"), numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    g = helper.make_graph(
+        nodes, "abmil-bag-only",
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [bag, embed_dim])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [n_classes]),
+         helper.make_tensor_value_info("attention", TensorProto.FLOAT, [bag])],
+        init,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def attention_weights(embed_dim: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.normal(0, 1, (embed_dim, 1)).astype(np.float32), rng.normal(0, 1, (embed_dim, n_classes)).astype(np.float32)

@@ -1,6 +1,7 @@
 """Two-stage bundles built in the tests: a tiny Keras tile encoder (a few convolutions and global
 pooling to D=32, random weights) and ABMIL heads from glio_node/runtime/mil.py, written with
-glio_node.bundle.write_bundle beside a tiny segmentation network (analyze needs one).
+glio_node.bundle.write_bundle, with or without a tiny segmentation network beside them (a
+bundle needs none: an encoder and its heads alone analyse a slide).
 
 Random weights are enough: the tests check plumbing (shapes, the bag, the attention map, the
 outputs), not skill.  ``disagreeing_folds`` makes two fold models whose calls differ on any bag.
@@ -8,6 +9,7 @@ outputs), not skill.  ``disagreeing_folds`` makes two fold models whose calls di
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -91,6 +93,20 @@ def aggregator_spec(task: str, folds: int = 1, max_fold_spread: float = 1.0, ind
     )
 
 
+def onnx_aggregator_spec(task: str, batched: bool = True) -> NetworkSpec:
+    """An aggregator head as an ONNX graph (tests/onnx_graphs.py ``attention_graph`` when
+    ``batched``, ``bag_attention_graph`` otherwise): its declared signature, the bag dynamic."""
+    spec = aggregator_spec(task)
+    n = len(spec.heads[0].classes)
+    lead = (1,) if batched else ()
+    return replace(
+        spec, runtime="onnx", file=f"{task}-abmil.onnx",
+        input=TensorSpec("embeddings", (*lead, "bag", EMBED_DIM), "float32"),
+        attention=TensorSpec("attention", (*lead, "bag"), "float32"),
+        heads=(replace(spec.heads[0], output=TensorSpec("probabilities", (*lead, n), "float32")),),
+    )
+
+
 def manifest(*networks: NetworkSpec) -> Manifest:
     return Manifest(
         name="two-stage",
@@ -110,20 +126,20 @@ def seg_model():
     return build_unet(32, 10, depth=2, base_filters=2)
 
 
-def write_two_stage_bundle(out: Path, encoder=None, fold_models=None, max_fold_spread: float = 1.0):
-    """A bundle of a segmentation net, the encoder and ABMIL heads for egfr (k folds when
-    ``fold_models`` is given) and mgmt; returns the written manifest."""
+def write_two_stage_bundle(out: Path, encoder=None, fold_models=None, max_fold_spread: float = 1.0, regions: bool = True):
+    """A bundle of the encoder and ABMIL heads for egfr (k folds when ``fold_models`` is given)
+    and mgmt, and a segmentation net unless ``regions`` is False; returns the written manifest."""
     from glio_node.bundle import write_bundle
 
     egfr_folds = list(fold_models) if fold_models is not None else None
     networks = (
-        seg_spec(),
+        *((seg_spec(),) if regions else ()),
         encoder_spec("onnx" if isinstance(encoder, (str, Path)) else "keras"),
         aggregator_spec("egfr", folds=len(egfr_folds) if egfr_folds else 1, max_fold_spread=max_fold_spread),
         aggregator_spec("mgmt"),
     )
     models = {
-        "regions": seg_model(),
+        **({"regions": seg_model()} if regions else {}),
         "encoder": encoder if encoder is not None else build_encoder(),
         "egfr-abmil": egfr_folds if egfr_folds else build_head(2, 11),
         "mgmt-abmil": build_head(2, 12),

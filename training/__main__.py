@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--bundle", type=Path, default=None, help="also write a format-2 bundle of the encoder and the heads here")
     m.add_argument("--name", default=None, help="the bundle's name (default: its folder's name)")
     m.add_argument("--segmentation-from", type=Path, default=None,
-                   help="copy this bundle's segmentation network into --bundle (glio-node analyze needs one), e.g. models/glio-demo")
+                   help="also copy this bundle's segmentation network into --bundle (optional: without it, no SEG), e.g. models/glio-demo")
     m.add_argument("--licence", type=Path, default=None, help="an encoder we did not make: its licence text, stored in --bundle")
     m.add_argument("--source", default=None, help="an encoder we did not make: maker, version, how and when obtained")
     m.add_argument("--licence-name", default=None, help="short licence name for outputs (default: the licence's first line)")

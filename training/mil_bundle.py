@@ -65,8 +65,8 @@ def write_mil_bundle(
     """The bundle of a ``train_mil`` run (its ``metrics`` and ``run_dir`` with ``<task>.keras``).
 
     ``segmentation_from``: a verified bundle whose segmentation-only network is copied byte for
-    byte into this one (the worker's analysis needs exactly one segmentation network; e.g. the
-    demo bundle's ``regions``).  ``licence`` and ``source``: an encoder we did not make (a local
+    byte into this one (optional: without it the bundle is the encoder and its heads, which the
+    worker analyses without regions; e.g. the demo bundle's ``regions``).  ``licence`` and ``source``: an encoder we did not make (a local
     ONNX file, air-gapped: nothing is downloaded) is stored with its licence text and source, as
     ``glio-node models import`` stores a tile network, and named in every output.  Raises
     BundleError, ValueError naming what to fix.

@@ -7,7 +7,7 @@ Top to bottom:
 3. one frame plan over all networks' tiles, read frame-aligned in background threads;
 4. batches to each network's runner as tiles arrive; outputs stitched as they come back; the
    finest network's tiles measured for focus on the way (no second read);
-5. label map masked to tissue; out-of-focus tiles added to the artefacts; classifier tiles over
+5. label map (when the bundle has a segmentation network) masked to tissue; out-of-focus tiles added to the artefacts; classifier tiles over
    artefacts left out of the slide-level calls; QC verdict (a "fail" makes every call
    indeterminate); area fractions.
 6. two-stage tasks: each aggregator head reads the bag of its encoder's embeddings (filled in
@@ -316,7 +316,12 @@ def analyze(
     ood: OodGate | None = None,
     aggregators: Sequence[BagRunner] = (),
 ) -> tuple[AnalysisResult, AnalysisStats, LevelInfo]:
-    """Analyse ``slide``; return the result, the run's figures, and the level the SEG refers to.
+    """Analyse ``slide``; return the result, the run's figures, and the source level: the level the
+    writers reference (the segmentation network's, or without one the finest-reading network's;
+    see ``_source_use``).
+
+    A bundle without a segmentation network gives a result with no label map, regions or area
+    fractions (None); tissue, QC, heatmaps, calls, attention maps and the OOD gate are as with one.
 
     ``ood``: the bundle's out-of-distribution gate; the network it names scores each of its
     tiles, and a slide whose median score passes the gate's threshold gets every call withheld
@@ -357,9 +362,12 @@ def analyze(
                 f"aggregator {aggregator.name!r} reads encoder {aggregator.encoder!r}, which is not among the "
                 f"networks (encoders: {sorted(encoders)}); the bundle is inconsistent: re-export it"
             )
+    if not uses:
+        raise BadInput("the bundle runs no tile network on the slide; add a tile or encoder network to it")
     seg_uses = [u for u in uses if u.seg is not None]
-    if len(seg_uses) != 1:  # a Manifest refuses two already (glio_node/manifest.py); none still reaches here
-        raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it needs exactly one")
+    if len(seg_uses) > 1:  # a Manifest refuses two already (glio_node/manifest.py)
+        raise BadInput(f"the bundle has {len(seg_uses)} segmentation networks; it may have at most one")
+    seg = seg_uses[0] if seg_uses else None
     levels = {
         u.level.index: LevelGeometry((u.level.rows, u.level.cols), (u.level.frame_rows, u.level.frame_cols))
         for u in uses
@@ -391,11 +399,13 @@ def analyze(
     stages["inference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    seg = seg_uses[0]
     head_classes = {h.task: h for u in uses for h in u.network.heads}
-    label_map = seg.seg.label_map
-    _mask_label_map(label_map, tissue, seg.raster_mm_per_px)
-    region_classes = head_classes["segmentation"].classes
+    label_map, region_classes, fractions = None, (), None
+    if seg is not None:  # a bundle without a segmentation network has no regions: the result says so by None
+        label_map = seg.seg.label_map
+        _mask_label_map(label_map, tissue, seg.raster_mm_per_px)
+        region_classes = head_classes["segmentation"].classes
+        fractions = region_fractions(label_map, region_classes)
     report = _quality(uses, lowres, tissue, qc) if qc is not None and lowres is not None else None
     heatmaps, calls = [], []
     for use in uses:
@@ -433,15 +443,16 @@ def analyze(
     result = AnalysisResult(
         algorithm=algorithm,
         region_classes=region_classes,
-        label_map=Raster(label_map, seg.raster_mm_per_px),
+        label_map=Raster(label_map, seg.raster_mm_per_px) if seg is not None else None,
         tissue_area_mm2=tissue.area_mm2,
-        region_area_fraction=region_fractions(label_map, region_classes),
+        region_area_fraction=fractions,
         heatmaps=tuple(heatmaps),
         calls=tuple(calls),
         notes=tuple(notes),
         qc=report,
         ood=verdict,
         attention_maps=tuple(attention_maps),
+        tissue=Raster(tissue.mask.astype(np.uint8), tissue.mm_per_px),
     )
     stages["stitch"] = time.perf_counter() - t0
     stats = AnalysisStats(
@@ -465,4 +476,14 @@ def analyze(
         frames_needed=plan.distinct_frames,
         stage_seconds=stages,
     )
-    return result, stats, seg.level
+    return result, stats, _source_use(uses, seg).level
+
+
+def _source_use(uses: list[_Use], seg: _Use | None) -> _Use:
+    """The network whose level the outputs reference as their source: the segmentation network's
+    (the SEG's pixels are that level's, downsampled at most); without one, the network with the
+    finest raster (an encoder's tiles, say), the first such in the bundle's order, so every
+    output's source is a level the analysis actually read."""
+    if seg is not None:
+        return seg
+    return min(uses, key=lambda u: u.raster_mm_per_px)  # min keeps the first of equals

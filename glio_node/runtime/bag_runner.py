@@ -62,7 +62,8 @@ class OnnxEncoder(OnnxNetwork):
 @dataclass
 class Aggregator:
     """A ``kind = "aggregator"`` network (a :class:`glio_node.ports.BagRunner`): each fold model
-    on the bag, keras (runtime/mil.py's contract) or onnx (its declared signature)."""
+    on the bag, keras (runtime/mil.py's contract) or onnx (its declared signature: [1, bag, D] ->
+    [1, C], [1, bag], or bag-only [bag, D] -> [C], [bag])."""
 
     loaded: LoadedNetwork
 
@@ -84,7 +85,9 @@ class Aggregator:
         probabilities, attention = [], []
         for model in self.loaded.model:
             if spec.runtime == "onnx":
-                x = embeddings[None].astype(np.dtype(spec.input.dtype))
+                x = embeddings.astype(np.dtype(spec.input.dtype))
+                if len(spec.input.shape) == 3:  # [1, bag, D]; a bag-only graph reads [bag, D]
+                    x = x[None]
                 p, a = model.run([spec.heads[0].output.name, spec.attention.name], {spec.input.name: x})
                 p = _softmax(np.asarray(p)) if self._activation == "logits" else np.asarray(p)
             else:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pydicom
+from shapely.geometry import MultiPolygon
 
-from glio_node.pipeline.polygonise import RegionPolygons, region_polygons
+from glio_node.pipeline.polygonise import SIMPLIFY_TOLERANCE_PX, RegionPolygons, region_polygons
 from glio_node.results import NOT_TISSUE, AnalysisResult
 from glio_node.writers.ann import write_ann
 from glio_node.writers.attention import write_attention_maps
@@ -31,7 +33,9 @@ def write_results(
     out_dir: Path,
     regions: RegionPolygons | None = None,
 ) -> WrittenObjects:
-    """Write the SEG pyramid, one Parametric Map per heatmap class, the SR and the ANN.
+    """Write the SEG pyramid, one Parametric Map per heatmap class, the attention and OOD maps,
+    the SR and the ANN.  A result without regions (the bundle has no segmentation network) gets
+    no SEG; the SR then reports no region areas and the ANN holds no region polygons.
 
     ``regions``: the label map as polygons (``result_polygons``), passed by a job that writes
     the GeoJSON from the same polygons; computed here when not given.
@@ -47,7 +51,7 @@ def write_results(
     slide = prepare_source(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    segs = write_seg(slide, result, out_dir)
+    segs = write_seg(slide, result, out_dir) if result.has_regions else []  # no segmentation network: no SEG
     heatmaps = write_heatmaps(slide, result, out_dir)
     keys = [(h.task, c.name) for h in result.heatmaps for c in h.classes]  # write_heatmaps' order
     heatmap_by_class = {key: dataset for key, (_, dataset) in zip(keys, heatmaps, strict=True)}
@@ -71,7 +75,15 @@ def write_results(
 
 
 def result_polygons(result: AnalysisResult) -> RegionPolygons:
-    """The label map of ``result`` as simplified polygons (tissue outline and every class)."""
-    return region_polygons(
-        result.label_map.array, len(result.region_classes), result.label_map.mm_per_px, NOT_TISSUE
-    )
+    """The label map of ``result`` as simplified polygons (tissue outline and every class).
+
+    Without a label map (no segmentation network): the tissue outline of ``result.tissue`` and
+    no region classes; with neither, an empty outline."""
+    if result.label_map is not None:
+        return region_polygons(
+            result.label_map.array, len(result.region_classes), result.label_map.mm_per_px, NOT_TISSUE
+        )
+    if result.tissue is not None:
+        outline = np.where(np.asarray(result.tissue.array) > 0, 0, NOT_TISSUE).astype(np.uint8)
+        return region_polygons(outline, 0, result.tissue.mm_per_px, NOT_TISSUE)
+    return RegionPolygons(tissue=MultiPolygon(), regions=(), mm_per_px=1.0, tolerance_px=SIMPLIFY_TOLERANCE_PX)

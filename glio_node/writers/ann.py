@@ -16,7 +16,9 @@ Decisions:
   identification and the same Recommended Display CIELab Value.  The polygons are the GeoJSON's
   (same simplification), but an ANN POLYGON is one simple ring with no holes: a polygon with
   holes is cut by a vertical line through each hole into hole-free pieces that cover exactly
-  the same area.  Each annotation carries its area (SCT 42798000 "Area", mm²).
+  the same area.  Each annotation carries its area (SCT 42798000 "Area", mm²).  None without a
+  segmentation network (the result has no regions; the ANN draws no tissue outline either, as
+  the SEG would not): then the QC and tile groups only, or no ANN.
 - **One group per QC artefact kind present** (POLYGON, when slide QC ran): category
   GLIO-QC "Slide quality control", type the artefact's code (GLIO-QC-BLUR, -PEN, -DARK,
   -BUBBLE), from ``QcReport.artefact_map`` simplified like the regions, with each piece's Area.

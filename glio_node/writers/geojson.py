@@ -12,7 +12,9 @@ beside the DICOM objects, from the same label map and heatmaps:
   ``glio_node.pipeline.polygonise.SIMPLIFY_TOLERANCE_PX``).  ``classification`` is the class's
   Code Meaning (QuPath's class name) and its display colour, the SEG's recommended display
   colour (``glio_node.coding.REGION_DISPLAY_RGB``).  Each carries its area in mm² and fraction of
-  tissue as ``measurements``.
+  tissue as ``measurements``.  A bundle without a segmentation network has no regions: the
+  tissue outline is then the tissue mask's (``AnalysisResult.tissue``, at its own spacing, which
+  ``label_map_mm_per_px`` gives) and no region annotations follow.
 - **QC artefacts** (annotations too, when slide QC ran and found any): one (multi)polygon per
   artefact kind of ``QcReport.artefact_map`` (out of focus, pen mark, fold or debris, air
   bubble), named "QC: <Code Meaning>", with its area in mm²; the tiles under them were left out

@@ -54,8 +54,12 @@ def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> lis
     """Write the SEG pyramid of ``result.label_map`` into ``out_dir``; return one entry per level.
 
     Raises ``ValueError`` when the label map does not fit the source geometry or holds values
-    other than class indices and ``NOT_TISSUE`` (a pipeline bug, not bad input).
+    other than class indices and ``NOT_TISSUE`` (a pipeline bug, not bad input), or when the
+    result has no label map (the bundle has no segmentation network: ``write_results`` writes
+    no SEG then).
     """
+    if result.label_map is None:
+        raise ValueError("the result has no label map (no segmentation network): there is no SEG to write")
     algorithm = result.algorithm
     check_raster_geometry(source, result.label_map, "label map")
     n_classes = len(result.region_classes)

@@ -12,6 +12,8 @@ DCM 123110 "Artificial Intelligence", with the bundle's SHA-256 and intended use
 - TID 1411 group per region class: finding type = the class concept, referenced segment = that
   class's segment in the full-resolution SEG instance (level 0) with the slide level as its
   source; measurements: area fraction of tissue (99GLIO AREAFRAC) in %, and Area in mm2.
+  None when the bundle has no segmentation network (no SEG is written): the report is then the
+  tissue, QC, OOD and call groups, still a TID 1500 Measurement Report.
 - TID 1501 group "slide QC" (when QC ran): finding type (GLIO-QC, 99GLIO, "Slide quality
   control"); qualitative evaluations: GLIO-QC = the verdict (GLIO-QC-PASS / -WARN / -FAIL), and
   one GLIO-QC-REASON per finding (the artefact or slide-wide problem); measurement Area (mm2) of
@@ -132,7 +134,9 @@ def write_sr(
     ood_map: Dataset | None = None,
     attention: dict[str, Dataset] | None = None,
 ) -> WrittenObject:
-    """Write the measurement report; ``seg_levels[0]`` is the full-resolution SEG instance.
+    """Write the measurement report; ``seg_levels[0]`` is the full-resolution SEG instance
+    (``seg_levels`` is empty for a result without regions: the region groups are left out and
+    the report holds the tissue, QC, OOD and call groups).
 
     ``heatmaps`` maps (task, class name) to the Parametric Map written for it (metadata is
     enough); ``annotations`` (the ANN of the same run) are listed as evidence beside them;
@@ -142,7 +146,7 @@ def write_sr(
     """
     algorithm = result.algorithm
     known = {c.name for c in result.region_classes}
-    unknown = sorted(set(result.region_area_fraction) - known)
+    unknown = sorted(set(result.region_area_fraction or {}) - known)
     if unknown:
         raise ValueError(f"area fractions for unknown region classes {unknown}; known: {sorted(known)}")
     algorithm_id = hd.sr.AlgorithmIdentification(
@@ -186,8 +190,10 @@ def write_sr(
         )
     if result.qc is not None:
         groups.extend(_qc_groups(result.qc, algorithm_id, slide_level, tracking))
-    seg0 = seg_levels[0]
-    for index, region in enumerate(result.region_classes):
+    if result.region_classes and not seg_levels:
+        raise ValueError("the result has region classes but no SEG was written for them to reference")
+    for index, region in enumerate(result.region_classes):  # none without a segmentation network
+        seg0 = seg_levels[0]
         fraction = float(result.region_area_fraction.get(region.name, 0.0))
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(

@@ -5,7 +5,9 @@ The hospital's story: a bundle of a tile encoder and attention-MIL heads analyse
 head's call is in the SR with its attention map referenced from the call, the attention maps are
 integer Parametric Maps in the source's study, everything passes dciodvfy and reads back with
 highdicom; fold models that disagree make the call indeterminate, with the spread reported in the
-SR and in ``--json``; folds that agree give a call.
+SR and in ``--json``; folds that agree give a call.  A research group's bundle of only an encoder
+and its heads (Keras or ONNX heads, the ONNX ones with a dynamic bag) analyses the slide too: SR
+and attention maps, no SEG.
 """
 
 from __future__ import annotations
@@ -150,3 +152,78 @@ def test_an_onnx_encoder_with_keras_heads_analyses_the_slide(tmp_path, small_sli
         assert summary["probabilities"][task] == pytest.approx(reference["probabilities"][task], abs=1e-4)
     for f in summary["files"]:
         assert_valid(Path(f))
+
+
+# -- bundles without a segmentation network (issue 13): an encoder and its heads alone ----------
+
+
+def _assert_results_without_regions(summary: dict, slide) -> list[pydicom.Dataset]:
+    """What a bundle with no segmentation network must leave: SR + attention maps, no SEG, every
+    file valid and read back by highdicom, all in the source's study and frame of reference, the
+    calls referencing their attention maps, the SR without region areas, the GeoJSON the outline."""
+    assert summary["region_area_fraction"] is None
+    datasets = [pydicom.dcmread(f) for f in summary["files"]]
+    for f in summary["files"]:
+        assert_valid(Path(f))
+    assert not [ds for ds in datasets if ds.Modality == "SEG"]
+    source = pydicom.dcmread(slide.files[0], stop_before_pixels=True)
+    assert {str(ds.StudyInstanceUID) for ds in datasets} == {str(source.StudyInstanceUID)}
+    assert {str(ds.FrameOfReferenceUID) for ds in datasets if "FrameOfReferenceUID" in ds} == {str(source.FrameOfReferenceUID)}
+    attention = {int(ds.SeriesNumber): ds for ds in datasets if ds.SOPClassUID == ParametricMapStorage and 9051 <= ds.SeriesNumber <= 9053}
+    assert sorted(attention) == [9052, 9053]  # mgmt, egfr
+    for ds in attention.values():
+        assert hd.pm.ParametricMap.from_dataset(ds).SOPInstanceUID == ds.SOPInstanceUID
+    (sr,) = [ds for ds in datasets if ds.Modality == "SR"]
+    assert hd.sr.Comprehensive3DSR.from_dataset(sr).SOPInstanceUID == sr.SOPInstanceUID
+    for code, series in (("GLIO-EGFR", 9053), ("GLIO-MGMT", 9052)):
+        referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in _call_group(sr, code) if i.ValueType == "IMAGE"}
+        assert attention[series].SOPInstanceUID in referenced
+    numbers = {i.ConceptNameCodeSequence[0].CodeValue for i in _content_items(sr) if i.ValueType == "NUM"}
+    assert "AREAFRAC" not in numbers
+    features = json.loads(Path(summary["geojson"]).read_text())["features"]
+    names = [f["properties"]["name"] for f in features if f["properties"]["objectType"] == "annotation"]
+    assert [n for n in names if not n.startswith("QC:")] == ["Tissue"]
+    return datasets
+
+
+def test_an_onnx_encoder_and_keras_abmil_heads_without_a_segmentation_network_analyse_the_slide(tmp_path, small_slide):
+    graph = tmp_path / "encoder.onnx"
+    output = two_stage.export_encoder_onnx(two_stage.build_encoder(), graph)
+    spec = replace(two_stage.encoder_spec("onnx"), output=TensorSpec(output, ("batch", two_stage.EMBED_DIM), "float32"))
+    networks = (spec, two_stage.aggregator_spec("egfr", folds=2, max_fold_spread=0.5), two_stage.aggregator_spec("mgmt"))
+    bundle = tmp_path / "encoder-and-heads"
+    write_bundle(bundle, two_stage.manifest(*networks), {
+        "encoder": graph, "egfr-abmil": two_stage.agreeing_folds(), "mgmt-abmil": two_stage.build_head(2, 12),
+    })
+    verify = subprocess.run([sys.executable, "-m", "glio_node.cli", "models", "verify", str(bundle)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stderr[-2000:]
+    assert "regions     none: no segmentation network, so no SEG" in verify.stdout
+    summary = _analyze(bundle, small_slide, tmp_path / "out")
+    _assert_results_without_regions(summary, small_slide)
+    assert [n["name"] for n in summary["stats"]["networks"]] == ["encoder"]
+    assert summary["calls"]["egfr"] == coding.EGFR_CLASSES[1].code_meaning  # the agreeing folds' class
+    assert summary["aggregated"]["egfr"]["folds"] == 2
+
+
+def test_onnx_aggregators_with_a_dynamic_bag_analyse_the_slide(tmp_path, small_slide):
+    """Both ONNX aggregator forms on the same bag: egfr bag-only ([bag, D]), mgmt batched ([1, bag, D])."""
+    import onnx
+    import onnx_graphs
+
+    d = two_stage.EMBED_DIM
+    onnx.save(onnx_graphs.bag_attention_graph(d, 2, seed=3), tmp_path / "egfr.onnx")
+    onnx.save(onnx_graphs.attention_graph(d, 2, seed=4), tmp_path / "mgmt.onnx")
+    networks = (two_stage.encoder_spec(), two_stage.onnx_aggregator_spec("egfr", batched=False), two_stage.onnx_aggregator_spec("mgmt"))
+    bundle = tmp_path / "onnx-heads"
+    write_bundle(bundle, two_stage.manifest(*networks), {
+        "encoder": two_stage.build_encoder(), "egfr-abmil": tmp_path / "egfr.onnx", "mgmt-abmil": tmp_path / "mgmt.onnx",
+    })
+    summary = _analyze(bundle, small_slide, tmp_path / "out")
+    datasets = _assert_results_without_regions(summary, small_slide)
+    for task in ("egfr", "mgmt"):
+        assert sum(summary["probabilities"][task].values()) == pytest.approx(1.0, abs=1e-4)
+    for ds in (ds for ds in datasets if ds.SOPClassUID == ParametricMapStorage and ds.SeriesNumber in (9052, 9053)):
+        mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+        weights = ds.pixel_array.astype(np.float64) * float(mapping.RealWorldValueSlope)
+        assert weights.sum() == pytest.approx(1.0, rel=0.02)  # softmax over the whole bag

@@ -185,11 +185,18 @@ def test_a_slide_of_glass_is_analysed_to_nothing_and_says_so():
     assert result.calls[0].call is None and all(math.isnan(p) for p in result.calls[0].probabilities)
 
 
-def test_a_bundle_needs_exactly_one_segmentation_network(slide):
-    with pytest.raises(BadInput, match="the bundle has 2 segmentation networks; it needs exactly one"):
+def test_a_bundle_has_at_most_one_segmentation_network(slide):
+    with pytest.raises(BadInput, match="the bundle has 2 segmentation networks; it may have at most one"):
         _run(slide, FakeSegmenter(), FakeSegmenter(name="second"))
-    with pytest.raises(BadInput, match="the bundle has 0 segmentation networks"):
-        _run(slide, FakeClassifier())
+
+
+def test_a_classifier_alone_calls_the_slide_and_draws_no_regions(slide):
+    result, stats, level, (cls,) = _run(slide, FakeClassifier())
+    assert result.label_map is None and result.region_classes == () and result.region_area_fraction is None
+    assert not result.has_regions
+    assert [c.task for c in result.calls] == ["mgmt"] and result.heatmaps[0].task == "mgmt"
+    assert level.index == stats.networks[0].level == 2  # the source level: the one the classifier read
+    assert result.tissue.array.any() and result.tissue_area_mm2 > 0 and result.qc is not None
 
 
 def test_progress_counts_every_tile_and_ends_at_the_total(slide):

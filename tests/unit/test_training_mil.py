@@ -144,6 +144,7 @@ def test_mil_training_writes_heads_attention_over_each_test_slides_tiles_and_tes
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ok          minority-mil 0.1.0" in done.stdout
     assert re.search(r"network +egfr-abmil: .*egfr-abmil\.keras, tasks egfr", done.stdout), done.stdout
+    assert "regions     regions (a SEG of its 10 classes is written)" in done.stdout
 
 
 def test_an_encoder_that_is_neither_keras_nor_onnx_is_refused(tmp_path):
