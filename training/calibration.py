@@ -9,9 +9,11 @@ probabilities, exactly as the worker calls):
   :func:`glio_node.pipeline.calibration.calibrate`, the same function used here.
 - :func:`expected_calibration_error`: top-label ECE with equal-width confidence bins (10 by
   default): the sample-weighted mean of |accuracy - mean confidence| over bins.
-- :func:`choose_threshold`: the head's "indeterminate" threshold, the lowest top probability at
-  which the validation slides called reach a target selective accuracy while at least a minimum
-  fraction of them is still called; :func:`coverage_accuracy` is the curve it walks.
+- :func:`choose_threshold`: the head's "indeterminate" threshold: the lowest cut on the top
+  probability at which the validation slides called reach a target selective accuracy while at
+  least a minimum fraction of them is still called, placed midway in the gap of confidences that
+  calls exactly those slides (not on one slide's own confidence); :func:`coverage_accuracy` is
+  the curve it walks.
 """
 
 from __future__ import annotations
@@ -128,8 +130,10 @@ class ThresholdChoice:
 
 
 def choose_threshold(probabilities, truth, target_accuracy: float, min_coverage: float) -> ThresholdChoice:
-    """The lowest threshold whose selective accuracy >= ``target_accuracy`` at coverage >=
-    ``min_coverage``; when none does, the threshold of highest selective accuracy among those
+    """The lowest cut whose selective accuracy >= ``target_accuracy`` at coverage >=
+    ``min_coverage``, placed midway between the validation confidence it starts at and the next
+    lower one (or chance, ``1 / classes``, below the lowest), so the same validation slides are
+    called but the cut does not sit on one slide's confidence; when none does, the threshold of highest selective accuracy among those
     keeping ``min_coverage`` (lowest on ties), with ``target_met`` False so the card says so.
 
     Candidates are the slides' own top probabilities (so the lowest one calls every slide), capped
@@ -145,8 +149,16 @@ def choose_threshold(probabilities, truth, target_accuracy: float, min_coverage:
     keeps[0] = True  # the lowest candidate calls every slide: coverage 1 always qualifies
     meets = keeps & (accuracy >= target_accuracy - 1e-12)
     i = int(np.argmax(meets)) if meets.any() else int(np.argmax(np.where(keeps, accuracy, -1.0)))
+    # Every threshold in (below, thresholds[i]] calls the same validation slides; take the middle
+    # of that gap, not its top end. The top end is one validation slide's own confidence: a model
+    # right on every validation slide would then abstain on any new slide a hair less confident
+    # than the least confident of them (seen on the demo: T = 0.5 made validation confidences
+    # 0.9999+, a threshold of 0.9999 left a third of the test slides indeterminate).
+    # Below the lowest candidate the gap reaches down to chance, 1 / classes.
+    below = thresholds[i - 1] if i > 0 else 1.0 / np.asarray(probabilities).shape[1]
+    threshold = min(0.5 * (below + thresholds[i]), thresholds[i])
     return ThresholdChoice(
-        threshold=float(min(thresholds[i], np.nextafter(1.0, 0.0))),
+        threshold=float(min(threshold, np.nextafter(1.0, 0.0))),
         coverage=float(coverage[i]),
         selective_accuracy=float(accuracy[i]),
         target_met=bool(meets.any()),

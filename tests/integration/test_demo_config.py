@@ -46,7 +46,14 @@ def test_the_shipped_demo_bundle_was_built_from_the_demo_config():
     assert cfg.calibration.enabled, "a rebuilt demo bundle carries temperatures and thresholds chosen on validation"
     assert (manifest.name, manifest.version, manifest.is_demo, manifest.intended_use) == (cfg.name, cfg.version, True, cfg.intended_use)
     assert "synthetic slides only" in manifest.provenance and "no patient data" in manifest.provenance
-    assert manifest.validation["regions_mean_dice"] > 0.8 and manifest.validation["subtype_slide_accuracy"] > 0.8
+    # Figures of the test patients, which no choosing step saw (issue 14): not validation figures.
+    v = manifest.validation
+    assert v["test_patients"] >= 4 and v["test_regions_mean_dice"] > 0.8 and v["test_subtype_slide_accuracy"] > 0.8
+    assert v["test_regions_mean_dice_ci_low"] <= v["test_regions_mean_dice"] <= v["test_regions_mean_dice_ci_high"]
+    classifiers = [h for n in manifest.networks for h in n.heads if h.task != "segmentation"]
+    assert classifiers and all(h.temperature is not None for h in classifiers), "temperatures fitted on validation"
+    assert all(0.0 < h.indeterminate_below < 1.0 for h in classifiers)
+    assert manifest.ood is not None and manifest.ood.validation_slides == v["val_slides"], "an OOD gate fitted on validation"
 
 
 @pytest.mark.slow

@@ -26,8 +26,10 @@ from dciodvfy import assert_valid
 from orthanc_peer import Orthanc, free_port
 from shapely.geometry import shape
 
+from glio_node.bundle import load_manifest
 from glio_node.cli import main
 from glio_node.coding import REGION_CLASSES, display_rgb
+from glio_node.pipeline.calibration import calibrate
 from glio_node.results import NOT_TISSUE
 from glio_node.synthetic.slide import SlideSpec
 from glio_node.synthetic.textures import Signature
@@ -159,11 +161,14 @@ def test_classifier_tiles_are_detections_whose_mean_is_the_slide_call(ours):
     [classifier] = [n for n in ours.summary["stats"]["networks"] if n["name"] != "regions"]
     assert len(detections) == classifier["tiles_inferred"] > 0
     measurements = [d["properties"]["measurements"] for d in detections]
+    heads = {h.task: h for n in load_manifest(DEMO).networks for h in n.heads}
     for task, probabilities in ours.summary["probabilities"].items():
-        meanings = {c.name: c.code_meaning for c in _classes(task)}
-        for name, slide_p in probabilities.items():
-            tile_p = [m[f"{meanings[name]} probability"] for m in measurements]
-            assert np.mean(tile_p) == pytest.approx(slide_p, abs=1e-5)  # slide call = tile mean
+        classes = _classes(task)
+        tile_p = np.array([[m[f"{c.code_meaning} probability"] for c in classes] for m in measurements])
+        # The tiles are the network's own probabilities; the slide call is their mean, calibrated
+        # with the head's temperature (fitted on validation) as the worker calls it.
+        expected = calibrate(tile_p.mean(axis=0), heads[task].temperature or 1.0)
+        assert [probabilities[c.name] for c in classes] == pytest.approx(list(expected), abs=1e-5)
     for d in detections:  # squares on the slide, inside its pixel matrix
         x0, y0, x1, y1 = shape(d["geometry"]).bounds
         assert 0 <= x0 < x1 <= SLIDE.width_px and 0 <= y0 < y1 <= SLIDE.height_px

@@ -84,8 +84,17 @@ def test_an_unreachable_target_keeps_the_most_accurate_threshold_and_says_so():
     p = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45]])
     choice = choose_threshold(p, [1, 0, 0, 1], target_accuracy=0.99, min_coverage=0.5)
     assert not choice.target_met
-    assert choice.threshold == pytest.approx(0.6) and choice.coverage == 0.75 and choice.selective_accuracy == pytest.approx(2 / 3)
+    assert choice.threshold == pytest.approx(0.575) and choice.coverage == 0.75 and choice.selective_accuracy == pytest.approx(2 / 3)
     all_right = choose_threshold(p, [0, 0, 0, 0], target_accuracy=0.9, min_coverage=0.5)
-    assert all_right.target_met and all_right.threshold == pytest.approx(0.55) and all_right.coverage == 1.0
+    assert all_right.target_met and all_right.threshold == pytest.approx(0.525) and all_right.coverage == 1.0
     with pytest.raises(ValueError, match=r"target_accuracy 1\.5 must be in \[0, 1\]"):
         choose_threshold(p, [0, 0, 0, 0], target_accuracy=1.5, min_coverage=0.5)
+
+
+def test_a_model_right_on_every_validation_slide_does_not_abstain_on_a_slightly_less_sure_one():
+    # Sharpened validation confidences (temperature 0.5 on a model right on every slide): the cut
+    # must not sit at the least confident of them, or a test slide at 0.999 would be indeterminate.
+    p = np.array([[0.99995, 0.00005], [0.99998, 0.00002], [0.00003, 0.99997]])
+    choice = choose_threshold(p, [0, 0, 1], target_accuracy=0.9, min_coverage=0.5)
+    assert choice.coverage == 1.0 and choice.target_met
+    assert 0.5 < choice.threshold < 0.99 + 1e-9 and choice.threshold == pytest.approx((0.5 + 0.99995) / 2)
