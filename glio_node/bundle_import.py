@@ -10,8 +10,12 @@ Two ways out:
 
 - a new bundle (``[bundle]`` table in the network file: name, version, intended_use, is_demo);
 - ``into``: a copy of an existing bundle in which the imported network replaces every network
-  that produces one of its tasks (the other networks' files are copied byte for byte); the
-  ``[bundle]`` table may override the copy's name, version, intended use.
+  that produces one of its tasks or has its name (the other networks' files are copied byte for
+  byte); the ``[bundle]`` table may override the copy's name, version, intended use.  An ONNX
+  encoder (``kind = "encoder"``, no heads) replaces the encoder of that name, and the aggregators
+  that read it read the new one (the manifest checks ``embed_dim``; the provenance says they were
+  trained on the old one's embeddings).  An OOD gate on a replaced network is dropped: its
+  reference describes that network's features.
 
 Either way the result is a new bundle version (new UID, format 2) whose provenance says what was
 imported, from which file (its SHA-256), with which source; the licence text is stored as a
@@ -82,7 +86,7 @@ def _network_spec(table: Any, where: str, source: str, licence_name: str) -> Net
     name = table["name"]
     filled = {
         **table,
-        "heads": heads,
+        **({"heads": heads} if "heads" in table or table.get("kind", "tiles") != "encoder" else {}),
         "runtime": "onnx",
         "file": f"{name}.onnx",
         "origin": {"source": source, "licence": f"{name}.LICENCE.txt", "licence_name": licence_name},
@@ -158,15 +162,21 @@ def import_onnx(
         base = verify_bundle(base_dir)
         kept = []
         for n in base.networks:
-            if set(n.tasks) & set(spec.tasks):
+            if set(n.tasks) & set(spec.tasks) or n.name == spec.name:  # an encoder has no task: its name
                 replaced.append(n)
                 continue
             kept.append(n)
-            models[n.name] = base_dir / n.file
+            models[n.name] = [base_dir / w.file for w in n.folds] if n.folds else base_dir / n.file
             if n.origin is not None:
                 licences[n.name] = base_dir / n.origin.licence_file
         if replaced:
             how += f" It replaces network(s) {', '.join(repr(n.name) for n in replaced)} of {base.name} {base.version}."
+        readers = [n.name for n in kept if n.kind == "aggregator" and n.encoder in {r.name for r in replaced}]
+        if readers:
+            # The heads were trained on the replaced encoder's embeddings; only the same encoder
+            # in another runtime (e.g. export-onnx's) keeps them meaningful.
+            how += (f" Aggregator(s) {', '.join(map(repr, readers))} were trained on the replaced encoder's embeddings "
+                    "and read the imported one's: valid only if it is the same encoder (e.g. exported to ONNX).")
         ood = base.ood
         if ood is not None and ood.network in {n.name for n in replaced}:
             ood = None  # the gate's reference describes the replaced network's features

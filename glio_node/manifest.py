@@ -235,6 +235,7 @@ class NetworkSpec:
     encoder: str | None = None  # aggregator: the name of the encoder network whose embeddings it reads
     attention: TensorSpec | None = None  # ONNX aggregators: the graph output carrying the attention (1, bag) or (bag,)
     folds: tuple[WeightsFile, ...] = ()  # aggregator with k >= 2 fold models; then file/sha256 are folds[0]'s
+    features: TensorSpec | None = None  # ONNX tiles networks: an extra graph output (batch, D), the OOD gate's features
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -265,6 +266,11 @@ class NetworkSpec:
             if weights.sha256 is not None and (not isinstance(weights.sha256, str) or not _SHA256.match(weights.sha256)):
                 raise BundleError(f"{where}: sha256 {weights.sha256!r} must be 64 lower-case hexadecimal digits")
         if self.kind != "tiles":
+            if self.features is not None:
+                raise BundleError(
+                    f"{where}: features (an OOD feature output) is for onnx tiles networks; an {self.kind} "
+                    "network's gate reads its embeddings ([ood] features = \"embeddings\"): remove it"
+                )
             self._check_two_stage(where)
             return
         if self.embed_dim is not None or self.encoder is not None or self.output is not None or self.attention is not None:
@@ -304,10 +310,10 @@ class NetworkSpec:
             )
         if self.runtime == "onnx":
             self._check_signature(where)
-        elif self.input is not None or self.layout != "nhwc" or any(h.output is not None for h in self.heads):
+        elif self.input is not None or self.layout != "nhwc" or any(h.output is not None for h in self.heads) or self.features is not None:
             raise BundleError(
-                f"{where}: input, layout and head outputs are declared for onnx networks only; a keras "
-                "network's saved model carries its own signature: remove them"
+                f"{where}: input, layout and head outputs are declared for onnx networks only (and features); a keras "
+                "network's saved model carries its own signature (its [ood] features name a layer): remove them"
             )
 
     def _check_geometry(self, where: str) -> None:
@@ -439,6 +445,15 @@ class NetworkSpec:
                     f"({n} classes, layout {self.layout})"
                 )
             names.append(head.output.name)
+        if self.features is not None:
+            if not isinstance(self.features, TensorSpec) or len(self.features.shape) != 2 or not _same_dims(
+                self.features.shape[:1], ("batch",)
+            ) or not _is_int(self.features.shape[1]):
+                raise BundleError(
+                    f"{where}: features {self.features} must be a graph output of shape [\"batch\", D] with D an "
+                    "integer, e.g. features = { name = \"features\", shape = [\"batch\", 128], dtype = \"float32\" }"
+                )
+            names.append(self.features.name)
         if len(set(names)) != len(names):
             raise BundleError(f"{where}: input and output names repeat: {names}")
 
@@ -450,7 +465,8 @@ class NetworkSpec:
             return (self.input,), (self.output,)
         if self.kind == "aggregator":
             return (self.input,), (self.heads[0].output, self.attention)
-        return (self.input,), tuple(h.output for h in self.heads if h.output is not None)
+        outputs = tuple(h.output for h in self.heads if h.output is not None)
+        return (self.input,), outputs + ((self.features,) if self.features is not None else ())
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -523,6 +539,34 @@ class OodSpec:
             )
         for key in ("slide_threshold", "quantile", "margin", "slide_threshold_low"):
             object.__setattr__(self, key, float(getattr(self, key)))
+
+
+ENCODER_FEATURES = "embeddings"
+"""``[ood] features`` of a gate on an encoder network: its per-tile embeddings are the features."""
+
+
+def _check_ood_source(ood: OodSpec, network: NetworkSpec) -> None:
+    """The [ood] features must be something the named network gives per tile: a keras layer
+    (checked when the model is loaded), an onnx tiles network's declared ``features`` output, or
+    an encoder's embeddings.  An aggregator sees bags, not tiles, and cannot feed a gate."""
+    where = f"[ood] network {network.name!r}"
+    if network.kind == "aggregator":
+        raise BundleError(
+            f"{where} is an aggregator, which sees the slide's bag, not tiles; name its encoder "
+            f"{network.encoder!r} with features = \"{ENCODER_FEATURES}\""
+        )
+    if network.kind == "encoder" and ood.features != ENCODER_FEATURES:
+        raise BundleError(
+            f"{where} is an encoder: its features are its embeddings; write features = \"{ENCODER_FEATURES}\", "
+            f"not {ood.features!r}"
+        )
+    if network.kind == "tiles" and network.runtime == "onnx":
+        declared = network.features.name if network.features is not None else None
+        if declared != ood.features:
+            raise BundleError(
+                f"{where} is an onnx network: [ood] features {ood.features!r} must be its declared features output "
+                f"(network features = {{ name = ..., shape = [\"batch\", D], dtype = ... }}; declared: {declared!r})"
+            )
 
 
 @dataclass(frozen=True)
@@ -615,6 +659,7 @@ class Manifest:
                 )
             if self.ood.file in files:
                 raise BundleError(f"[ood] file {self.ood.file!r} is also a network's file; give it its own name")
+            _check_ood_source(self.ood, next(n for n in self.networks if n.name == self.ood.network))
         encoders = {n.name: n for n in self.networks if n.kind == "encoder"}
         read = set()
         for n in self.networks:

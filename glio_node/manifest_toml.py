@@ -69,7 +69,7 @@ def _parse_created(value: object) -> datetime:
 
 
 _NETWORK_KEYS = ("name", "file", "sha256", "tile_size", "um_per_px", "overlap", "normalization", "heads")
-_NETWORK_KEYS_2 = ("kind", "input", "layout", "origin")  # format 2 only, optional (runtime is required)
+_NETWORK_KEYS_2 = ("kind", "input", "layout", "origin", "features")  # format 2 only, optional (runtime is required)
 _GEOMETRY_KEYS = ("tile_size", "um_per_px", "overlap", "normalization")  # an aggregator has none
 _ENCODER_KEYS = ("embed_dim",)  # required of encoders; "output" optional (onnx)
 _AGGREGATOR_KEYS = ("embed_dim", "encoder")  # required of aggregators; "attention", "folds" optional
@@ -165,6 +165,7 @@ def network_from_toml(
         encoder=n.get("encoder"),
         attention=_tensor_from_toml(n["attention"], f"{where} ({n['name']!r}) attention") if "attention" in n else None,
         folds=tuple(folds),
+        features=_tensor_from_toml(n["features"], f"{where} ({n['name']!r}) features") if "features" in n else None,
     )
 
 
@@ -302,6 +303,8 @@ def _network_to_toml(n: NetworkSpec, fmt: int) -> dict[str, Any]:
         table["output"] = _tensor_to_toml(n.output)
     if n.attention is not None:
         table["attention"] = _tensor_to_toml(n.attention)
+    if n.features is not None:
+        table["features"] = _tensor_to_toml(n.features)
     if n.origin is not None:
         table["origin"] = {
             "source": n.origin.source,

@@ -8,7 +8,8 @@ bundle models/glio-demo is ``train --config training/configs/glio-demo.toml``.  
 (``export-onnx --model M.keras --out M.onnx``: one Keras model, e.g. an encoder).  ``encoder``
 trains our own small tile encoder (and the mean-of-tiles baseline); ``train-mil`` trains ABMIL
 heads on an encoder's cached embeddings (training/mil_run.py, docs/training.md "Attention-MIL").
-``fit-ood --bundle B --config C`` adds an out-of-distribution gate to B from C's split (training/ood.py).
+``fit-ood --bundle B --config C`` adds an out-of-distribution gate to B from C's split (training/ood.py);
+``fit-ood --bundle B --mil-run RUN --dataset D`` adds one on a two-stage bundle's encoder from the run's split.
 """
 
 from __future__ import annotations
@@ -119,15 +120,28 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _fit_ood(args: argparse.Namespace) -> int:
-    from training.ood import add_to_bundle
+    from training.ood import add_to_bundle, add_to_mil_bundle
 
-    manifest, report = add_to_bundle(args.bundle, args.config)
+    if (args.config is None) == (args.mil_run is None) or (args.mil_run is not None) != (args.dataset is not None):
+        print("error: give --config (a bundle trained by `train`) or --mil-run and --dataset (a two-stage bundle "
+              "written by `train-mil`)", file=sys.stderr)
+        return 2
+    try:
+        if args.mil_run is not None:
+            manifest, report = add_to_mil_bundle(args.bundle, args.mil_run, args.dataset, args.cache)
+        else:
+            manifest, report = add_to_bundle(args.bundle, args.config)
+    except ValueError as exc:  # no encoder, another run's encoder, a missing metrics.json
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(
         f"fitted the OOD gate of {manifest.name} {manifest.version} on network {manifest.ood.network!r} "
         f"({report['components']} of {report['dimensions']} components): in distribution from "
         f"{manifest.ood.slide_threshold_low:.3f} to {manifest.ood.slide_threshold:.3f} "
         f"({report['rule']}; {manifest.ood.validation_slides} validation slides; test patients unused)"
     )
+    print(f"reference slides (training): {', '.join(report['reference_slides'])}")
+    print(f"threshold slides (validation): {', '.join(report['threshold_slides'])}")
     return 0
 
 
@@ -171,7 +185,7 @@ def _train_mil(args: argparse.Namespace) -> int:
     config = MilConfig(bag_size=args.bag_size, epochs=args.epochs, patience=args.patience, seed=args.seed)
     try:
         m = train_mil(args.dataset, args.encoder, tuple(args.task), args.run_dir, _tile_spec(args), args.cache,
-                      _split_config(args), config, args.normalization, verbose=bool(args.verbose))
+                      _split_config(args), config, args.normalization, verbose=bool(args.verbose), ood=not args.no_ood)
     except (ValueError, FileNotFoundError) as exc:  # no such encoder, a slide without a label or tissue, a bad split
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -183,6 +197,12 @@ def _train_mil(args: argparse.Namespace) -> int:
         auc = f", ROC AUC {_with_ci(test['roc_auc'], test['roc_auc_ci'])}" if "roc_auc" in test else ""
         print(f"{task}: ABMIL head (best epoch {t['best_epoch']}) on {test['patients']} test patients: "
               f"accuracy {_with_ci(test['accuracy'], test['ci']['accuracy'])}{auc}")
+    if "ood" in m:
+        g = m["ood"]
+        print(f"OOD gate on the encoder's embeddings: in distribution from {g['slide_threshold_low']:.3f} to "
+              f"{g['slide_threshold']:.3f} ({args.run_dir / 'ood.json'}; test patients unused)")
+        print(f"reference slides (training): {', '.join(g['reference_slides'])}")
+        print(f"threshold slides (validation): {', '.join(g['threshold_slides'])}")
     if args.bundle is not None:
         from training.mil_bundle import write_mil_bundle
 
@@ -265,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     x.set_defaults(func=_export_onnx)
     o = sub.add_parser("fit-ood", help="add an out-of-distribution gate to an existing bundle from its config's training/validation patients")
     o.add_argument("--bundle", type=Path, required=True, help="the bundle folder, rewritten in place, e.g. models/glio-demo")
-    o.add_argument("--config", type=Path, required=True, help="the run config the bundle was trained with")
+    o.add_argument("--config", type=Path, default=None, help="the run config the bundle was trained with (`train` bundles)")
+    o.add_argument("--mil-run", type=Path, default=None,
+                   help="two-stage bundles: the train-mil run folder that trained its heads (its split and tile geometry)")
+    o.add_argument("--dataset", type=Path, default=None, help="with --mil-run: the dataset the run was trained on")
+    o.add_argument("--cache", type=Path, default=None, help="with --mil-run: the embedding cache (default DATASET/.embeddings)")
     o.set_defaults(func=_fit_ood)
     y = sub.add_parser("synthetic", help="write a synthetic dataset in the documented format (tests, examples)")
     y.add_argument("dataset", type=Path)
@@ -296,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--licence", type=Path, default=None, help="an encoder we did not make: its licence text, stored in --bundle")
     m.add_argument("--source", default=None, help="an encoder we did not make: maker, version, how and when obtained")
     m.add_argument("--licence-name", default=None, help="short licence name for outputs (default: the licence's first line)")
+    m.add_argument("--no-ood", action="store_true",
+                   help="fit no out-of-distribution gate (default: one on the encoder's embeddings, thresholds on validation slides)")
     m.add_argument("--bag-size", type=int, default=64)
     m.add_argument("--epochs", type=int, default=40)
     m.add_argument("--patience", type=int, default=8)

@@ -11,11 +11,12 @@ embedding cache was keyed by: the heads were trained on exactly that encoder's e
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from glio_node.bundle import FORMAT, HeadSpec, NetworkOrigin, Manifest, NetworkSpec, TensorSpec, bundle_dir, sha256_file, verify_bundle, write_bundle
+from glio_node.bundle import FORMAT, HeadSpec, NetworkOrigin, Manifest, NetworkSpec, OodSpec, TensorSpec, bundle_dir, sha256_file, verify_bundle, write_bundle
 from glio_node.coding import CLASSES_BY_TASK
 from training.run import INDETERMINATE_BELOW, INTENDED_USE
 
@@ -121,9 +122,26 @@ def write_mil_bundle(
         f"{metrics['sets']['test']['slides']}) from embeddings of encoder {encoder_path.name} "
         f"(SHA-256 {metrics['encoder']['sha256']})" + ("; synthetic slides" if synthetic else "") + "." + provenance_seg
     )
+    ood, reference = _run_gate(Path(run_dir), metrics)
+    if ood is not None:
+        provenance += (f" Out-of-distribution gate on the encoder's embeddings: reference from the "
+                       f"{len(metrics['ood']['reference_slides'])} training slides, thresholds from the "
+                       f"{ood.validation_slides} validation slides (test patients unused).")
     manifest = Manifest(
         name=name, version=version, uid=f"2.25.{uuid.uuid4().int}", intended_use=intended_use, is_demo=is_demo,
         provenance=provenance, created=datetime.now(UTC).replace(microsecond=0), networks=tuple(networks),
-        validation={k: float(v) for k, v in validation.items() if v == v}, format=FORMAT,
+        validation={k: float(v) for k, v in validation.items() if v == v}, format=FORMAT, ood=ood,
     )
-    return write_bundle(out_dir, manifest, models, licences)
+    return write_bundle(out_dir, manifest, models, licences, ood_reference=reference)
+
+
+def _run_gate(run_dir: Path, metrics: dict) -> tuple[OodSpec | None, Path | None]:
+    """The run's encoder gate (``train_mil(ood=True)``'s ood.json and reference), or (None, None)."""
+    if "ood" not in metrics:
+        return None, None
+    reference = run_dir / metrics["ood"]["file"]
+    report = run_dir / "ood.json"
+    if not reference.is_file() or not report.is_file():
+        raise ValueError(f"run {run_dir} lists an OOD gate but {reference.name} or ood.json is missing; rerun train-mil")
+    spec = json.loads(report.read_text())["spec"]
+    return OodSpec(file=reference.name, sha256=None, **spec), reference

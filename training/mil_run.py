@@ -116,12 +116,16 @@ def build_encoder(
 def train_mil(
     dataset: Path, encoder_path: Path, tasks: tuple[str, ...], run_dir: Path, spec: TileSpec,
     cache_dir: Path | None = None, split: SplitConfig = SplitConfig(), config: MilConfig = MilConfig(),
-    normalization: str = "scale_0_1", verbose: bool = False,
+    normalization: str = "scale_0_1", verbose: bool = False, ood: bool = True,
 ) -> dict:
     """Embed every slide (cached), train one ABMIL head per task, score the test patients once.
 
     Writes ``RUN_DIR/<task>.keras`` (the heads), ``RUN_DIR/attention/<slide>.npz`` (each test
     slide's attention over its tiles' grid cells) and ``RUN_DIR/metrics.json``; returns the metrics.
+    ``ood`` (default): also the encoder's out-of-distribution gate, ``RUN_DIR/ood-reference.npz``
+    and ``ood.json`` (training/ood.py ``fit_mil_gate``: reference on the training slides'
+    embeddings, thresholds on the validation slides'; the test slides are not used), which
+    ``write_mil_bundle`` puts in the bundle.
     """
     encoder = Encoder(encoder_path, normalization)  # first: a missing encoder is said before the dataset is read
     records = load_dataset(dataset)
@@ -136,6 +140,15 @@ def train_mil(
                      "synthetic": (Path(dataset) / PARAMETERS_FILE).is_file(), "tile": asdict(spec), "split": asdict(split), "mil": asdict(config), "extraction": asdict(stats),
                      "sets": {k: {"slides": len(v), "patients": len({r.patient_id for r in v})} for k, v in sets.items()},
                      "test_slides": [r.slide_id for r in sets["test"]], "tasks": {}}
+    if ood:
+        from training.mil_bundle import ENCODER_NAME  # noqa: PLC0415
+        from training.ood import fit_mil_gate, save_gate  # noqa: PLC0415
+
+        gate = fit_mil_gate(bags, s.train, s.validation, ENCODER_NAME)
+        save_gate(run_dir, gate)
+        metrics["ood"] = {"file": "ood-reference.npz", "reference_slides": gate.report["reference_slides"],
+                          "threshold_slides": gate.report["threshold_slides"],
+                          "slide_threshold_low": gate.spec.slide_threshold_low, "slide_threshold": gate.spec.slide_threshold}
     for task in tasks:
         def of(name: str):
             rs = sets[name]

@@ -216,12 +216,14 @@ def _run_batch(use: _Use, ood: OodGate | None = None) -> None:
     outputs = use.network.predict(tiles)
     use.model_seconds += time.perf_counter() - t0
     if use.ood_scores is not None and ood is not None:
-        if FEATURES_KEY not in outputs:
+        # An encoder's embeddings are its features; a tile classifier returns them beside its heads.
+        features = outputs.get(FEATURES_KEY, outputs.get(EMBEDDINGS) if use.bag is not None else None)
+        if features is None:
             raise BadInput(
                 f"the bundle's [ood] gate needs features from network {use.network.name!r}, which returned none; "
                 "check the manifest's [ood] features"
             )
-        scores = tile_scores(ood.reference, outputs[FEATURES_KEY])
+        scores = tile_scores(ood.reference, features)
         for i, (req, _) in enumerate(use.pending):
             use.ood_scores[req.row, req.col] = scores[i]
     if use.bag is not None:

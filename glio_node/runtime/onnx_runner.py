@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from glio_node.normalization import normalize
+from glio_node.ood import FEATURES_KEY
 from glio_node.runtime.loading import Found, LoadedNetwork
 from glio_node.errors import BadInput, BundleError
 
@@ -121,6 +122,7 @@ class OnnxNetwork:
 
     loaded: LoadedNetwork
     batch_size: int
+    features: bool = False  # the [ood] gate reads this network: also return its declared features output (FEATURES_KEY)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -133,6 +135,13 @@ class OnnxNetwork:
         self._input = spec.input.name
         self._dtype = np.dtype(spec.input.dtype)
         self._outputs = [h.output.name for h in spec.heads]
+        if self.features:
+            if spec.features is None:
+                raise BundleError(
+                    f"network {spec.name!r}: the [ood] gate reads its features, but it declares no features output; "
+                    "add features = { name, shape, dtype } to the network or re-export it"
+                )
+            self._outputs.append(spec.features.name)
         self._channels_first = spec.layout == "nchw"
 
     def predict(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
@@ -145,6 +154,8 @@ class OnnxNetwork:
             x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         values = self.loaded.model.run(self._outputs, {self._input: x.astype(self._dtype, copy=False)})
         result: dict[str, np.ndarray] = {}
+        if self.features:
+            result[FEATURES_KEY] = np.asarray(values[-1], np.float32).reshape(n, -1)
         for head, value in zip(self.heads, values):
             value = np.asarray(value)
             if head.task == "segmentation":  # the argmax of logits is the argmax of their softmax

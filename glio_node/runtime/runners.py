@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from glio_node.manifest import Manifest
 from glio_node.runtime.loading import LoadedBundle
-from glio_node.errors import BadInput, BundleError
+from glio_node.errors import BadInput
 
 CPU_BATCH_SIZE = 8
 
@@ -60,19 +60,15 @@ def bundle_networks(bundle: LoadedBundle, batch_size: int, precision: str = "flo
 
             networks.append((OnnxEncoder if loaded.spec.runtime == "onnx" else KerasEncoder)(loaded, batch_size))
             continue
+        gated = ood is not None and ood.network == loaded.spec.name
         if loaded.spec.runtime == "onnx":
-            if ood is not None and ood.network == loaded.spec.name:
-                raise BundleError(
-                    f"[ood] network {loaded.spec.name!r} is an onnx network; this glio-node takes OOD features from "
-                    "keras networks only: name a keras network in [ood] or remove the [ood] table"
-                )
             from glio_node.runtime.onnx_runner import OnnxNetwork  # noqa: PLC0415
 
-            networks.append(OnnxNetwork(loaded, batch_size))
+            networks.append(OnnxNetwork(loaded, batch_size, features=gated))
         else:
             from glio_node.runtime.keras_runner import KerasNetwork  # noqa: PLC0415
 
-            features = ood.features if ood is not None and ood.network == loaded.spec.name else None
+            features = ood.features if gated else None
             networks.append(KerasNetwork(loaded, batch_size, precision, features))
     return networks
 

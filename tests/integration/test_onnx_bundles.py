@@ -30,6 +30,7 @@ from dciodvfy import assert_valid
 
 from glio_node import coding
 from glio_node.bundle import load_bundle, load_manifest, verify_bundle
+from glio_node.ood import FEATURES_KEY
 from glio_node.pipeline.analyze import AnalysisOptions, analyze
 from glio_node.runtime.runners import bundle_networks, prepare_device
 from glio_node.runtime.slide_reader import DicomSlide
@@ -92,9 +93,12 @@ def test_the_same_tiles_give_the_same_probabilities_and_labels_in_keras_and_onnx
         assert (k.name, k.tile_size) == (o.name, o.tile_size)
         tiles = _textured_tiles(k.tile_size, k.um_per_px, 8)
         kout, oout = k.predict(tiles), o.predict(tiles)
-        assert set(kout) == set(oout) == {h.task for h in k.heads}
+        # a network the demo's OOD gate reads also returns its features, from both runtimes
+        assert set(kout) == set(oout) == {h.task for h in k.heads} | ({FEATURES_KEY} & set(kout))
         for task in kout:
-            if task == "segmentation":
+            if task == FEATURES_KEY:
+                np.testing.assert_allclose(oout[task], kout[task], rtol=1e-4, atol=1e-5)
+            elif task == "segmentation":
                 same = (kout[task] == oout[task]).mean()
                 assert same >= 0.999, f"{task}: labels agree on {100 * same:.3f} % of pixels"
                 assert len(np.unique(kout[task])) >= 5  # the tiles exercise many classes, not one

@@ -83,3 +83,70 @@ def test_an_empty_licence_is_refused():
     with pytest.raises(BundleError, match=r"the licence file is empty"):
         licence_title("\n  \n")
     assert licence_title("  GNU   GENERAL PUBLIC LICENSE\nVersion 3") == "GNU GENERAL PUBLIC LICENSE"
+
+
+ENCODER_NETWORK = """
+[network]
+name = "encoder"
+kind = "encoder"
+tile_size = 32
+um_per_px = 2.0
+overlap = 0
+normalization = "imagenet"
+embed_dim = 32
+input = { name = "tiles", shape = ["batch", 32, 32, 3], dtype = "float32" }
+output = { name = "embeddings", shape = ["batch", 32], dtype = "float32" }
+"""
+
+
+def _onnx_encoder(embed_dim: int = 32) -> onnx.ModelProto:
+    """(batch, 32, 32, 3) -> the tile's mean colour through a (3, D) matrix: (batch, D)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(3, embed_dim)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("ReduceMean", ["tiles"], ["mean"], axes=[1, 2], keepdims=0),
+         helper.make_node("MatMul", ["mean", "W"], ["embeddings"])],
+        "encoder", [helper.make_tensor_value_info("tiles", TensorProto.FLOAT, ["batch", 32, 32, 3])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", embed_dim])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_an_onnx_encoder_imported_into_a_two_stage_bundle_replaces_its_encoder_and_drops_its_gate(tmp_path):
+    """The lab's ONNX encoder into a bundle of a Keras encoder (gated) and ABMIL heads with folds."""
+    from dataclasses import replace
+
+    import numpy as np
+    import two_stage
+
+    from glio_node.bundle import OodSpec, write_bundle
+    from glio_node.ood import fit_reference, save_reference
+
+    base = tmp_path / "two-stage"
+    two_stage.write_two_stage_bundle(base, fold_models=two_stage.agreeing_folds())
+    save_reference(fit_reference(np.random.default_rng(0).normal(size=(20, 32))), tmp_path / "ref.npz")
+    gated = tmp_path / "gated"
+    m = verify_bundle(base)
+    models = {n.name: [base / w.file for w in n.folds] if n.folds else base / n.file for n in m.networks}
+    write_bundle(gated, replace(m, ood=OodSpec("encoder", "embeddings", "ood-reference.npz", None, 2.0)), models,
+                 ood_reference=tmp_path / "ref.npz")
+    onnx.save(_onnx_encoder(), tmp_path / "enc.onnx")
+    (tmp_path / "LICENSE").write_text("Apache License 2.0\n")
+    (tmp_path / "encoder.toml").write_text(ENCODER_NETWORK)
+
+    written, replaced = import_onnx(tmp_path / "enc.onnx", tmp_path / "LICENSE", "The Lab, encoder v2",
+                                    tmp_path / "encoder.toml", tmp_path / "out", into=gated)
+
+    assert replaced == ["encoder"]
+    encoder = next(n for n in written.networks if n.name == "encoder")
+    assert (encoder.kind, encoder.runtime, encoder.origin.source) == ("encoder", "onnx", "The Lab, encoder v2")
+    heads = {n.name: n for n in written.networks if n.kind == "aggregator"}
+    assert len(heads["egfr-abmil"].folds) == 2 and heads["mgmt-abmil"].encoder == "encoder"
+    assert written.ood is None and "out-of-distribution gate (network 'encoder') was dropped" in written.provenance
+    assert "trained on the replaced encoder's embeddings" in written.provenance
+    load_bundle(tmp_path / "out", "cpu")  # every graph and model loads against its manifest

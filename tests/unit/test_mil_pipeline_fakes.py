@@ -105,3 +105,27 @@ def test_the_bag_is_bounded_and_says_its_size():
     with pytest.raises(ValueError, match=r"bag of 3 tiles overfilled by 1"):
         bag.add(np.array([0, 1]), np.array([2, 3]), np.ones((2, 4), np.float32))
     assert fold_spread(np.array([[0.9, 0.1], [0.3, 0.7]])) == pytest.approx(0.6)
+
+
+def _encoder_gate(slide: FakeSlide, encoder: FakeEncoder, low: float, high: float):
+    """A gate on the encoder whose reference is fitted on this slide's own bag (so it scores ~1)."""
+    from glio_node.ood import OodGate, fit_reference
+
+    expected, _ = _expected_bag(slide, encoder)
+    return OodGate(encoder.name, fit_reference(np.stack(list(expected.values()))), high, low)
+
+
+@pytest.mark.parametrize("low, high, withheld", [(0.1, 10.0, False), (5.0, 10.0, True)], ids=["inside", "outside"])
+def test_a_gate_on_the_encoder_scores_its_embeddings_and_withholds_the_mil_calls(slide, low, high, withheld):
+    encoder = FakeEncoder(tile_size=16)
+    gate = _encoder_gate(slide, encoder, low, high)
+    result, _, _ = analyze(slide, (FakeSegmenter(), encoder), FAKE_ALGORITHM, NO_QC, ood=gate,
+                           aggregators=(FakeAggregator(indeterminate_below=0.0),))
+    (call,) = result.calls
+    scores = result.ood.tile_scores.array
+    assert result.ood.network == encoder.name and scores.shape == result.attention_maps[0].weights.array.shape
+    # every tile in the bag, and only those, has a score: the embeddings are the features
+    np.testing.assert_array_equal(~np.isnan(scores), ~np.isnan(result.attention_maps[0].weights.array))
+    assert 0.3 < result.ood.slide_score < 2.0  # the reference is this slide's own tiles
+    assert result.ood.out_of_distribution is withheld
+    assert (call.call is None) is withheld and call.out_of_distribution is withheld
