@@ -9,6 +9,8 @@ bundle models/glio-demo is ``train --config training/configs/glio-demo.toml``.  
 trains our own small tile encoder (and the mean-of-tiles baseline); ``train-mil`` trains ABMIL
 heads on an encoder's cached embeddings (training/mil_run.py, docs/training.md "Attention-MIL").
 ``fit-ood --bundle B --config C`` adds an out-of-distribution gate to B from C's split (training/ood.py).
+``site-shift --config C`` trains on the source stain and tests on a drawn new site's, per
+normalisation, gate off and on (training/site_shift.py, docs/training.md "Site shift").
 """
 
 from __future__ import annotations
@@ -128,6 +130,15 @@ def _fit_ood(args: argparse.Namespace) -> int:
         f"{manifest.ood.slide_threshold_low:.3f} to {manifest.ood.slide_threshold:.3f} "
         f"({report['rule']}; {manifest.ood.validation_slides} validation slides; test patients unused)"
     )
+    return 0
+
+
+def _site_shift(args: argparse.Namespace) -> int:
+    from training.site_shift import site_shift
+
+    result = site_shift(args.config, verbose=args.verbose or 0)
+    print(f"wrote {result['run_dir']}/site-shift.md and site-shift.json ({result['sets']['test']['patients']} test patients, "
+          f"{len(result['arms'])} arm(s), {result['timing']['total_s']:.0f} s)")
     return 0
 
 
@@ -267,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--bundle", type=Path, required=True, help="the bundle folder, rewritten in place, e.g. models/glio-demo")
     o.add_argument("--config", type=Path, required=True, help="the run config the bundle was trained with")
     o.set_defaults(func=_fit_ood)
+    ss = sub.add_parser("site-shift", help="train per normalisation on the source stain, test on a drawn new site's stain, OOD gate off and on")
+    ss.add_argument("--config", type=Path, required=True, help="a run config with a [site_shift] table, e.g. training/configs/site-shift.toml")
+    ss.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras output while training (default 0)")
+    ss.set_defaults(func=_site_shift)
     y = sub.add_parser("synthetic", help="write a synthetic dataset in the documented format (tests, examples)")
     y.add_argument("dataset", type=Path)
     y.add_argument("--patients", type=int, default=32)
