@@ -90,7 +90,7 @@ def test_site_shift_trains_on_the_source_stain_and_reports_every_arm_gate_off_an
     # Only the test patients' tiles carry the drawn stain: checked against the tiles read afresh.
     stains = json.loads((run_dir / "stain-shift.json").read_text())
     drawn = draw_shift(StainShift(seed=0, rotation_deg=20.0, intensity=(0.6, 1.6)))
-    assert stains["od_matrix"] == pytest.approx(drawn.matrix.round(6).tolist())
+    assert np.allclose(stains["od_matrix"], drawn.matrix, atol=1e-6)
     assert all(10.0 <= r <= 20.0 for r in stains["rotations_deg"])
     for slide_id, seen in stains["slides"].items():
         source = _source_tiles(tmp_path, slide_id)
@@ -134,7 +134,7 @@ def test_site_shift_trains_on_the_source_stain_and_reports_every_arm_gate_off_an
     # choices would move with them.  They do not (the same seed trains the same network).
     other = _run(tmp_path, "other-site.toml", ["scale_0_1"], stain_seed=7)
     again = json.loads((other / "site-shift.json").read_text())["arms"]["scale_0_1"]
-    assert json.loads((other / "stain-shift.json").read_text())["od_matrix"] != stains["od_matrix"]
+    assert not np.allclose(json.loads((other / "stain-shift.json").read_text())["od_matrix"], stains["od_matrix"], atol=0.05)
     first = result["arms"]["scale_0_1"]
     assert _flat(again["calibration"]) == pytest.approx(_flat(first["calibration"])) and again["ood"] == pytest.approx(first["ood"])
     assert again["test"]["source"]["gate"]["scores"] == pytest.approx(first["test"]["source"]["gate"]["scores"])
