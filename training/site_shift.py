@@ -33,7 +33,6 @@ import numpy as np
 
 from glio_node.pipeline.calibration import calibrate
 from training.bootstrap import bootstrap
-from training.dataset import LABEL_VALUES
 from training.errors import ConfigError
 from training.metrics import balanced_accuracy, confusion_matrix, one_vs_rest_auc
 from training.run import (
