@@ -10,6 +10,8 @@ trains our own small tile encoder (and the mean-of-tiles baseline); ``train-mil`
 heads on an encoder's cached embeddings (training/mil_run.py, docs/training.md "Attention-MIL").
 ``fit-ood --bundle B --config C`` adds an out-of-distribution gate to B from C's split (training/ood.py);
 ``fit-ood --bundle B --mil-run RUN --dataset D`` adds one on a two-stage bundle's encoder from the run's split.
+``site-shift --config C`` trains on the source stain and tests on a drawn new site's, per
+normalisation, gate off and on (training/site_shift.py, docs/training.md "Site shift").
 """
 
 from __future__ import annotations
@@ -142,6 +144,15 @@ def _fit_ood(args: argparse.Namespace) -> int:
     )
     print(f"reference slides (training): {', '.join(report['reference_slides'])}")
     print(f"threshold slides (validation): {', '.join(report['threshold_slides'])}")
+    return 0
+
+
+def _site_shift(args: argparse.Namespace) -> int:
+    from training.site_shift import site_shift
+
+    result = site_shift(args.config, verbose=args.verbose or 0)
+    print(f"wrote {result['run_dir']}/site-shift.md and site-shift.json ({result['sets']['test']['patients']} test patients, "
+          f"{len(result['arms'])} arm(s), {result['timing']['total_s']:.0f} s)")
     return 0
 
 
@@ -291,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--dataset", type=Path, default=None, help="with --mil-run: the dataset the run was trained on")
     o.add_argument("--cache", type=Path, default=None, help="with --mil-run: the embedding cache (default DATASET/.embeddings)")
     o.set_defaults(func=_fit_ood)
+    ss = sub.add_parser("site-shift", help="train per normalisation on the source stain, test on a drawn new site's stain, OOD gate off and on")
+    ss.add_argument("--config", type=Path, required=True, help="a run config with a [site_shift] table, e.g. training/configs/site-shift.toml")
+    ss.add_argument("--verbose", type=int, choices=[0, 1, 2], default=None, help="Keras output while training (default 0)")
+    ss.set_defaults(func=_site_shift)
     y = sub.add_parser("synthetic", help="write a synthetic dataset in the documented format (tests, examples)")
     y.add_argument("dataset", type=Path)
     y.add_argument("--patients", type=int, default=32)

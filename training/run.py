@@ -366,13 +366,15 @@ def _start_run(config_path: Path, kind: str = "") -> tuple[RunConfig, Path, str,
     return cfg, run_dir, commit, load_dataset(cfg.dataset)
 
 
-def _load_tiles(cfg: RunConfig, records) -> _Tiles:
+def _load_tiles(cfg: RunConfig, records, segmentation: bool = True) -> _Tiles:
+    """Every slide's shards; ``segmentation=False``: the classifier's only (the site-shift
+    experiment trains no UNet), and score_set then reports no regions."""
     cache = cfg.dataset / ".tiles"
     seg, cl = cfg.segmentation, cfg.classifier
     seg_spec = TileSpec(seg.um_per_px, seg.tile_size, seg.min_tissue)
     cl_spec = TileSpec(cl.um_per_px, cl.tile_size, cl.min_tissue)
     return _Tiles(
-        segmentation={r.slide_id: load_or_extract(r, seg_spec, cfg.dataset, cache) for r in records if r.mask_path},
+        segmentation={r.slide_id: load_or_extract(r, seg_spec, cfg.dataset, cache) for r in records if r.mask_path} if segmentation else {},
         classifier={r.slide_id: _subsample(load_or_extract(r, cl_spec, cfg.dataset, cache), cl.max_tiles_per_slide, cfg.seed) for r in records},
     )
 
@@ -449,7 +451,7 @@ def train_split(cfg: RunConfig, records, split: Split, tiles: _Tiles, run_dir: P
     set's final confusion matrices go to ``run_dir``."""
     import keras
 
-    from glio_node.runtime.networks import build_classifier, build_unet
+    from glio_node.runtime.networks import build_unet
 
     by_id = {r.slide_id: r for r in records}
     aug = Augmentation(**cfg.augmentation)
@@ -476,8 +478,32 @@ def train_split(cfg: RunConfig, records, split: Split, tiles: _Tiles, run_dir: P
     )
 
     # --- molecular (multi-head classifier) ---
+    clf = train_classifier(cfg, split, tiles.classifier, by_id, run_dir, verbose)
+    validation = score_set(cfg, unet, clf, split.validation, tiles, by_id)
+    chosen = choose_calibration(cfg.calibration, validation)  # validation only: the test set is not scored yet
+    test = score_set(cfg, unet, clf, split.test, tiles, by_id)
+    metrics = {
+        "sets": _set_sizes(split, by_id),
+        "validation": validation,
+        "test": test,
+        "calibration": calibration_report(cfg.calibration, chosen, validation, test),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    _write_confusion_csvs(run_dir, metrics["test"])
+    _write_calibration_plots(run_dir, metrics["calibration"])
+    return FoldResult(metrics, unet, clf)
+
+
+def train_classifier(cfg: RunConfig, split: Split, cl_shards: dict[str, Shard], by_id, run_dir: Path, verbose: int):
+    """The multi-head molecular classifier trained on ``split.train``'s tiles, early stopping,
+    checkpoint and learning-rate schedule watching ``split.validation``'s (``cfg.normalization``
+    applied to both).  Per-epoch CSV, plots and the best checkpoint go to ``run_dir``.  Only the
+    train and validation slides' shards are read: ``cl_shards`` may lack the test slides."""
+    import keras
+
+    from glio_node.runtime.networks import build_classifier
+
     cl = cfg.classifier
-    cl_shards = tiles.classifier
 
     def targets(ids):
         out = {}
@@ -516,19 +542,7 @@ def train_split(cfg: RunConfig, records, split: Split, tiles: _Tiles, run_dir: P
         clf = build_classifier(cl.tile_size, heads, base_filters=cl.base_filters, blocks=cl.depth, name="molecular", bn_momentum=cl.bn_momentum)
         clf.compile(optimizer=keras.optimizers.Adam(cl.learning_rate), loss=losses)
         clf.fit(**fit, epochs=cl.epochs, callbacks=callbacks)
-    validation = score_set(cfg, unet, clf, split.validation, tiles, by_id)
-    chosen = choose_calibration(cfg.calibration, validation)  # validation only: the test set is not scored yet
-    test = score_set(cfg, unet, clf, split.test, tiles, by_id)
-    metrics = {
-        "sets": _set_sizes(split, by_id),
-        "validation": validation,
-        "test": test,
-        "calibration": calibration_report(cfg.calibration, chosen, validation, test),
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    _write_confusion_csvs(run_dir, metrics["test"])
-    _write_calibration_plots(run_dir, metrics["calibration"])
-    return FoldResult(metrics, unet, clf)
+    return clf
 
 
 def _set_sizes(split: Split, by_id) -> dict:
