@@ -61,8 +61,10 @@ def test_a_format_2_manifest_names_each_networks_runtime_and_signature(onnx_bund
     assert manifest == verify_bundle(onnx_bundle)
 
 
-def test_format_1_bundles_still_load_as_keras_networks():
-    manifest = load_manifest(ROOT / "models" / "glio-demo")
+def test_format_1_bundles_still_load_as_keras_networks(tmp_path):
+    from format_1 import format_1_copy
+
+    manifest = load_manifest(format_1_copy(ROOT / "models" / "glio-demo", tmp_path / "v1"))
     assert manifest.format == 1
     assert {(n.runtime, n.kind, n.input) for n in manifest.networks} == {("keras", "tiles", None)}
 

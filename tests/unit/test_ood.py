@@ -116,10 +116,11 @@ def test_the_manifests_ood_table_is_checked_on_construction():
 
     from glio_node.bundle import BundleError, OodSpec, load_manifest
 
-    demo = load_manifest(Path(__file__).resolve().parents[2] / "models" / "glio-demo")
+    shipped = load_manifest(Path(__file__).resolve().parents[2] / "models" / "glio-demo")
+    demo = replace(shipped, ood=None)
     spec = OodSpec("molecular", "features", "ood-reference.npz", None, slide_threshold=2.0, slide_threshold_low=0.8)
     with pytest.raises(BundleError, match=r"\[ood\] needs manifest format 2"):
-        replace(demo, ood=spec)  # the shipped demo manifest is format 1
+        replace(demo, format=1, networks=tuple(replace(n, heads=tuple(replace(h, temperature=None) for h in n.heads)) for n in demo.networks), ood=spec)
     with pytest.raises(BundleError, match=r"\[ood\] network 'encoder' is not a network of the bundle \(regions, molecular\)"):
         replace(demo, format=2, ood=replace(spec, network="encoder"))
     with pytest.raises(BundleError, match=r"\[ood\] file 'ood.pkl' must be a plain file name inside the bundle ending in .npz"):
