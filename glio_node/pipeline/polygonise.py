@@ -70,19 +70,37 @@ def polygonise_labels(
 class _LabelEdges:
     """Every unit edge between two different labels, with the label on each side."""
 
-    def __init__(self, label_map: np.ndarray, background: int):
+    def __init__(self, label_map: np.ndarray, background: int, band_px: int = 1 << 20):
         rows, cols = label_map.shape
         self.shape = (rows, cols)
-        padded = np.full((rows + 2, cols + 2), background, dtype=label_map.dtype)
-        padded[1:-1, 1:-1] = label_map
-        # Vertical edge (i, j): x = j, y in [i, i+1], between pixel (i, j-1) and (i, j).
-        left, right = padded[1:-1, :-1], padded[1:-1, 1:]
-        self.v_i, self.v_j = np.nonzero(left != right)
-        self.v_a, self.v_b = left[self.v_i, self.v_j], right[self.v_i, self.v_j]
-        # Horizontal edge (i, j): y = i, x in [j, j+1], between pixel (i-1, j) and (i, j).
-        up, down = padded[:-1, 1:-1], padded[1:, 1:-1]
-        self.h_i, self.h_j = np.nonzero(up != down)
-        self.h_a, self.h_b = up[self.h_i, self.h_j], down[self.h_i, self.h_j]
+        # Worked in bands of rows (about ``band_px`` pixels each) through one padded buffer, so
+        # the temporaries are band-sized: a padded copy of the map and a comparison of it with
+        # itself would be 2 B per label-map pixel.  Edges come out in the same (row-major) order.
+        band = max(1, band_px // (cols + 2))
+        buffer = np.full((band + 2, cols + 2), background, dtype=label_map.dtype)
+        vertical: list[tuple[np.ndarray, ...]] = []  # (i, j, label left, label right) per band
+        horizontal: list[tuple[np.ndarray, ...]] = []  # (i, j, label above, label below) per band
+        for r0 in range(0, max(rows, 1), band):  # an empty map still gets one (empty) band
+            r1 = min(rows, r0 + band)
+            last = r1 == rows
+            # buffer rows: label-map rows r0 - 1 .. r1 - 1 (background above row 0), and one row
+            # of background below the last band for the edges under the map's last row.
+            n = r1 - r0 + 1 + last
+            padded = buffer[:n]
+            padded[:] = background
+            if r0 > 0:
+                padded[0, 1:-1] = label_map[r0 - 1]
+            padded[1 : r1 - r0 + 1, 1:-1] = label_map[r0:r1]
+            # Vertical edge (i, j): x = j, y in [i, i+1], between pixel (i, j-1) and (i, j).
+            left, right = padded[1 : r1 - r0 + 1, :-1], padded[1 : r1 - r0 + 1, 1:]
+            i, j = np.nonzero(left != right)
+            vertical.append((i + r0, j, left[i, j], right[i, j]))
+            # Horizontal edge (i, j): y = i, x in [j, j+1], between pixel (i-1, j) and (i, j).
+            up, down = padded[:-1, 1:-1], padded[1:, 1:-1]
+            i, j = np.nonzero(up != down)
+            horizontal.append((i + r0, j, up[i, j], down[i, j]))
+        self.v_i, self.v_j, self.v_a, self.v_b = (np.concatenate(parts) for parts in zip(*vertical))
+        self.h_i, self.h_j, self.h_a, self.h_b = (np.concatenate(parts) for parts in zip(*horizontal))
 
     def polygons(
         self,

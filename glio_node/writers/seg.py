@@ -33,7 +33,9 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -89,68 +91,120 @@ def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> lis
     series_uid = common.derived_uid(source, algorithm, "seg", "series")
     pyramid_uid = common.derived_uid(source, algorithm, "seg", "pyramid")
     content_date, content_time = common.content_date_time()
-    levels = pyramid_levels(label_map, n_classes, max(source.tile_size))
+    tile = max(source.tile_size)
     written = []
-    for level, level_map in enumerate(levels):
-        spacing = result.label_map.mm_per_px * 2**level
-        segment_array = level_map + np.uint8(1)  # class i -> segment i + 1; NOT_TISSUE (255) wraps to 0
-        sop_uid = common.derived_uid(source, algorithm, "seg", "instance", level)
-        seg = hd.seg.Segmentation(
-            source_images=[source.primary],
-            further_source_images=source.further or None,
-            pixel_array=segment_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=series_uid,
-            series_number=common.SEG_SERIES_NUMBER,
-            sop_instance_uid=sop_uid,
-            instance_number=level + 1,
-            manufacturer=common.MANUFACTURER,
-            manufacturer_model_name=algorithm.name,
-            software_versions=common.software_versions(algorithm),
-            device_serial_number=common.device_serial_number(algorithm),
-            content_description=common.content_description(algorithm),
-            content_creator_name=common.content_creator_name(algorithm),
-            content_label=common.content_label("GLIO_REGIONS"),
-            pixel_measures=hd.PixelMeasuresSequence(
-                pixel_spacing=(spacing, spacing),
-                slice_thickness=source.slice_thickness_mm,
-            ),
-            plane_orientation=source.plane_orientation(),
-            plane_positions=[source.plane_position()],
-            omit_empty_frames=True,
-            dimension_organization_type=hd.DimensionOrganizationTypeValues.TILED_SPARSE,
-            tile_pixel_array=True,
-            tile_size=source.tile_size,
-            pyramid_uid=pyramid_uid,
-            pyramid_label=f"{algorithm.name} regions"[:64],
-            series_description=common.series_description("region classes", "SEG", algorithm),
-            coding_schemes=common.coding_schemes(),
-            contributing_equipment=common.contributing_equipment(algorithm),
-            content_date=content_date,
-            content_time=content_time,
-            series_date=content_date,
-            series_time=content_time,
-        )
-        # Patient Orientation (Type 2C, PS3.3 C.7.6.1) is not required of an image oriented on a
-        # slide, but "may be present otherwise"; dicom3tools (2022) applies that exception to
-        # VL WSI only and reports its absence from a slide SEG as an error.  highdicom has no
-        # parameter for it, so it is added here, empty (unknown), to keep dciodvfy at zero errors.
-        seg.PatientOrientation = ""
-        path = out_dir / f"seg-level{level}-{sop_uid}.dcm"
-        seg.save_as(path, enforce_file_format=True)
-        written.append((
-            WrittenObject(
-                path=path,
-                kind="seg",
-                sop_class_uid=str(seg.SOPClassUID),
-                sop_instance_uid=str(sop_uid),
-                series_instance_uid=str(series_uid),
+    # Level 0 is written from the label map itself, then the coarse levels (a third of its
+    # size) are computed: the two never coexist with an encoded level's frames.
+    levels = contextlib.closing(_levels_as_segment_numbers(label_map, n_classes, tile))
+    with levels as level_maps:  # closing restores the label map at once should a level fail
+        for level, level_map in enumerate(level_maps):
+            spacing = result.label_map.mm_per_px * 2**level
+            sop_uid = common.derived_uid(source, algorithm, "seg", "instance", level)
+            seg = hd.seg.Segmentation(
+                source_images=[source.primary],
+                further_source_images=source.further or None,
+                pixel_array=level_map,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=series_uid,
                 series_number=common.SEG_SERIES_NUMBER,
-            ),
-            seg,
-        ))
+                sop_instance_uid=sop_uid,
+                instance_number=level + 1,
+                manufacturer=common.MANUFACTURER,
+                manufacturer_model_name=algorithm.name,
+                software_versions=common.software_versions(algorithm),
+                device_serial_number=common.device_serial_number(algorithm),
+                content_description=common.content_description(algorithm),
+                content_creator_name=common.content_creator_name(algorithm),
+                content_label=common.content_label("GLIO_REGIONS"),
+                pixel_measures=hd.PixelMeasuresSequence(
+                    pixel_spacing=(spacing, spacing),
+                    slice_thickness=source.slice_thickness_mm,
+                ),
+                plane_orientation=source.plane_orientation(),
+                plane_positions=[source.plane_position()],
+                omit_empty_frames=True,
+                dimension_organization_type=hd.DimensionOrganizationTypeValues.TILED_SPARSE,
+                tile_pixel_array=True,
+                tile_size=source.tile_size,
+                pyramid_uid=pyramid_uid,
+                pyramid_label=f"{algorithm.name} regions"[:64],
+                series_description=common.series_description("region classes", "SEG", algorithm),
+                coding_schemes=common.coding_schemes(),
+                contributing_equipment=common.contributing_equipment(algorithm),
+                content_date=content_date,
+                content_time=content_time,
+                series_date=content_date,
+                series_time=content_time,
+            )
+            # Patient Orientation (Type 2C, PS3.3 C.7.6.1) is not required of an image oriented on a
+            # slide, but "may be present otherwise"; dicom3tools (2022) applies that exception to
+            # VL WSI only and reports its absence from a slide SEG as an error.  highdicom has no
+            # parameter for it, so it is added here, empty (unknown), to keep dciodvfy at zero errors.
+            seg.PatientOrientation = ""
+            path = out_dir / f"seg-level{level}-{sop_uid}.dcm"
+            seg.save_as(path, enforce_file_format=True)
+            # What the SR needs of a level is its header (UIDs, segments); its Pixel Data, the
+            # encoded frames, is on disk now and would otherwise stay in memory until the SR is
+            # written.  The header is a new Dataset sharing the elements, so the written SEG
+            # itself is not changed.
+            seg = _without_pixel_data(seg)
+            written.append((
+                WrittenObject(
+                    path=path,
+                    kind="seg",
+                    sop_class_uid=str(seg.SOPClassUID),
+                    sop_instance_uid=str(sop_uid),
+                    series_instance_uid=str(series_uid),
+                    series_number=common.SEG_SERIES_NUMBER,
+                ),
+                seg,
+            ))
     return written
+
+
+def _levels_as_segment_numbers(label_map: np.ndarray, n_classes: int, tile: int) -> Iterator[np.ndarray]:
+    """Each pyramid level with segment numbers for pixels (class i -> i + 1, ``NOT_TISSUE`` -> 0),
+    as highdicom takes a BINARY label-map-style array.
+
+    Level 0 is ``label_map`` itself, renumbered in place for as long as the caller works on it
+    and restored (exactly: uint8 arithmetic wraps 255 + 1 to 0 and back) when the caller asks for
+    the next level, or on an error or early exit: a renumbered copy would be one byte per
+    label-map pixel, the largest temporary of the SEG.  A read-only label map is copied instead.
+    The coarse levels are computed from the restored level 0 after it has been encoded, and
+    renumbered in place (they are this function's own arrays).
+    """
+    if label_map.flags.writeable:
+        _shift_in_bands(label_map, 1)
+        try:
+            yield label_map
+        finally:
+            _shift_in_bands(label_map, -1)
+    else:
+        yield label_map + np.uint8(1)
+    for level_map in pyramid_levels(label_map, n_classes, tile)[1:]:
+        _shift_in_bands(level_map, 1)
+        yield level_map
+
+
+def _shift_in_bands(a: np.ndarray, delta: int) -> None:
+    """``a += delta`` (uint8, wrapping) in place, a megapixel of rows at a time (``+=`` on the
+    whole array would make no copy either, but a band keeps the working set cache-sized)."""
+    band = max(1, (1 << 20) // max(1, a.shape[1]))
+    step = np.uint8(delta % 256)
+    for r0 in range(0, a.shape[0], band):
+        view = a[r0 : r0 + band]
+        np.add(view, step, out=view)
+
+
+def _without_pixel_data(seg: Dataset) -> Dataset:
+    """A header of ``seg``: every element but Pixel Data (shared, not copied), and its file meta."""
+    header = Dataset()
+    for element in seg:
+        if element.keyword != "PixelData":
+            header.add(element)
+    header.file_meta = seg.file_meta
+    return header
 
 
 def check_raster_geometry(source: SourceSlide, raster: Raster, what: str) -> None:

@@ -78,7 +78,8 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def make_source(
-    *, frame_of_reference: bool = True, container: bool = True, seed: str = "slide-1"
+    *, frame_of_reference: bool = True, container: bool = True, seed: str = "slide-1",
+    rows: int = ROWS, cols: int = COLS, tile: int = TILE,
 ) -> Dataset:
     """A minimal VL WSI level (metadata only): the attributes the writers read, as a scanner writes."""
     uid = lambda name: generate_uid(prefix=None, entropy_srcs=["test-writers", seed, name])  # noqa: E731
@@ -94,9 +95,9 @@ def make_source(
     ds.ReferringPhysicianName = ""
     ds.Manufacturer = "test scanner"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
-    ds.Rows = ds.Columns = TILE
-    ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = ROWS, COLS
-    ds.NumberOfFrames = math.ceil(ROWS / TILE) * math.ceil(COLS / TILE)
+    ds.Rows = ds.Columns = tile
+    ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = rows, cols
+    ds.NumberOfFrames = math.ceil(rows / tile) * math.ceil(cols / tile)
     ds.TotalPixelMatrixFocalPlanes = ds.NumberOfOpticalPaths = 1
     ds.DimensionOrganizationType = "TILED_FULL"
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
@@ -272,6 +273,43 @@ def test_seg_pyramid_halves_down_to_one_tile(written):
     r, c = rows // 2 // 2, cols // 2 // 2
     assert (level1[r - 3 : r + 3, c - 3 : c + 3] == 2).all()  # segment 2 = class 1
     assert level1[0, 0] == 0  # single corner pixels lose the vote to glass
+
+
+def test_seg_writer_peak_memory_is_a_fraction_of_the_label_map(written, tmp_path):
+    """A whole slide's label map is gigabytes: the SEG writer may hold no slide-sized copy of it.
+
+    A 4096 x 4096 label map (half glass, four classes in 64-px blobs, as a real map is patchy)
+    on a source of 256-px frames: the peak that Python and numpy allocate while writing the
+    pyramid stays under 1.6 B per label-map pixel (the encoded BINARY frames of level 0 and
+    highdicom's joining them into Pixel Data are about 1 B/px of it). A renumbered copy of the
+    label map alone would add 1 B/px (the writer before this test peaked at 2.5 B/px). The label
+    map is given back unchanged: the writer renumbers it in place while encoding level 0.
+    """
+    import dataclasses
+    import tracemalloc
+
+    from glio_node.writers.common import prepare_source
+    from glio_node.writers.seg import write_seg
+
+    n, tile = 4096, 256
+    source = prepare_source([make_source(rows=2 * n, cols=2 * n, tile=tile)])
+    rng = np.random.default_rng(0)
+    blobs = rng.integers(0, 8, size=(n // 64, n // 64)).astype(np.uint8)
+    blobs[blobs >= len(REGIONS)] = NOT_TISSUE
+    label = np.repeat(np.repeat(blobs, 64, axis=0), 64, axis=1)
+    before = label.copy()
+    result = dataclasses.replace(written[1], label_map=Raster(label, 2 * SPACING))
+    tracemalloc.start()  # after `written`, which loaded highdicom's lazily read tables
+    try:
+        levels = write_seg(source, result, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / label.size <= 1.6, f"peak {peak / label.size:.2f} B per label-map pixel"
+    assert np.array_equal(label, before)
+    level0 = hd.seg.segread(levels[0][0].path).get_total_pixel_matrix(combine_segments=True)
+    assert np.array_equal(level0, (label + np.uint8(1)))  # class i -> segment i + 1, glass -> 0
+    assert all("PixelData" not in header for _, header in levels)  # on disk, not held for the SR
 
 
 # --- heatmaps --------------------------------------------------------------------------------
