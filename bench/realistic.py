@@ -56,6 +56,7 @@ def realistic_manifest(demo_manifest):
         created=datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc),
         networks=tuple(networks),
         validation={},
+        ood=None,  # the demo's gate describes the demo's features; random weights have none to compare
     )
 
 

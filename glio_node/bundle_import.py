@@ -95,8 +95,10 @@ def _network_spec(table: Any, where: str, source: str, licence_name: str) -> Net
 
 
 def _validation_without(validation: dict[str, float], replaced: list[NetworkSpec]) -> dict[str, float]:
-    """Held-out figures of the networks that stay: those named after a replaced network or task go."""
-    prefixes = tuple(f"{p}_" for n in replaced for p in (n.name, *n.tasks))
+    """Held-out figures of the networks that stay: those named after a replaced network or task go,
+    whichever set they were measured on (``test_``/``val_`` keys of three-way-split bundles, and the
+    unprefixed keys of older ones): the SR must never quote a replaced network's figures."""
+    prefixes = tuple(f"{s}{p}_" for n in replaced for p in (n.name, *n.tasks) for s in ("", "test_", "val_"))
     return {k: v for k, v in validation.items() if not k.startswith(prefixes)}
 
 

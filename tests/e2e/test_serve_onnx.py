@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from node_process import BUNDLE, assert_results_in_orthanc, wait_for
 
+from glio_node.bundle import load_manifest
 from glio_node.store.models import JobState
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,4 +47,4 @@ def test_a_slide_analysed_by_onnx_networks_comes_back_to_orthanc(orthanc, make_n
     [job] = node.jobs()
     assert job.state == JobState.DONE and job.bundle_name == "glio-demo-onnx"
     assert node.stop() == 0
-    assert "bundle glio-demo-onnx 0.2.0" in node.log()
+    assert f"bundle glio-demo-onnx {load_manifest(BUNDLE).version}" in node.log()

@@ -27,6 +27,7 @@ from pydicom.uid import ParametricMapStorage
 
 import two_stage
 from dciodvfy import assert_valid
+from sr_content import content_items
 
 from glio_node import coding
 from glio_node.bundle import TensorSpec, load_manifest, write_bundle
@@ -46,17 +47,10 @@ def _analyze(bundle: Path, slide, out: Path) -> dict:
     return json.loads(done.stdout)
 
 
-def _content_items(item, found=None):
-    found = [] if found is None else found
-    for child in getattr(item, "ContentSequence", []):
-        found.append(child)
-        _content_items(child, found)
-    return found
-
 
 def _call_group(sr, head_code: str):
     """The TID 1501 group whose finding is the head concept ``head_code`` (the call)."""
-    for group in _content_items(sr):
+    for group in content_items(sr):
         items = list(getattr(group, "ContentSequence", []))
         if any(i.ConceptNameCodeSequence[0].CodeMeaning == "Finding" and i.ConceptCodeSequence[0].CodeValue == head_code
                for i in items if i.ValueType == "CODE"):
@@ -178,7 +172,7 @@ def _assert_results_without_regions(summary: dict, slide) -> list[pydicom.Datase
     for code, series in (("GLIO-EGFR", 9053), ("GLIO-MGMT", 9052)):
         referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in _call_group(sr, code) if i.ValueType == "IMAGE"}
         assert attention[series].SOPInstanceUID in referenced
-    numbers = {i.ConceptNameCodeSequence[0].CodeValue for i in _content_items(sr) if i.ValueType == "NUM"}
+    numbers = {i.ConceptNameCodeSequence[0].CodeValue for i in content_items(sr) if i.ValueType == "NUM"}
     assert "AREAFRAC" not in numbers
     features = json.loads(Path(summary["geojson"]).read_text())["features"]
     names = [f["properties"]["name"] for f in features if f["properties"]["objectType"] == "annotation"]

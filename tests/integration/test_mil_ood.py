@@ -33,6 +33,7 @@ import pytest
 import two_stage
 from dciodvfy import assert_valid
 from real_tissue import cmu_small_region_svs, convert_real_tissue
+from sr_content import content_items
 
 from glio_node.bundle import load_bundle, load_manifest, verify_bundle, write_bundle
 from glio_node.job import run_job
@@ -133,18 +134,11 @@ def test_real_skin_tissue_gets_every_mil_call_withheld_with_an_ood_map(request, 
     pm = pydicom.dcmread(ood_map)
     assert pm.SeriesNumber == 9050
     sr = next(Path(f) for f in summary.files if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR")
-    codes = {i.ConceptCodeSequence[0].CodeValue for i in _content_items(pydicom.dcmread(sr)) if "ConceptCodeSequence" in i}
+    codes = {i.ConceptCodeSequence[0].CodeValue for i in content_items(pydicom.dcmread(sr)) if "ConceptCodeSequence" in i}
     assert "GLIO-OOD" in codes  # the SR says why the calls are indeterminate
     for path in (ood_map, sr):
         assert_valid(path)
 
-
-def _content_items(item, found=None):
-    found = [] if found is None else found
-    for child in getattr(item, "ContentSequence", []):
-        found.append(child)
-        _content_items(child, found)
-    return found
 
 
 def _analyse(bundle_dir: Path, slide) -> tuple:

@@ -52,7 +52,7 @@ def onnx_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "glio-demo-onnx"
     done = _run("-m", "training", "export-onnx", "--bundle", str(DEMO), "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"wrote bundle glio-demo-onnx 0.2.0 (format 2) to {out}" in done.stdout
+    assert f"wrote bundle glio-demo-onnx {load_manifest(DEMO).version} (format 2) to {out}" in done.stdout
     return out
 
 
@@ -147,7 +147,7 @@ def test_glio_node_analyze_with_the_onnx_bundle_runs_without_tensorflow(onnx_dem
     assert done.returncode == 0, done.stderr[-3000:]
     assert "heavy: []" in done.stderr
     summary = json.loads(done.stdout)
-    assert summary["bundle"] == "glio-demo-onnx 0.2.0" and summary["device"] == "cpu"
+    assert summary["bundle"] == f"glio-demo-onnx {load_manifest(DEMO).version}" and summary["device"] == "cpu"
     assert {pydicom.dcmread(f).Modality for f in summary["files"]} == {"SEG", "SR", "OT", "ANN"}
 
 
@@ -216,8 +216,9 @@ def test_an_import_without_network_writes_a_verified_bundle_with_licence_and_sou
     assert (imported / "molecular.keras").read_bytes() == (DEMO / "molecular.keras").read_bytes()
     assert (imported / "hospital-regions.onnx").read_bytes() == (onnx_demo / "regions.onnx").read_bytes()
     assert "imported by `glio-node models import` from regions.onnx" in manifest.provenance
-    assert not any(k.startswith(("regions_", "segmentation_")) for k in manifest.validation)
-    assert "subtype_slide_accuracy" in manifest.validation
+    gone = tuple(f"{s}{p}_" for s in ("", "test_", "val_") for p in ("regions", "segmentation"))
+    assert not any(k.startswith(gone) for k in manifest.validation), "the replaced network's figures must go"
+    assert "test_subtype_slide_accuracy" in manifest.validation and "val_subtype_temperature" in manifest.validation
     assert network.head("segmentation").classes == coding.REGION_CLASSES  # the task's standard codes
 
 

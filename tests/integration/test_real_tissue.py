@@ -23,6 +23,7 @@ import tifffile
 from dciodvfy import assert_valid
 from real_tissue import cmu_small_region_svs, convert_real_tissue
 from scipy import ndimage
+from sr_content import content_items
 
 from glio_node.bundle import load_manifest, verify_bundle
 from glio_node.errors import BundleError
@@ -127,7 +128,7 @@ def test_real_skin_tissue_gets_every_call_indeterminate_out_of_distribution(bund
     assert any("out of distribution" in note for note in summary.notes)
 
     sr = next(Path(f) for f in summary.files if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR")
-    codes = {item.ConceptCodeSequence[0].CodeValue for item in _content_items(pydicom.dcmread(sr)) if "ConceptCodeSequence" in item}
+    codes = {item.ConceptCodeSequence[0].CodeValue for item in content_items(pydicom.dcmread(sr)) if "ConceptCodeSequence" in item}
     assert "GLIO-OOD" in codes
     ood_map = next(Path(f) for f in summary.files if Path(f).name.startswith("ood-"))
     pm = pydicom.dcmread(ood_map)
@@ -169,8 +170,3 @@ def test_tissue_detection_finds_the_real_tissue(cmu_files):
     assert 0.2 < mine.mean() < 0.9  # the sample is partly glass: a mask of all or nothing proves nothing
     assert iou >= TISSUE_IOU, f"tissue IoU {iou:.3f}"
 
-
-def _content_items(ds):
-    for item in getattr(ds, "ContentSequence", []):
-        yield item
-        yield from _content_items(item)
