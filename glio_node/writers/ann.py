@@ -164,10 +164,7 @@ def write_ann(
         series_number=ANN_SERIES_NUMBER,
         sop_instance_uid=sop_uid,
         instance_number=1,
-        manufacturer=common.MANUFACTURER,
-        manufacturer_model_name=algorithm.name,
-        software_versions=common.software_versions(algorithm),
-        device_serial_number=common.device_serial_number(algorithm),
+        **common.equipment(algorithm),
         content_description=common.content_description(algorithm),
         content_creator_name=common.content_creator_name(algorithm),
         content_label=common.content_label("GLIO_ANN"),
@@ -176,10 +173,7 @@ def write_ann(
             "region and tile annotations", "ANN", algorithm
         ),
         coding_schemes=common.coding_schemes(),
-        content_date=content_date,
-        content_time=content_time,
-        series_date=content_date,
-        series_time=content_time,
+        **common.dated(content_date, content_time),
     )
     path = out_dir / f"ann-{sop_uid}.dcm"
     ann.save_as(path, enforce_file_format=True)

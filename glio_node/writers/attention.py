@@ -80,10 +80,7 @@ def _write_one(source: SourceSlide, result: AnalysisResult, attention: Attention
         series_number=series_number,
         sop_instance_uid=sop_uid,
         instance_number=1,
-        manufacturer=common.MANUFACTURER,
-        manufacturer_model_name=algorithm.name,
-        software_versions=common.software_versions(algorithm),
-        device_serial_number=common.device_serial_number(algorithm),
+        **common.equipment(algorithm),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
@@ -105,10 +102,7 @@ def _write_one(source: SourceSlide, result: AnalysisResult, attention: Attention
         series_description=common.series_description(f"{task} attention ({attention.network})", short, algorithm),
         coding_schemes=common.coding_schemes(),
         contributing_equipment=common.contributing_equipment(algorithm),
-        content_date=content_date,
-        content_time=content_time,
-        series_date=content_date,
-        series_time=content_time,
+        **common.dated(content_date, content_time),
     )
     path = out_dir / f"attention-{task}-{sop_uid}.dcm"
     pmap.save_as(path, enforce_file_format=True)

@@ -375,6 +375,23 @@ def device_serial_number(algorithm: Algorithm) -> str:
     return f"sha256:{algorithm.sha256[:16]}"
 
 
+def equipment(algorithm: Algorithm) -> dict[str, object]:
+    """The General Equipment keywords every highdicom constructor here takes, the same for every
+    object: glio-node as the manufacturer, the bundle as the model, both versions, the weights'
+    fingerprint as the serial number (``**common.equipment(algorithm)``)."""
+    return {
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": algorithm.name,
+        "software_versions": software_versions(algorithm),
+        "device_serial_number": device_serial_number(algorithm),
+    }
+
+
+def dated(content_date, content_time) -> dict[str, object]:
+    """Content and series date/time keywords: one moment for the object and its series."""
+    return {"content_date": content_date, "content_time": content_time, "series_date": content_date, "series_time": content_time}
+
+
 def series_description(kind: str, short_kind: str, algorithm: Algorithm) -> str:
     """``<kind>; AI-generated, research use only``, prefixed ``DEMO (synthetic training)``.
 
@@ -445,11 +462,8 @@ def contributing_equipment(algorithm: Algorithm, extra: str = "") -> list[hd.Con
     """
     return [
         hd.ContributingEquipment(
-            manufacturer=MANUFACTURER,
             purpose_of_reference=PROVENANCE_PURPOSE,
-            manufacturer_model_name=algorithm.name,
-            software_versions=software_versions(algorithm),
-            device_serial_number=device_serial_number(algorithm),
+            **equipment(algorithm),
             contribution_description=_with_extra(provenance_statement(algorithm), extra),
         )
     ]

@@ -118,10 +118,7 @@ def _write_one(
         series_number=series_number,
         sop_instance_uid=sop_uid,
         instance_number=1,
-        manufacturer=common.MANUFACTURER,
-        manufacturer_model_name=algorithm.name,
-        software_versions=common.software_versions(algorithm),
-        device_serial_number=common.device_serial_number(algorithm),
+        **common.equipment(algorithm),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
@@ -150,10 +147,7 @@ def _write_one(
         ),
         coding_schemes=common.coding_schemes(),
         contributing_equipment=common.contributing_equipment(algorithm, common.stain_statement(algorithm)),
-        content_date=content_date,
-        content_time=content_time,
-        series_date=content_date,
-        series_time=content_time,
+        **common.dated(content_date, content_time),
     )
     path = out_dir / f"heatmap-{task}-{index}-{sop_uid}.dcm"
     pmap.save_as(path, enforce_file_format=True)
@@ -216,10 +210,7 @@ def write_ood_map(source: SourceSlide, result: AnalysisResult, out_dir: Path) ->
         series_number=series_number,
         sop_instance_uid=sop_uid,
         instance_number=1,
-        manufacturer=common.MANUFACTURER,
-        manufacturer_model_name=algorithm.name,
-        software_versions=common.software_versions(algorithm),
-        device_serial_number=common.device_serial_number(algorithm),
+        **common.equipment(algorithm),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[
@@ -241,10 +232,7 @@ def write_ood_map(source: SourceSlide, result: AnalysisResult, out_dir: Path) ->
         series_description=common.series_description("out-of-distribution score map", "OOD", algorithm),
         coding_schemes=common.coding_schemes(),
         contributing_equipment=common.contributing_equipment(algorithm, common.stain_statement(algorithm)),
-        content_date=content_date,
-        content_time=content_time,
-        series_date=content_date,
-        series_time=content_time,
+        **common.dated(content_date, content_time),
     )
     path = out_dir / f"ood-{sop_uid}.dcm"
     pmap.save_as(path, enforce_file_format=True)

@@ -110,10 +110,7 @@ def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> lis
                 series_number=common.SEG_SERIES_NUMBER,
                 sop_instance_uid=sop_uid,
                 instance_number=level + 1,
-                manufacturer=common.MANUFACTURER,
-                manufacturer_model_name=algorithm.name,
-                software_versions=common.software_versions(algorithm),
-                device_serial_number=common.device_serial_number(algorithm),
+                **common.equipment(algorithm),
                 content_description=common.content_description(algorithm),
                 content_creator_name=common.content_creator_name(algorithm),
                 content_label=common.content_label("GLIO_REGIONS"),
@@ -132,10 +129,7 @@ def write_seg(source: SourceSlide, result: AnalysisResult, out_dir: Path) -> lis
                 series_description=common.series_description("region classes", "SEG", algorithm),
                 coding_schemes=common.coding_schemes(),
                 contributing_equipment=common.contributing_equipment(algorithm),
-                content_date=content_date,
-                content_time=content_time,
-                series_date=content_date,
-                series_time=content_time,
+                **common.dated(content_date, content_time),
             )
             # Patient Orientation (Type 2C, PS3.3 C.7.6.1) is not required of an image oriented on a
             # slide, but "may be present otherwise"; dicom3tools (2022) applies that exception to

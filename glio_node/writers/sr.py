@@ -267,20 +267,14 @@ def write_sr(
         series_number=common.SR_SERIES_NUMBER,
         sop_instance_uid=sop_uid,
         instance_number=1,
-        manufacturer=common.MANUFACTURER,
         is_complete=True,
         is_final=False,  # unverified AI output, never a final report
         is_verified=False,
-        manufacturer_model_name=algorithm.name,
-        software_versions=common.software_versions(algorithm),
-        device_serial_number=common.device_serial_number(algorithm),
+        **common.equipment(algorithm),
         series_description=common.series_description("measurement report", "SR", algorithm),
         coding_schemes=common.coding_schemes(),
         contributing_equipment=common.contributing_equipment(algorithm),
-        content_date=content_date,
-        content_time=content_time,
-        series_date=content_date,
-        series_time=content_time,
+        **common.dated(content_date, content_time),
     )
     path = out_dir / f"sr-{sop_uid}.dcm"
     document.save_as(path, enforce_file_format=True)
